@@ -41,7 +41,6 @@ def gradcheck(fn: Callable[..., Tensor], *inputs: Tensor, eps: float = 1e-6, tol
     |a - n| / max(1, |a|, |n|): absolute for small gradients, relative for large ones. Raises ``GradcheckError``
     naming the worst element when that error exceeds ``tol`` (or returns the result if ``raise_on_fail=False``).
     """
-    xp = backend.xp
     for i, t in enumerate(inputs):
         if t.requires_grad and t.dtype != backend.np.float64:
             raise TypeError(f"gradcheck: input {i} has dtype {t.dtype}; use float64 (Tensor(..., dtype=float64))")
@@ -62,19 +61,19 @@ def gradcheck(fn: Callable[..., Tensor], *inputs: Tensor, eps: float = 1e-6, tol
         if not t.requires_grad:
             continue
         analytic = backend.to_numpy(t.grad) if t.grad is not None else backend.np.zeros(t.shape)
-        flat = t.data.reshape(-1)  # a view: nudging it nudges the input
-        for j in range(flat.size):
-            orig = float(flat[j])
-            flat[j] = orig + eps
+        # Nudge t.data in place by index (reshape(-1) would copy a non-contiguous array, and nudge nothing).
+        for j, idx in enumerate(backend.np.ndindex(t.shape)):
+            orig = float(t.data[idx])
+            t.data[idx] = orig + eps
             f_plus = scalar()
-            flat[j] = orig - eps
+            t.data[idx] = orig - eps
             f_minus = scalar()
-            flat[j] = orig
+            t.data[idx] = orig
             numeric = (f_plus - f_minus) / (2 * eps)
             a = float(analytic.reshape(-1)[j])
             err = abs(a - numeric) / max(1.0, abs(a), abs(numeric))
             if err >= worst.max_error:
-                worst = GradcheckResult(err, i, tuple(int(k) for k in xp.unravel_index(j, t.shape)), a, numeric)
+                worst = GradcheckResult(err, i, idx, a, numeric)
     if raise_on_fail and worst.max_error > tol:
         raise GradcheckError(str(worst))
     return worst

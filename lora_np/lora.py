@@ -1,0 +1,334 @@
+"""LoRA: Low-Rank Adaptation (Hu et al. 2021, arXiv 2106.09685), made explicit.
+
+A pretrained weight W (d_in, d_out) is frozen. What trains is a low-rank update ΔW = A @ B with
+A (d_in, r) and B (r, d_out), r << min(d_in, d_out), scaled by s = α / r:
+
+    y = x @ W + b + s · (x @ A) @ B                                        (x is a row vector, or rows of a batch)
+
+A d x d layer then trains 2·d·r numbers instead of d², and W needs neither a gradient nor optimizer state.
+
+Notation. This project uses row vectors and ``y = x @ W`` with W stored (d_in, d_out). The paper writes column
+vectors, h = W0 x + ΔW x = W0 x + B A x, with B (d, r) and A (r, k). Transposing the paper's equation gives ours:
+    paper A (r, d_in)  = our A.T        paper B (d_out, r) = our B.T        paper B·A = (our A @ B).T
+so the roles are the same: our A is the paper's A (the random "down" projection, initialised randomly) and our
+B is the paper's B (the "up" projection, initialised to zero, §4.1). In peft and loralib, ``lora_A.weight`` is
+(r, d_in) = our A.T and ``lora_B.weight`` is (d_out, r) = our B.T; ``scaling`` = α / r there too, and rsLoRA's
+α / √r (Kalajdzievski 2023) is ``rslora=True`` here as in peft.
+
+Merging is explicit: ``merge()`` folds s·A·B into W so inference costs exactly what the base model costs, and
+``unmerge()`` takes it out again. ``eval()`` never merges. Which parameters train is decided by structure: a
+``LoRALinear`` knows its A and B, and ``apply_lora`` freezes everything else (no name matching).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import backend
+from . import functional as F
+from .engine import Tensor
+from .nn import Linear, Module, Parameter
+
+TARGETS = ("q", "k", "v", "o", "up", "down")  # the Linear layers inside each block that LoRA can adapt
+EXTRA_MODULES = ("wte", "wpe", "lm_head", "ln_f")  # top-level modules one may train fully (peft: modules_to_save)
+
+
+class LoRALinear(Module):
+    """A frozen Linear (W, b) plus a trainable low-rank update s·A·B.
+
+    ``zero="B"`` (the paper's choice, §4.1): A ~ U(-1/√d_in, 1/√d_in) (Kaiming-uniform with a=√5, as loralib and
+    peft), B = 0. ``zero="A"``: A = 0 and B ~ U(-1/√r, 1/√r). Either way ΔW = 0 at the start, so the adapted model
+    begins exactly at the pretrained one. Zeroing both is refused: dL/dA = s·xᵀ g Bᵀ and dL/dB = s·(xA)ᵀ g are both
+    zero when A = B = 0, so the update could never move.
+    """
+
+    def __init__(self, base: Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 zero: str = "B", seed: int = 0) -> None:
+        if not isinstance(base, Linear):
+            raise TypeError(f"LoRALinear wraps a Linear, got {type(base).__name__}")
+        if not (isinstance(r, int) and r >= 1):
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+        if alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
+        if zero not in ("A", "B"):
+            hint = " (both zero: the gradients of A and B are both 0, it can never learn)" if zero == "both" else ""
+            raise ValueError(f"LoRALinear: zero must be 'B' (paper) or 'A', got {zero!r}{hint}")
+        self.d_in, self.d_out, self.r, self.alpha = base.d_in, base.d_out, r, alpha
+        self.rslora, self.zero = rslora, zero
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r  # s: keeps ΔW's size steady as r changes
+        self.weight, self.bias = base.weight, base.bias  # the same Parameter objects: names and W stay the base's
+        self.weight.requires_grad = False  # frozen: backward computes no dW and the optimizer never sees W
+        if self.bias is not None:
+            self.bias.requires_grad = False
+        gen, dtype = backend.rng(seed), base.weight.dtype
+        if zero == "B":  # B = 0 so ΔW = AB = 0 at init (Hu et al. §4.1)
+            a_bound = 1.0 / math.sqrt(self.d_in)
+            self.A = Parameter(backend.uniform(gen, (self.d_in, r), -a_bound, a_bound, dtype))
+            self.B = Parameter(backend.xp.zeros((r, self.d_out), dtype=dtype))
+        else:
+            b_bound = 1.0 / math.sqrt(r)
+            self.A = Parameter(backend.xp.zeros((self.d_in, r), dtype=dtype))
+            self.B = Parameter(backend.uniform(gen, (r, self.d_out), -b_bound, b_bound, dtype))
+        self.dropout_p = dropout
+        self.gen = backend.rng(seed + 1)
+        self.merged = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x @ self.weight  # (..., d_in) @ (d_in, d_out) -> (..., d_out); W frozen: backward skips dW
+        if self.bias is not None:
+            y = y + self.bias
+        if self.merged:  # W already holds W0 + s·A·B: the low-rank path would count twice
+            return y
+        h = F.dropout(x, self.dropout_p, self.training, self.gen) @ self.A  # (..., d_in) @ (d_in, r) -> (..., r)
+        return y + (h @ self.B) * self.scaling  # (..., r) @ (r, d_out) -> (..., d_out)
+
+    def delta_weight(self) -> Any:
+        """ΔW = s·A·B as an array (d_in, d_out)."""
+        return (self.A.data @ self.B.data) * self.scaling
+
+    def merge(self) -> None:
+        """W ← W + s·A·B. Inference then costs one matmul, as the base model. Merging twice is an error."""
+        if self.merged:
+            raise RuntimeError("LoRALinear.merge(): already merged (unmerge() first)")
+        self.weight.data += self.delta_weight().astype(self.weight.dtype)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """W ← W - s·A·B, back to the pretrained W (up to float rounding). Unmerging an unmerged layer is an error."""
+        if not self.merged:
+            raise RuntimeError("LoRALinear.unmerge(): not merged")
+        self.weight.data -= self.delta_weight().astype(self.weight.dtype)
+        self.merged = False
+
+    def expected_lora_parameters(self) -> int:
+        """r·(d_in + d_out): A has d_in·r numbers, B has r·d_out (2·d·r for a square W)."""
+        return self.r * (self.d_in + self.d_out)
+
+    def __repr__(self) -> str:
+        return (f"LoRALinear(d_in={self.d_in}, d_out={self.d_out}, r={self.r}, alpha={self.alpha}, "
+                f"scaling={self.scaling:g}, merged={self.merged})")
+
+
+@dataclass
+class LoRAConfig:
+    targets: list[str]  # which Linear layers in each block (subset of TARGETS)
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    zero: str = "B"
+    modules_to_save: list[str] = field(default_factory=list)  # trained fully (subset of EXTRA_MODULES)
+    seed: int = 0
+
+
+def resolve_targets(targets: str | Iterable[str]) -> list[str]:
+    """``"all-linear"``, ``"q,v"`` or ``["q", "v"]`` -> a checked list of target names (in TARGETS order)."""
+    if isinstance(targets, str):
+        targets = list(TARGETS) if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    targets = list(targets)
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"unknown LoRA target(s) {unknown or '(none given)'}; valid: {list(TARGETS)} or 'all-linear'")
+    return [t for t in TARGETS if t in targets]
+
+
+def _target_layers(model: Module, targets: Sequence[str]) -> list[tuple[str, Module, str, Module]]:
+    """(full name, parent module, attribute, layer) for every target layer, in model order."""
+    found = []
+    for mod_name, module in model.named_modules():
+        for attr in targets:
+            layer = vars(module).get(attr)
+            if isinstance(layer, (Linear, LoRALinear)):
+                found.append((f"{mod_name}.{attr}" if mod_name else attr, module, attr, layer))
+    return found
+
+
+def lora_layers(model: Module) -> dict[str, LoRALinear]:
+    """name -> LoRALinear for every adapted layer of ``model``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_parameter_ids(model: Module) -> set[int]:
+    """ids of every LoRA factor (A and B) in ``model``: what a base-model checkpoint leaves out."""
+    return {id(p) for m in lora_layers(model).values() for p in (m.A, m.B)}
+
+
+def base_fingerprint(model: Module) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of the base model's parameters (not A, B).
+    An adapter records it, so that loading it into a different base model is caught."""
+    skip, h = adapter_parameter_ids(model), hashlib.sha256()
+    for name, p in model.named_parameters():
+        if id(p) not in skip:
+            arr = backend.to_numpy(p.data)
+            h.update(f"{name}{arr.shape}{arr.dtype}".encode())
+            h.update(backend.np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def apply_lora(model: Module, targets: str | Iterable[str], r: int, alpha: float, dropout: float = 0.0,
+               rslora: bool = False, zero: str = "B", modules_to_save: Iterable[str] = (), seed: int = 0) -> Module:
+    """Replace the target Linear layers of every block by LoRALinear and freeze everything else.
+
+    Afterwards ``model.trainable_parameters()`` is exactly the A and B of each adapted layer (plus the parameters
+    of ``modules_to_save``, e.g. ``["wte", "lm_head"]``, for a fine-tuning corpus with characters the base model
+    never saw). The model is changed in place and returned; all arguments are checked before any change.
+    """
+    names = resolve_targets(targets)
+    extra = list(modules_to_save)
+    bad_extra = [m for m in extra if m not in EXTRA_MODULES or not isinstance(vars(model).get(m), Module)]
+    if bad_extra:
+        raise ValueError(f"unknown modules_to_save {bad_extra}; valid: {list(EXTRA_MODULES)}")
+    if lora_layers(model):
+        raise RuntimeError("apply_lora: the model already has LoRA layers (build a fresh model to change the setup)")
+    layers = _target_layers(model, names)
+    if not layers:
+        raise ValueError(f"apply_lora: no Linear layer named {names} in {type(model).__name__}")
+    max_r = min(min(layer.d_in, layer.d_out) for *_, layer in layers)
+    if not (isinstance(r, int) and 1 <= r <= max_r):
+        raise ValueError(f"LoRA rank r must be an integer in [1, {max_r}] (min(d_in, d_out) of the targets), got {r!r}")
+    LoRALinear(Linear(1, 1), 1, alpha, dropout, rslora, zero)  # validates alpha/dropout/zero before any change
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+
+    fingerprint = base_fingerprint(model)  # of the untouched base, recorded before anything changes
+    for p in model.parameters():
+        p.requires_grad = False
+    for i, (_, parent, attr, layer) in enumerate(layers):
+        setattr(parent, attr, LoRALinear(layer, r, alpha, dropout, rslora, zero, seed=seed + 7919 * i))
+    for m in extra:
+        for p in vars(model)[m].parameters():
+            p.requires_grad = True
+    model.lora_config = LoRAConfig(names, r, alpha, dropout, rslora, zero, extra, seed)
+    model.lora_fingerprint = fingerprint
+    return model
+
+
+def merge(model: Module) -> None:
+    """Merge every LoRA layer (W ← W + s·A·B). All must be unmerged; none is touched otherwise."""
+    layers = lora_layers(model)
+    if any(m.merged for m in layers.values()):
+        raise RuntimeError(f"merge: already merged: {[n for n, m in layers.items() if m.merged]}")
+    for m in layers.values():
+        m.merge()
+
+
+def unmerge(model: Module) -> None:
+    """Undo ``merge`` on every LoRA layer. All must be merged; none is touched otherwise."""
+    layers = lora_layers(model)
+    if not all(m.merged for m in layers.values()):
+        raise RuntimeError(f"unmerge: not merged: {[n for n, m in layers.items() if not m.merged]}")
+    for m in layers.values():
+        m.unmerge()
+
+
+# -- parameter counts --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ParameterCount:
+    rows: list[tuple[str, int, int]]  # (module name, trainable, frozen) for every module owning parameters
+    trainable: int
+    frozen: int
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+    def report(self) -> str:
+        """A printable table: one line per module with parameters, then the totals."""
+        w = max([len(n) for n, *_ in self.rows] + [6])
+        lines = [f"{'module':<{w}}  {'trainable':>12}  {'frozen':>12}"]
+        lines += [f"{n:<{w}}  {t:>12,}  {f:>12,}" for n, t, f in self.rows]
+        share = 100.0 * self.trainable / max(self.total, 1)
+        lines.append(f"{'total':<{w}}  {self.trainable:>12,}  {self.frozen:>12,}")
+        lines.append(f"trainable {self.trainable:,} of {self.total:,} parameters ({share:.3f}%)")
+        return "\n".join(lines)
+
+
+def count_parameters(model: Module) -> ParameterCount:
+    """Trainable / frozen parameter counts per module and in all. Every LoRA layer's count is checked against
+    r·(d_in + d_out): if A and B do not hold exactly that many numbers, something is wrong and this says so."""
+    rows, trainable, frozen = [], 0, 0
+    for name, module in model.named_modules():
+        own = [v for v in vars(module).values() if isinstance(v, Parameter)]
+        if not own:
+            continue
+        t = sum(p.size for p in own if p.requires_grad)
+        f = sum(p.size for p in own if not p.requires_grad)
+        if isinstance(module, LoRALinear) and module.A.size + module.B.size != module.expected_lora_parameters():
+            raise AssertionError(f"{name}: A and B hold {module.A.size + module.B.size} numbers, "
+                                 f"expected r·(d_in + d_out) = {module.expected_lora_parameters()}")
+        rows.append((name or type(model).__name__, t, f))
+        trainable, frozen = trainable + t, frozen + f
+    return ParameterCount(rows, trainable, frozen)
+
+
+# -- adapter files -----------------------------------------------------------------------------------------------
+
+
+def save_adapter(model: Module, path: str | os.PathLike) -> None:
+    """Write only the adapter: every A and B (and the modules_to_save parameters), the LoRA config and the base
+    model's fingerprint, as one safetensors file. About 4·r·(d_in + d_out) bytes per float32 layer."""
+    from .checkpoint import write_file
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("save_adapter: the model has no LoRA layers (apply_lora first)")
+    if any(m.merged for m in layers.values()):
+        raise RuntimeError("save_adapter: unmerge() first (the saved fingerprint is of the unmerged base)")
+    tensors = {f"{n}.{f}": getattr(m, f).data for n, m in layers.items() for f in ("A", "B")}
+    for mod in model.lora_config.modules_to_save:
+        tensors.update({f"{mod}.{n}": p.data for n, p in vars(model)[mod].named_parameters()})
+    meta = {"kind": "adapter", "lora": asdict(model.lora_config), "base_fingerprint": model.lora_fingerprint}
+    write_file(path, tensors, meta)
+
+
+def load_adapter(model: Module, path: str | os.PathLike) -> Module:
+    """Load an adapter file into ``model``: a plain base model gets LoRA applied with the file's config; a model
+    that already has LoRA must have the same config. The base model's fingerprint, every tensor name and every
+    shape are checked before anything changes, so a bad file leaves the model untouched."""
+    from .checkpoint import read_file
+
+    tensors, meta = read_file(path, "adapter")
+    cfg = LoRAConfig(**meta["lora"])
+    has_lora = bool(lora_layers(model))
+    if has_lora:
+        if asdict(model.lora_config) != asdict(cfg):
+            raise ValueError(f"load_adapter: {path} has LoRA config {asdict(cfg)}, "
+                             f"the model has {asdict(model.lora_config)}")
+        if any(m.merged for m in lora_layers(model).values()):
+            raise RuntimeError("load_adapter: unmerge() first")
+    fingerprint = model.lora_fingerprint if has_lora else base_fingerprint(model)
+    if fingerprint != meta["base_fingerprint"]:
+        raise ValueError(f"load_adapter: {path} was trained on a different base model "
+                         f"(fingerprint {meta['base_fingerprint'][:12]}…, this model {fingerprint[:12]}…)")
+
+    expected = {}  # name -> shape, computed from the structure without changing anything
+    for name, _, _, layer in _target_layers(model, cfg.targets):
+        expected[f"{name}.A"], expected[f"{name}.B"] = (layer.d_in, cfg.r), (cfg.r, layer.d_out)
+    for mod in cfg.modules_to_save:
+        if not isinstance(vars(model).get(mod), Module):
+            raise ValueError(f"load_adapter: {path} trains module {mod!r}, which this model does not have")
+        expected.update({f"{mod}.{n}": p.shape for n, p in vars(model)[mod].named_parameters()})
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    wrong = [f"{n}: {tuple(tensors[n].shape)} in the file, expected {s}" for n, s in expected.items()
+             if n in tensors and tuple(tensors[n].shape) != s]
+    if missing or unexpected or wrong:
+        raise ValueError(f"load_adapter: {path} does not fit this model: missing {missing or 'none'}, "
+                         f"unexpected {unexpected or 'none'}, wrong shapes {wrong or 'none'}")
+
+    if not has_lora:
+        apply_lora(model, cfg.targets, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.zero, cfg.modules_to_save,
+                   cfg.seed)
+    for n, m in lora_layers(model).items():
+        m.A.data = backend.to_device(tensors[f"{n}.A"], dtype=m.A.dtype)
+        m.B.data = backend.to_device(tensors[f"{n}.B"], dtype=m.B.dtype)
+    for mod in cfg.modules_to_save:
+        for n, p in vars(model)[mod].named_parameters():
+            p.data = backend.to_device(tensors[f"{mod}.{n}"], dtype=p.dtype)
+    return model

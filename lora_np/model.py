@@ -1,0 +1,150 @@
+"""A GPT-2-style language model (Radford et al. 2019), small enough to train on a laptop with NumPy.
+
+Pre-LayerNorm blocks, learned position embeddings, causal self-attention with SEPARATE q, k, v, o projections
+(GPT-2 fuses q, k, v into one matrix; keeping them apart lets LoRA adapt each alone, as in Hu et al. Table 5),
+a 4x tanh-GELU MLP (``up`` then ``down``), a final LayerNorm and an untied LM head. Shapes: B batch, T time,
+C = n_embd channels, nh heads, hs = C / nh head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import backend
+from . import functional as F
+from .engine import Tensor, no_grad
+from .nn import Dropout, Embedding, LayerNorm, Linear, Module
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 103  # characters of the default corpora (KJV Bible ∪ Python docs); set from the tokenizer
+    block_size: int = 64  # context length T_max: positions beyond it have no embedding
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads; n_embd must divide by it
+    n_embd: int = 128  # channels C (the d of LoRA's d x d projections)
+    dropout: float = 0.0  # after attention, MLP and embeddings; 0 for short runs on small data
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+    seed: int = 0  # weight initialisation (and dropout masks)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CausalSelfAttention(Module):
+    def __init__(self, cfg: GPTConfig, gen: Any) -> None:
+        C, resid_std = cfg.n_embd, 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: scale residual projections
+        self.n_head = cfg.n_head
+        self.q = Linear(C, C, cfg.bias, gen=gen)
+        self.k = Linear(C, C, cfg.bias, gen=gen)
+        self.v = Linear(C, C, cfg.bias, gen=gen)
+        self.o = Linear(C, C, cfg.bias, std=resid_std, gen=gen)
+        self.attn_drop = Dropout(cfg.dropout, seed=int(gen.integers(2**31)))
+        self.resid_drop = Dropout(cfg.dropout, seed=int(gen.integers(2**31)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        q = self.q(x).reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B, T, C) -> (B, nh, T, hs)
+        k = self.k(x).reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B, T, C) -> (B, nh, T, hs)
+        v = self.v(x).reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B, T, C) -> (B, nh, T, hs)
+        att = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hs))  # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
+        future = backend.xp.triu(backend.xp.ones((T, T), dtype=bool), k=1)  # (T, T): True above the diagonal
+        att = att.masked_fill(future, -math.inf)  # (B, nh, T, T): position t attends to positions <= t only
+        att = self.attn_drop(F.softmax(att, axis=-1))  # (B, nh, T, T), rows sum to 1
+        y = att @ v  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C)
+        return self.resid_drop(self.o(y))  # (B, T, C)
+
+
+class MLP(Module):
+    def __init__(self, cfg: GPTConfig, gen: Any) -> None:
+        C = cfg.n_embd
+        self.up = Linear(C, 4 * C, cfg.bias, gen=gen)
+        self.down = Linear(4 * C, C, cfg.bias, std=0.02 / math.sqrt(2 * cfg.n_layer), gen=gen)
+        self.drop = Dropout(cfg.dropout, seed=int(gen.integers(2**31)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.down(F.gelu(self.up(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class Block(Module):
+    def __init__(self, cfg: GPTConfig, gen: Any) -> None:
+        self.ln1 = LayerNorm(cfg.n_embd, cfg.bias)
+        self.attn = CausalSelfAttention(cfg, gen)
+        self.ln2 = LayerNorm(cfg.n_embd, cfg.bias)
+        self.mlp = MLP(cfg, gen)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))  # pre-LN: normalise the input of each sub-layer, keep the residual clean
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        self.config = cfg
+        gen = backend.rng(cfg.seed)
+        self.wte = Embedding(cfg.vocab_size, cfg.n_embd, gen=gen)  # token embeddings (V, C)
+        self.wpe = Embedding(cfg.block_size, cfg.n_embd, gen=gen)  # position embeddings (block_size, C)
+        self.drop = Dropout(cfg.dropout, seed=int(gen.integers(2**31)))
+        self.blocks = [Block(cfg, gen) for _ in range(cfg.n_layer)]
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.bias)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False, gen=gen)  # untied: frozen or trained alone
+
+    def forward(self, idx: Any, targets: Any = None) -> tuple[Tensor, Tensor | None]:
+        """idx (B, T) integer token ids -> logits (B, T, V); with targets (B, T), also the mean cross-entropy."""
+        idx = backend.to_device(idx.data if isinstance(idx, Tensor) else idx)
+        if idx.ndim != 2:
+            raise ValueError(f"GPT.forward: idx must be (B, T) token ids, got shape {idx.shape}")
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"GPT.forward: sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = backend.xp.arange(T)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C) + (T, C) -> (B, T, C)
+        for block in self.blocks:
+            x = block(x)  # (B, T, C)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, C) @ (C, V) -> (B, T, V)
+        loss = F.cross_entropy(logits, targets) if targets is not None else None
+        return logits, loss
+
+    def generate(self, idx: Any, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int | None = None) -> Any:
+        """Sample ``max_new_tokens`` tokens after ``idx`` (B, T); returns host ids (B, T + max_new_tokens).
+
+        Runs without a graph and with dropout off (the previous mode is restored). No KV cache: each new token
+        re-reads the last block_size tokens, which is simple and fast enough at this size. ``temperature``
+        divides the logits; ``top_k`` keeps the k most likely tokens; sampling uses a host generator from ``seed``.
+        """
+        if temperature <= 0:
+            raise ValueError(f"generate: temperature must be > 0, got {temperature}")
+        if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
+            raise ValueError(f"generate: top_k must be in [1, {self.config.vocab_size}], got {top_k}")
+        np, gen, was_training = backend.np, backend.rng(seed), self.training
+        ids = np.array(backend.to_numpy(idx), dtype=np.int64, ndmin=2)
+        self.eval()
+        try:
+            with no_grad():
+                for _ in range(max_new_tokens):
+                    logits, _ = self(ids[:, -self.config.block_size:])
+                    z = backend.to_numpy(logits.data[:, -1, :]).astype(np.float64) / temperature  # (B, V)
+                    if top_k is not None:
+                        kth = np.sort(z, axis=-1)[:, -top_k][:, None]
+                        z = np.where(z < kth, -np.inf, z)
+                    p = np.exp(z - z.max(axis=-1, keepdims=True))
+                    p /= p.sum(axis=-1, keepdims=True)
+                    nxt = [gen.choice(p.shape[-1], p=row) for row in p]
+                    ids = np.concatenate([ids, np.array(nxt, dtype=np.int64)[:, None]], axis=1)
+        finally:
+            self.train(was_training)
+        return ids
