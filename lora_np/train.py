@@ -1,0 +1,146 @@
+"""The training loop: AdamW on the trainable parameters, cosine schedule, periodic validation.
+
+``train`` knows nothing about GPT or LoRA: it needs a model whose ``model(x, y)`` returns ``(logits, loss)`` and
+whose ``trainable_parameters()`` are what to update. Full fine-tuning and LoRA differ only in which parameters
+have ``requires_grad`` set, so one loop serves both and their numbers are comparable.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .data import BatchSampler, iter_eval_batches
+from .engine import no_grad
+from .nn import Module
+from .optim import AdamW, clip_grad_norm, cosine_lr
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 500  # optimizer steps
+    batch_size: int = 16  # sequences per step
+    block_size: int | None = None  # tokens per sequence; None: the model's config.block_size
+    lr: float = 3e-3  # peak learning rate (LoRA tolerates larger ones than full fine-tuning)
+    min_lr: float = 3e-4  # cosine floor
+    warmup_steps: int = 20  # linear warmup (Adam's early steps are noisy)
+    weight_decay: float = 0.0  # AdamW's decoupled decay
+    grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
+    eval_every: int = 50  # validate every N steps (and at the last step)
+    eval_batches: int = 8  # validation batches, the same windows every time
+    seed: int = 0  # data order: equal seeds give equal batches, so runs compare fairly
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "eval_every", "eval_batches"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"TrainConfig: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+
+
+@dataclass
+class History:
+    steps: list[int] = field(default_factory=list)  # evaluation steps
+    train_loss: list[float] = field(default_factory=list)  # mean training loss since the previous evaluation
+    val_loss: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)  # wall time since the start of training
+    tokens_per_s: list[float] = field(default_factory=list)  # training throughput since the previous evaluation
+    step_loss: list[float] = field(default_factory=list)  # every step's training loss
+    stopped: str = ""  # why training ended early ("" when it ran to max_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    @property
+    def final_val_loss(self) -> float:
+        return self.val_loss[-1] if self.val_loss else math.nan
+
+
+def evaluate(model: Module, ids: Any, block_size: int, batch_size: int, max_batches: int) -> float:
+    """Mean next-token loss over fixed validation windows, in eval mode and without a graph."""
+    was_training, total, count = model.training, 0.0, 0
+    model.eval()
+    try:
+        with no_grad():
+            for x, y in iter_eval_batches(ids, block_size, batch_size, max_batches):
+                _, loss = model(x, y)
+                total, count = total + loss.item() * len(x), count + len(x)
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+def train(model: Module, data: tuple[Any, Any], config: TrainConfig,
+          on_eval: Callable[[int, Module], None] | None = None) -> History:
+    """Train ``model`` on ``data = (train_ids, val_ids)`` and return the loss history.
+
+    A non-finite loss or gradient stops training with a message in ``history.stopped``, and the trainable
+    parameters are restored to the last evaluated good state. ``on_eval(step, model)`` is called after each
+    evaluation with finite losses (use it to write a checkpoint: the last one written is the last good one).
+    """
+    from tqdm.auto import tqdm
+
+    train_ids, val_ids = data
+    T = config.block_size or model.config.block_size
+    params = model.trainable_parameters()
+    if not params:
+        raise ValueError("train: the model has no trainable parameters")
+    opt = AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sampler = BatchSampler(train_ids, T, config.batch_size, config.seed)
+    history = History()
+    good = [p.data.copy() for p in params]  # the last good state, restored if the loss blows up
+    model.train()
+    start = last_t = time.perf_counter()
+    since_eval: list[float] = []
+    bar = tqdm(range(1, config.max_steps + 1), disable=not config.progress, desc="train", leave=False)
+    for step in bar:
+        x, y = sampler.sample()
+        opt.lr = cosine_lr(step, max_lr=config.lr, max_steps=config.max_steps, warmup_steps=config.warmup_steps,
+                           min_lr=config.min_lr)
+        opt.zero_grad()
+        _, loss = model(x, y)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            return _stop(history, params, good, f"non-finite loss {loss_value} at step {step}", bar)
+        loss.backward()
+        norm = clip_grad_norm(params, config.grad_clip) if config.grad_clip > 0 else 0.0
+        if not math.isfinite(norm):
+            return _stop(history, params, good, f"non-finite gradient norm at step {step}", bar)
+        opt.step()
+        since_eval.append(loss_value)
+        history.step_loss.append(loss_value)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+        if step % config.eval_every == 0 or step == config.max_steps:
+            now = time.perf_counter()
+            val = evaluate(model, val_ids, T, config.batch_size, config.eval_batches)
+            history.steps.append(step)
+            history.train_loss.append(sum(since_eval) / len(since_eval))
+            history.val_loss.append(val)
+            history.seconds.append(now - start)
+            history.tokens_per_s.append(len(since_eval) * config.batch_size * T / (now - last_t))
+            since_eval = []
+            if not math.isfinite(val):
+                return _stop(history, params, good, f"non-finite validation loss at step {step}", bar)
+            good = [p.data.copy() for p in params]
+            if on_eval is not None:
+                on_eval(step, model)
+            last_t = time.perf_counter()  # evaluation time does not count against throughput
+    bar.close()
+    return history
+
+
+def _stop(history: History, params: list, good: list, why: str, bar: Any) -> History:
+    bar.close()
+    for p, g in zip(params, good):
+        p.data[...] = g
+        p.grad = None
+    history.stopped = f"{why}; restored the last good parameters"
+    print(f"training stopped: {history.stopped}")
+    return history
+
+
+__all__ = ["History", "TrainConfig", "evaluate", "train"]
