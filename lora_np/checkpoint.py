@@ -33,6 +33,9 @@ def write_file(path: str | os.PathLike, tensors: dict[str, Any], meta: dict[str,
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file owner-only; give it the usual permissions
         os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old file or the new one
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -167,7 +167,7 @@ class Tensor:
                 continue
             if node._backward is None or node._retain:  # a leaf, or asked to keep it: accumulate into .grad
                 if node.grad is None:
-                    node.grad = g.copy()  # a copy: g may be a read-only broadcast view
+                    node.grad = backend.xp.array(g, dtype=node.dtype)  # a copy: g may be a read-only view
                 else:
                     node.grad += g
             if node._backward is None:
@@ -180,11 +180,13 @@ class Tensor:
 
     # -- elementwise arithmetic --------------------------------------------------------------------------------
     def _lift(self, other: Any) -> Tensor:
-        """Wrap a Python number or array as a constant Tensor of this tensor's dtype (so 2.0 * x stays float32)."""
+        """Wrap a constant as a Tensor. Python numbers and lists take this tensor's float dtype (so 2.0 * x stays
+        float32); arrays keep their own dtype (NumPy's promotion rules then apply)."""
         if isinstance(other, Tensor):
             return other
-        arr = backend.xp.asarray(other)
-        return Tensor(arr, dtype=self.dtype if arr.dtype.kind != "f" or arr.ndim == 0 else None)
+        if hasattr(other, "dtype") and getattr(other, "ndim", 0) > 0:
+            return Tensor(other)
+        return Tensor(other, dtype=self.dtype if self.dtype.kind == "f" else None)
 
     def _check_broadcast(self, other: Tensor, op: str) -> None:
         try:
@@ -239,7 +241,13 @@ class Tensor:
         return Tensor._make(-self.data, (self,), "neg", lambda g: (-g,))
 
     def __sub__(self, other: Any) -> Tensor:
-        return self + (-self._lift(other))
+        a, b = self, self._lift(other)
+        a._check_broadcast(b, "sub")
+
+        def backward(g):  # d(a-b)/da = 1, d(a-b)/db = -1
+            return unbroadcast(g, a.shape), (-unbroadcast(g, b.shape) if b.requires_grad else None)
+
+        return Tensor._make(a.data - b.data, (a, b), "sub", backward)
 
     def __radd__(self, other: Any) -> Tensor:
         return self + other
@@ -262,6 +270,8 @@ class Tensor:
             backend.np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         except ValueError:
             raise ValueError(f"matmul: batch dims of {a.shape} @ {b.shape} do not broadcast") from None
+        if backend.array_module(a.data) is not backend.array_module(b.data):
+            raise TypeError("matmul: operands live on different backends (numpy and cupy); move one first")
 
         def backward(g):  # C = A @ B:  dA = dC @ Bᵀ,  dB = Aᵀ @ dC
             ga = unbroadcast(_mm(g, b.data.swapaxes(-1, -2)), a.shape) if a.requires_grad else None
@@ -313,9 +323,10 @@ class Tensor:
         return Tensor._make(out, (a,), "reshape", lambda g: (g.reshape(a.shape),))
 
     def transpose(self, *axes: int) -> Tensor:
-        """Permute axes (all of them, like numpy); with two ints, swap just those two (like torch)."""
+        """Permute axes: with all of them, like numpy; with two ints, swap just those two (like torch, also for a
+        2-D tensor: ``transpose(0, 1)`` swaps); with none, reverse them (``.T``)."""
         a = self
-        if len(axes) == 2 and a.ndim > 2:
+        if len(axes) == 2:
             perm = list(range(a.ndim))
             perm[axes[0]], perm[axes[1]] = perm[axes[1]], perm[axes[0]]
             axes = tuple(perm)

@@ -51,10 +51,13 @@ class LoRALinear(Module):
                  zero: str = "B", seed: int = 0) -> None:
         if not isinstance(base, Linear):
             raise TypeError(f"LoRALinear wraps a Linear, got {type(base).__name__}")
-        if not (isinstance(r, int) and r >= 1):
-            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+        if not (isinstance(r, int) and 1 <= r <= min(base.d_in, base.d_out)):
+            raise ValueError(f"LoRA rank r must be an integer in [1, min(d_in, d_out) = {min(base.d_in, base.d_out)}]"
+                             f", got {r!r}")
         if alpha <= 0:
             raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         if zero not in ("A", "B"):
             hint = " (both zero: the gradients of A and B are both 0, it can never learn)" if zero == "both" else ""
             raise ValueError(f"LoRALinear: zero must be 'B' (paper) or 'A', got {zero!r}{hint}")
@@ -92,7 +95,8 @@ class LoRALinear(Module):
         return (self.A.data @ self.B.data) * self.scaling
 
     def merge(self) -> None:
-        """W ← W + s·A·B. Inference then costs one matmul, as the base model. Merging twice is an error."""
+        """W ← W + s·A·B. Inference then costs one matmul, as the base model. Merging twice is an error.
+        While merged, forward does not use A and B, so they get no gradient: unmerge() before training again."""
         if self.merged:
             raise RuntimeError("LoRALinear.merge(): already merged (unmerge() first)")
         self.weight.data += self.delta_weight().astype(self.weight.dtype)
@@ -191,9 +195,7 @@ def apply_lora(model: Module, targets: str | Iterable[str], r: int, alpha: float
     max_r = min(min(layer.d_in, layer.d_out) for *_, layer in layers)
     if not (isinstance(r, int) and 1 <= r <= max_r):
         raise ValueError(f"LoRA rank r must be an integer in [1, {max_r}] (min(d_in, d_out) of the targets), got {r!r}")
-    LoRALinear(Linear(1, 1), 1, alpha, dropout, rslora, zero)  # validates alpha/dropout/zero before any change
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    LoRALinear(Linear(1, 1, gen=backend.rng(0)), 1, alpha, dropout, rslora, zero)  # checks the rest, changes nothing
 
     fingerprint = base_fingerprint(model)  # of the untouched base, recorded before anything changes
     for p in model.parameters():

@@ -100,7 +100,7 @@ class Module:
         if wrong:
             raise ValueError("load_state_dict: shape mismatch: " + "; ".join(wrong))
         for name, p in params.items():
-            p.data = backend.to_device(state[name], dtype=p.dtype)
+            p.data = backend.to_device(state[name], dtype=p.dtype).copy()  # never alias the caller's arrays
             p.grad = None
 
 
@@ -108,7 +108,7 @@ class Linear(Module):
     """y = x @ W + b, with W stored (d_in, d_out) so that rows of x are the inputs (the project's notation)."""
 
     def __init__(self, d_in: int, d_out: int, bias: bool = True, std: float = 0.02, gen: Any = None) -> None:
-        gen = gen if gen is not None else backend.rng(0)
+        gen = gen if gen is not None else backend.rng(None)  # pass a seeded generator for reproducible weights
         self.d_in, self.d_out = d_in, d_out
         self.weight = Parameter(backend.randn(gen, (d_in, d_out), std))  # GPT-2 init: N(0, 0.02²)
         self.bias = Parameter(backend.xp.zeros(d_out, dtype=backend.DEFAULT_DTYPE)) if bias else None
@@ -125,7 +125,7 @@ class Embedding(Module):
     """A (num, dim) table; forward picks rows by integer ids."""
 
     def __init__(self, num: int, dim: int, std: float = 0.02, gen: Any = None) -> None:
-        gen = gen if gen is not None else backend.rng(0)
+        gen = gen if gen is not None else backend.rng(None)  # pass a seeded generator for reproducible weights
         self.weight = Parameter(backend.randn(gen, (num, dim), std))
 
     def forward(self, ids: Any) -> Tensor:

@@ -92,6 +92,7 @@ def train(model: Module, data: tuple[Any, Any], config: TrainConfig,
     opt = AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sampler = BatchSampler(train_ids, T, config.batch_size, config.seed)
     history = History()
+    warmup = min(config.warmup_steps, config.max_steps)  # a run shorter than the warmup just warms up
     good = [p.data.copy() for p in params]  # the last good state, restored if the loss blows up
     model.train()
     start = last_t = time.perf_counter()
@@ -99,7 +100,7 @@ def train(model: Module, data: tuple[Any, Any], config: TrainConfig,
     bar = tqdm(range(1, config.max_steps + 1), disable=not config.progress, desc="train", leave=False)
     for step in bar:
         x, y = sampler.sample()
-        opt.lr = cosine_lr(step, max_lr=config.lr, max_steps=config.max_steps, warmup_steps=config.warmup_steps,
+        opt.lr = cosine_lr(step, max_lr=config.lr, max_steps=config.max_steps, warmup_steps=warmup,
                            min_lr=config.min_lr)
         opt.zero_grad()
         _, loss = model(x, y)

@@ -1,0 +1,165 @@
+"""The figures of the sweep, drawn from the results dictionary that ``experiments.run_sweep`` writes.
+
+Each function takes the results (as loaded from ``results/sweep.json``) and a folder, writes one PNG, and returns
+its path, so every figure in ``figures/`` can be redrawn from the committed results file:
+``python -m lora_np figures --results results/sweep.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+MIB = 2**20
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 12, "axes.grid": True, "grid.alpha": 0.3, "figure.dpi": 110})
+    return plt
+
+
+def _lora_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plain LoRA runs of the rank sweep (no extra trained modules), in rank order."""
+    runs = [r for r in results["runs"] if r["mode"] == "lora" and not r["modules_to_save"]]
+    return sorted(runs, key=lambda r: r["rank"])
+
+
+def _run(results: dict[str, Any], mode: str, extra: bool = False) -> dict[str, Any] | None:
+    for r in results["runs"]:
+        if r["mode"] == mode and bool(r["modules_to_save"]) == extra:
+            return r
+    return None
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    _plt().close(fig)
+    return path
+
+
+def params_vs_rank(results: dict[str, Any], out: Path) -> Path:
+    """Trainable parameters vs rank: one d x d layer (2dr vs d²) and the whole model (LoRA vs full)."""
+    plt = _plt()
+    d = results["config"]["model"]["n_embd"]
+    runs = _lora_runs(results)
+    ranks = [r["rank"] for r in runs]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    rs = [2**k for k in range(0, max(d.bit_length() - 1, 1) + 1)]
+    ax1.plot(rs, [2 * d * r for r in rs], "o-", label="LoRA: 2·d·r")
+    ax1.axhline(d * d, color="k", ls="--", label=f"full: d² = {d * d:,}")
+    ax1.set(xscale="log", yscale="log", xlabel="rank r", ylabel="trainable parameters",
+            title=f"one {d}×{d} layer")
+    ax1.set_xticks(rs, [str(r) for r in rs])
+    ax1.legend()
+    full = _run(results, "full")
+    ax2.plot(ranks, [r["trainable"] for r in runs], "o-", label=f"LoRA on {runs[0]['targets']}" if runs else "LoRA")
+    if full:
+        ax2.axhline(full["trainable"], color="k", ls="--", label=f"full fine-tuning: {full['trainable']:,}")
+    ax2.set(xscale="log", yscale="log", xlabel="rank r", ylabel="trainable parameters", title="whole model")
+    ax2.set_xticks(ranks, [str(r) for r in ranks])
+    ax2.legend()
+    return _save(fig, out / "params_vs_rank.png")
+
+
+def loss_curves(results: dict[str, Any], out: Path) -> Path:
+    """Training and validation loss during fine-tuning, one line per rank plus full fine-tuning."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    runs = _lora_runs(results)
+    cmap = plt.get_cmap("viridis")
+    styled = [(r, {"color": cmap(i / max(len(runs) - 1, 1)), "label": f"LoRA r={r['rank']}"})
+              for i, r in enumerate(runs)]
+    for r, extra in ((_run(results, "full"), {"color": "k", "ls": "--", "label": "full fine-tuning"}),
+                     (_run(results, "lora", True), {"color": "tab:red", "ls": ":", "label": "LoRA + wte, lm_head"})):
+        if r:
+            styled.append((r, extra))
+    for r, style in styled:
+        h = r["history"]
+        ax1.plot(h["steps"], h["train_loss"], **style)
+        ax2.plot(h["steps"], h["val_loss"], **style)
+    base = results["base"]["finetune_val_loss"]
+    ax2.axhline(base, color="gray", lw=1, label=f"base model (no fine-tuning): {base:.2f}")
+    ax1.set(xlabel="step", ylabel="loss (nats per character)", title="training loss (mean since last eval)")
+    ax2.set(xlabel="step", title="validation loss")
+    ax2.legend(fontsize=9)
+    return _save(fig, out / "loss_curves.png")
+
+
+def val_loss_vs_rank(results: dict[str, Any], out: Path) -> Path:
+    """Final validation loss vs rank, with full fine-tuning and the base model as horizontal lines."""
+    plt = _plt()
+    runs = _lora_runs(results)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([r["rank"] for r in runs], [r["final_val_loss"] for r in runs], "o-", label="LoRA (q, v)")
+    full, extra = _run(results, "full"), _run(results, "lora", True)
+    if full:
+        ax.axhline(full["final_val_loss"], color="k", ls="--", label=f"full fine-tuning: {full['final_val_loss']:.3f}")
+    if extra:
+        ax.plot([extra["rank"]], [extra["final_val_loss"]], "s", color="tab:red", ms=9,
+                label=f"LoRA r={extra['rank']} + wte, lm_head: {extra['final_val_loss']:.3f}")
+    ax.axhline(results["base"]["finetune_val_loss"], color="gray", lw=1, label="base model")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([r["rank"] for r in runs], [str(r["rank"]) for r in runs])
+    ax.set(xlabel="rank r", ylabel="validation loss (nats per character)", title="final validation loss vs rank")
+    ax.legend(fontsize=9)
+    return _save(fig, out / "val_loss_vs_rank.png")
+
+
+MEMORY_CATEGORIES = ("weights", "gradients", "optimizer", "activations")
+
+
+def memory_by_mode(results: dict[str, Any], out: Path) -> Path:
+    """Peak training memory by mode, stacked by ledger category: analytic next to measured."""
+    plt = _plt()
+    picks = [r for r in results["runs"] if "memory" in r]
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(picks) + 3), 5))
+    colors = dict(zip(MEMORY_CATEGORIES, ("tab:blue", "tab:orange", "tab:green", "tab:gray")))
+    labels = []
+    for i, r in enumerate(picks):
+        for j, kind in enumerate(("analytic", "measured")):
+            bottom = 0.0
+            for cat in MEMORY_CATEGORIES:
+                v = r["memory"][kind][cat] / MIB
+                ax.bar(i + (j - 0.5) * 0.38, v, 0.36, bottom=bottom, color=colors[cat],
+                       hatch="//" if kind == "measured" else None, edgecolor="white",
+                       label=cat if i == 0 and j == 0 else None)
+                bottom += v
+        labels.append(r["name"])
+    ax.set_xticks(range(len(picks)), labels, rotation=30, ha="right")
+    ax.set(ylabel="MiB", title="peak memory of one training step (left: analytic, right hatched: measured)")
+    ax.legend()
+    return _save(fig, out / "memory_by_mode.png")
+
+
+def step_time(results: dict[str, Any], out: Path) -> Path:
+    """Seconds per training step and tokens per second, by rank, with full fine-tuning for reference."""
+    plt = _plt()
+    runs = _lora_runs(results)
+    full = _run(results, "full")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ranks = [r["rank"] for r in runs]
+    for ax, key, ylabel in ((ax1, "step_seconds", "seconds per step"), (ax2, "tokens_per_s", "tokens per second")):
+        ax.plot(ranks, [r[key] for r in runs], "o-", label="LoRA (q, v)")
+        if full:
+            ax.axhline(full[key], color="k", ls="--", label="full fine-tuning")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set(xlabel="rank r", ylabel=ylabel, ylim=(0, None))
+        ax.legend()
+    ax1.set_title(f"training step time ({results['machine']['cores']} CPU cores, {results['machine']['backend']})")
+    ax2.set_title("training throughput")
+    return _save(fig, out / "step_time.png")
+
+
+FIGURES = (params_vs_rank, loss_curves, val_loss_vs_rank, memory_by_mode, step_time)
+
+
+def make_all_figures(results: dict[str, Any], out: Path) -> list[Path]:
+    return [f(results, Path(out)) for f in FIGURES]
