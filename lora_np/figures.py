@@ -10,17 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+from matplotlib.figure import Figure
+
 MIB = 2**20
 
 
-def _plt() -> Any:
-    import matplotlib
+STYLE = {"font.size": 12, "axes.grid": True, "grid.alpha": 0.3}
 
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"font.size": 12, "axes.grid": True, "grid.alpha": 0.3, "figure.dpi": 110})
-    return plt
+def _figure(ncols: int = 1, figsize: tuple[float, float] = (7, 4.5), **kw: Any) -> tuple[Any, Any]:
+    """A matplotlib Figure made without pyplot: no GUI backend is touched, so drawing files from a notebook
+    does not change its inline plotting."""
+    fig = Figure(figsize=figsize, dpi=110)
+    return fig, fig.subplots(1, ncols, **kw)
 
 
 def _lora_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -40,17 +43,16 @@ def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path)
-    _plt().close(fig)
     return path
 
 
+@matplotlib.rc_context(STYLE)
 def params_vs_rank(results: dict[str, Any], out: Path) -> Path:
     """Trainable parameters vs rank: one d x d layer (2dr vs d²) and the whole model (LoRA vs full)."""
-    plt = _plt()
     d = results["config"]["model"]["n_embd"]
     runs = _lora_runs(results)
     ranks = [r["rank"] for r in runs]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2) = _figure(2, (12, 4.5))
     rs = [2**k for k in range(0, max(d.bit_length() - 1, 1) + 1)]
     ax1.plot(rs, [2 * d * r for r in rs], "o-", label="LoRA: 2·d·r")
     ax1.axhline(d * d, color="k", ls="--", label=f"full: d² = {d * d:,}")
@@ -68,12 +70,12 @@ def params_vs_rank(results: dict[str, Any], out: Path) -> Path:
     return _save(fig, out / "params_vs_rank.png")
 
 
+@matplotlib.rc_context(STYLE)
 def loss_curves(results: dict[str, Any], out: Path) -> Path:
     """Training and validation loss during fine-tuning, one line per rank plus full fine-tuning."""
-    plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, (ax1, ax2) = _figure(2, (12, 4.5), sharey=True)
     runs = _lora_runs(results)
-    cmap = plt.get_cmap("viridis")
+    cmap = matplotlib.colormaps["viridis"]
     styled = [(r, {"color": cmap(i / max(len(runs) - 1, 1)), "label": f"LoRA r={r['rank']}"})
               for i, r in enumerate(runs)]
     for r, extra in ((_run(results, "full"), {"color": "k", "ls": "--", "label": "full fine-tuning"}),
@@ -92,11 +94,11 @@ def loss_curves(results: dict[str, Any], out: Path) -> Path:
     return _save(fig, out / "loss_curves.png")
 
 
+@matplotlib.rc_context(STYLE)
 def val_loss_vs_rank(results: dict[str, Any], out: Path) -> Path:
     """Final validation loss vs rank, with full fine-tuning and the base model as horizontal lines."""
-    plt = _plt()
     runs = _lora_runs(results)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _figure()
     ax.plot([r["rank"] for r in runs], [r["final_val_loss"] for r in runs], "o-", label="LoRA (q, v)")
     full, extra = _run(results, "full"), _run(results, "lora", True)
     if full:
@@ -115,11 +117,11 @@ def val_loss_vs_rank(results: dict[str, Any], out: Path) -> Path:
 MEMORY_CATEGORIES = ("weights", "gradients", "optimizer", "activations")
 
 
+@matplotlib.rc_context(STYLE)
 def memory_by_mode(results: dict[str, Any], out: Path) -> Path:
     """Peak training memory by mode, stacked by ledger category: analytic next to measured."""
-    plt = _plt()
     picks = [r for r in results["runs"] if "memory" in r]
-    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(picks) + 3), 5))
+    fig, ax = _figure(1, (max(7, 1.3 * len(picks) + 3), 5))
     colors = dict(zip(MEMORY_CATEGORIES, ("tab:blue", "tab:orange", "tab:green", "tab:gray")))
     labels = []
     for i, r in enumerate(picks):
@@ -138,12 +140,12 @@ def memory_by_mode(results: dict[str, Any], out: Path) -> Path:
     return _save(fig, out / "memory_by_mode.png")
 
 
+@matplotlib.rc_context(STYLE)
 def step_time(results: dict[str, Any], out: Path) -> Path:
     """Seconds per training step and tokens per second, by rank, with full fine-tuning for reference."""
-    plt = _plt()
     runs = _lora_runs(results)
     full = _run(results, "full")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2) = _figure(2, (12, 4.5))
     ranks = [r["rank"] for r in runs]
     for ax, key, ylabel in ((ax1, "step_seconds", "seconds per step"), (ax2, "tokens_per_s", "tokens per second")):
         ax.plot(ranks, [r[key] for r in runs], "o-", label="LoRA (q, v)")

@@ -10,10 +10,31 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from . import backend
+from . import backend, engine
 from .engine import Tensor
 
 GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ W + b in one op: (..., d_in) @ (d_in, d_out) + (d_out,) -> (..., d_out).
+
+    Fused so that the graph keeps only x (W and b are parameters anyway), not also the product before the bias.
+    A frozen W costs no gradient matmul: that branch of the backward is simply skipped.
+    """
+    if x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"linear: input of shape {x.shape} for a weight of shape {weight.shape} (d_in mismatch)")
+    out = engine._mm(x.data, weight.data)  # through engine._mm, which tests count
+    out = out + bias.data if bias is not None else out
+    parents = (x, weight) if bias is None else (x, weight, bias)
+
+    def backward(g):  # y = xW + b:  dx = g Wᵀ,  dW = xᵀ g (summed over all rows),  db = Σ g
+        gx = engine._mm(g, weight.data.T) if x.requires_grad else None
+        gw = engine._mm(x.data.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1])) if weight.requires_grad else None
+        gb = g.reshape(-1, g.shape[-1]).sum(axis=0) if bias is not None and bias.requires_grad else None
+        return (gx, gw, gb)[: len(parents)]
+
+    return Tensor._make(out, parents, "linear", backward)
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -144,4 +165,4 @@ def embedding(ids: Any, weight: Tensor) -> Tensor:
     return Tensor._make(weight.data[ids], (weight,), "embedding", backward)
 
 
-__all__ = ["cross_entropy", "dropout", "embedding", "gelu", "layer_norm", "log_softmax", "softmax"]
+__all__ = ["cross_entropy", "dropout", "embedding", "gelu", "layer_norm", "linear", "log_softmax", "softmax"]

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import backend
+from . import backend, engine
 from . import functional as F
 from .engine import Tensor
 from .nn import Linear, Module, Parameter
@@ -82,13 +82,12 @@ class LoRALinear(Module):
         self.merged = False
 
     def forward(self, x: Tensor) -> Tensor:
-        y = x @ self.weight  # (..., d_in) @ (d_in, d_out) -> (..., d_out); W frozen: backward skips dW
-        if self.bias is not None:
-            y = y + self.bias
         if self.merged:  # W already holds W0 + s·A·B: the low-rank path would count twice
-            return y
-        h = F.dropout(x, self.dropout_p, self.training, self.gen) @ self.A  # (..., d_in) @ (d_in, r) -> (..., r)
-        return y + (h @ self.B) * self.scaling  # (..., r) @ (r, d_out) -> (..., d_out)
+            return F.linear(x, self.weight, self.bias)
+        keep = None  # LoRA's dropout acts on the input of the low-rank path only (as loralib and peft)
+        if self.training and self.dropout_p > 0:
+            keep = backend.to_device(self.gen.random(x.shape) >= self.dropout_p) / (1.0 - self.dropout_p)
+        return lora_linear(x, self.weight, self.bias, self.A, self.B, self.scaling, keep)
 
     def delta_weight(self) -> Any:
         """ΔW = s·A·B as an array (d_in, d_out)."""
@@ -116,6 +115,37 @@ class LoRALinear(Module):
     def __repr__(self) -> str:
         return (f"LoRALinear(d_in={self.d_in}, d_out={self.d_out}, r={self.r}, alpha={self.alpha}, "
                 f"scaling={self.scaling:g}, merged={self.merged})")
+
+
+def lora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, s: float, keep: Any = None) -> Tensor:
+    """y = x @ W + b + s · ((x ⊙ keep) @ A) @ B as one op, with its backward written out below it.
+
+    Shapes: x (..., d_in), W (d_in, d_out), A (d_in, r), B (r, d_out) -> y (..., d_out). ``keep`` is an optional
+    dropout mask (already divided by 1 - p) on the input of the low-rank path.
+
+    Fused so that the graph keeps only x and the thin h = x @ A (..., r): composed from separate ops it would also
+    keep three (..., d_out) arrays per layer (h @ B, its scaled copy, and x @ W + b for the sum).
+    """
+    xd = x.data if keep is None else x.data * keep.astype(x.dtype)  # (..., d_in)
+    h = engine._mm(xd, A.data)  # (..., d_in) @ (d_in, r) -> (..., r): down to rank r
+    y = engine._mm(x.data, W.data) + s * engine._mm(h, B.data)  # (..., d_out) + s·(..., r) @ (r, d_out)
+    y = y + b.data if b is not None else y
+    parents = (x, W, A, B) if b is None else (x, W, A, B, b)
+
+    def backward(g):  # g = dL/dy (..., d_out); rows of the batch fold into one (N, ·) matrix for the weights
+        rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731  (..., k) -> (N, k)
+        gh = s * engine._mm(g, B.data.T)  # dL/dh = s·g Bᵀ (..., r)
+        gA = engine._mm(rows(xd).T, rows(gh)) if A.requires_grad else None  # dL/dA = xᵀ (s·g Bᵀ): 0 while B = 0
+        gB = s * engine._mm(rows(h).T, rows(g)) if B.requires_grad else None  # dL/dB = s·(xA)ᵀ g
+        gW = engine._mm(rows(x.data).T, rows(g)) if W.requires_grad else None  # skipped: W is frozen
+        gx = None
+        if x.requires_grad:  # through W and through the low-rank path
+            gxa = engine._mm(gh, A.data.T)
+            gx = engine._mm(g, W.data.T) + (gxa if keep is None else gxa * keep)
+        gb = rows(g).sum(axis=0) if b is not None and b.requires_grad else None
+        return (gx, gW, gA, gB, gb)[: len(parents)]
+
+    return Tensor._make(y, parents, "lora_linear", backward)
 
 
 @dataclass

@@ -114,8 +114,7 @@ class Linear(Module):
         self.bias = Parameter(backend.xp.zeros(d_out, dtype=backend.DEFAULT_DTYPE)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = x @ self.weight  # (..., d_in) @ (d_in, d_out) -> (..., d_out)
-        return y + self.bias if self.bias is not None else y
+        return F.linear(x, self.weight, self.bias)  # (..., d_in) @ (d_in, d_out) + (d_out,) -> (..., d_out)
 
     def __repr__(self) -> str:
         return f"Linear(d_in={self.d_in}, d_out={self.d_out}, bias={self.bias is not None})"

@@ -148,6 +148,10 @@ CASES = BINARY_CASES + [
     ("stack-axis-1",              lambda a, b, c: stack([a, b, c], axis=-1),    [(2, 3), (2, 3), (2, 3)]),
     # -- functionals --
     ("gelu",                      F.gelu,                                       [(3, 4)]),
+    ("linear-bias",               F.linear,                                     [(2, 3, 4), (4, 5), (5,)]),
+    ("linear-no-bias",            F.linear,                                     [(3, 4), (4, 5)]),
+    ("linear-frozen-weight",      F.linear,                                     [(2, 3, 4), (4, 5), (5,)],
+     {"frozen": (1,)}),
     ("softmax-axis-1",            lambda x: F.softmax(x, axis=-1),              [(2, 3, 4)]),
     ("softmax-axis0",             lambda x: F.softmax(x, axis=0),               [(3, 4)]),
     ("log_softmax-axis-1",        lambda x: F.log_softmax(x, axis=-1),          [(2, 3, 4)]),

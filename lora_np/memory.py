@@ -1,0 +1,459 @@
+"""The memory ledger: where the bytes of one training step go, predicted from the config and measured.
+
+A training step holds four kinds of arrays (Hu et al. 2021, §4.2: LoRA needs no gradient and no optimizer
+state for the frozen weights):
+
+    weights       every parameter, trainable or frozen (for LoRA: W, b, ... and every A and B)
+    gradients     one ``.grad`` per TRAINABLE parameter: backward allocates no gradient for a frozen W
+    optimizer     AdamW's m and v: 2 × the trainable numbers, allocated on a parameter's first step
+    activations   what the autograd graph keeps alive from the forward pass until backward is done
+
+LoRA shrinks the second and third (they follow the trainable numbers) and leaves the first almost unchanged.
+It does NOT shrink the fourth: the frozen layers still have to pass gradients back to the adapters below them,
+so every input they saw is kept, and the adapter adds its own products on top.
+
+``analytic_ledger`` predicts all four from a ``GPTConfig``; ``measure_step`` runs one real step under
+``tracemalloc`` (which sees NumPy's buffers) and reports the same categories; ``compare`` and
+``format_table`` put them side by side; ``gpt3_example`` redoes the paper's GPT-3 175B numbers.
+
+How the activations are counted
+-------------------------------
+The engine's rule (``Tensor._make`` in engine.py): an op joins the graph when one of its inputs requires a
+gradient. A graph node holds its input Tensors (``_parents``, and its ``backward`` closure) and whatever arrays
+the closure captured, until backward returns. So every INPUT of a graph op stays alive, and so does every array
+its closure captured; an op outside the graph keeps nothing. This engine keeps parents even where backward does
+not need their values (both inputs of an addition, for instance): PyTorch keeps only what backward reads.
+
+``_replay_forward`` replays ``GPT.forward`` line by line on sizes only, applying that rule; it is exact for any
+targets, modules_to_save, dropout and the first block (whose input needs no gradient under LoRA). For full
+fine-tuning it comes to this sum (floats of ``dtype_bytes``; N = B·T tokens, C channels, H heads, V vocabulary;
+a test checks the replay against it):
+
+    embeddings   2·N·C + T·C         wte(idx) and wpe(pos) gathered, their sum; + 8·T bytes for pos (int64)
+    per block:
+      ln1          2·N·C + N         output, xhat (and rstd, N): layer_norm's closure keeps xhat and rstd
+      q, k, v      3·N·C             F.linear's outputs (the fused op keeps its input, not x@W before the bias)
+      scores       4·B·H·T²          q@kᵀ, × 1/√hs, masked_fill, softmax (which keeps its output)
+      mask         T² bytes          the causal mask (bool), captured by masked_fill's ``where``
+      att @ v      2·N·C             the product, and the copy that reshape makes of its transpose
+      o            N·C
+      residual     N·C               x + attn
+      ln2          2·N·C + N
+      up           4·N·C
+      gelu         3·4·N·C           output, and x² and tanh(u), which its closure keeps
+      down         N·C
+      residual     N·C               x + mlp
+      = 29·N·C + 2·N + 4·B·H·T²  floats, + T² bytes
+    head         2·N·C + N           ln_f;  + N·V logits + N·V log-probs (cross_entropy keeps them)
+                                     + 9·N bytes: the valid mask (bool) and the clamped targets (int64)
+
+LoRA, in every block whose input requires a gradient, keeps per adapted layer (d_in, d_out) the same as
+above plus N·r: ``lora.lora_linear`` is one fused op whose closure keeps the thin h = x@A (N, r) besides x. In
+block 0 the input does not require a gradient (the embeddings are frozen), so ln1 and the un-adapted projections
+there keep less. Dropout with p > 0 adds its float mask (``scale``) and output wherever it is in the graph.
+
+So LoRA does not save activations: the frozen layers still pass gradients down to the adapters below them, so
+their inputs are kept. Its saving is 3 × the frozen weights' size (gradient, m, v): small next to the
+activations of a small model at a real batch, decisive where the weights dominate, as for GPT-3 175B
+(``gpt3_example``). benchmarks/README.md has the measured numbers.
+
+Not counted: the batch itself (x and y exist before the step), 0-d scalars (a few bytes each) and the Python
+objects of the graph (Tensors, closures; a few hundred bytes per node, visible in the measurement).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import tracemalloc
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import backend
+from .lora import EXTRA_MODULES, apply_lora, lora_layers, resolve_targets
+from .model import GPT, GPTConfig
+from .nn import Module
+from .optim import AdamW, Optimizer
+
+MIB = 2**20
+CATEGORIES = ("weights", "gradients", "optimizer", "activations")
+INT_BYTES = 8  # integer index arrays (xp.arange, the clamped targets) are int64
+BOOL_BYTES = 1  # the causal mask and the cross-entropy's valid mask
+
+
+# -- the analytic ledger -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ledger:
+    """Bytes of one training step by category, predicted from the config (see the module docstring)."""
+
+    weights: int  # every parameter, frozen ones included
+    gradients: int  # one .grad per trainable parameter
+    optimizer: int  # AdamW: m and v, 2 × trainable
+    activations: int  # what the graph keeps from the forward pass until backward is done
+    mode: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def table(self) -> str:
+        """The ledger in MiB, one line per category."""
+        lines = [f"{'':<12} {'MiB':>10}   ({self.mode})"]
+        lines += [f"{cat:<12} {getattr(self, cat) / MIB:>10.2f}" for cat in CATEGORIES]
+        lines.append(f"{'total':<12} {self.total / MIB:>10.2f}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{cat: getattr(self, cat) for cat in CATEGORIES}, "total": self.total}
+
+
+def count_trainable(config: GPTConfig, mode: str, lora_r: int = 8, lora_targets: str | Iterable[str] = ("q", "v"),
+                    modules_to_save: Iterable[str] = ()) -> tuple[int, int]:
+    """(all parameters, trainable parameters) of ``GPT(config)`` set up for ``mode``, counted from the config alone.
+
+    Equal to ``count_parameters(model)`` of the real model (a test checks it): the same sizes as model.py and lora.py
+    allocate, so the bytes of the ledger are the ``nbytes`` of the real arrays.
+    """
+    mode, targets, extra = _check(config, mode, lora_r, lora_targets, modules_to_save)
+    C, V, bias = config.n_embd, config.vocab_size, config.bias
+    linears = {"q": (C, C), "k": (C, C), "v": (C, C), "o": (C, C), "up": (C, 4 * C), "down": (4 * C, C)}
+    layer_norm = C + (C if bias else 0)  # weight, and bias when config.bias
+    top = {"wte": V * C, "wpe": config.block_size * C, "ln_f": layer_norm, "lm_head": C * V}  # lm_head: no bias
+    per_block = 2 * layer_norm + sum(d_in * d_out + (d_out if bias else 0) for d_in, d_out in linears.values())
+    base = sum(top.values()) + config.n_layer * per_block
+    if mode == "full":
+        return base, base
+    adapters = config.n_layer * sum(lora_r * (d_in + d_out) for t, (d_in, d_out) in linears.items() if t in targets)
+    return base + adapters, adapters + sum(top[m] for m in extra)
+
+
+def analytic_ledger(config: GPTConfig, mode: str, batch_size: int, block_size: int | None = None, lora_r: int = 8,
+                    lora_targets: str | Iterable[str] = ("q", "v"), modules_to_save: Iterable[str] = (),
+                    dtype_bytes: int = 4, lora_dropout: float = 0.0) -> Ledger:
+    """The predicted bytes of one training step of ``GPT(config)`` in ``mode`` ("full" or "lora") on a batch of
+    ``batch_size`` sequences of ``block_size`` tokens (default ``config.block_size``), with AdamW.
+
+    weights = all parameters; gradients = trainable; optimizer = 2 × trainable; activations from the replay of the
+    forward pass (module docstring). Dropout counts as in training mode (``config.dropout``, ``lora_dropout``).
+    """
+    mode, targets, extra = _check(config, mode, lora_r, lora_targets, modules_to_save)
+    T = config.block_size if block_size is None else block_size
+    if not 1 <= T <= config.block_size or batch_size < 1:
+        raise ValueError(f"need batch_size >= 1 and 1 <= block_size <= {config.block_size}, got {batch_size}, {T}")
+    total, trainable = count_trainable(config, mode, lora_r, targets, extra)
+    acts = _replay_forward(config, mode, batch_size, T, lora_r, targets, extra, dtype_bytes, lora_dropout)
+    return Ledger(weights=total * dtype_bytes, gradients=trainable * dtype_bytes,
+                  optimizer=2 * trainable * dtype_bytes, activations=acts, mode=mode)
+
+
+def ledger_of(model: GPT, batch_size: int, block_size: int | None = None) -> Ledger:
+    """``analytic_ledger`` for a model that is already set up: LoRA layers (and their config) mean "lora", a model
+    whose every parameter trains means "full". Anything else is not a mode the ledger models."""
+    dtype_bytes = model.parameters()[0].dtype.itemsize
+    if lora_layers(model):
+        if any(m.merged for m in lora_layers(model).values()):
+            raise ValueError("ledger_of: the model's LoRA layers are merged; unmerge() before training")
+        lc = model.lora_config
+        return analytic_ledger(model.config, "lora", batch_size, block_size, lc.r, lc.targets, lc.modules_to_save,
+                               dtype_bytes, lc.dropout)
+    if all(p.requires_grad for p in model.parameters()):
+        return analytic_ledger(model.config, "full", batch_size, block_size, dtype_bytes=dtype_bytes)
+    raise ValueError("ledger_of: a model without LoRA must train every parameter (full fine-tuning) to be modelled")
+
+
+def _check(config: GPTConfig, mode: str, r: int, targets: str | Iterable[str],
+           modules_to_save: Iterable[str]) -> tuple[str, list[str], list[str]]:
+    if mode not in ("full", "lora"):
+        raise ValueError(f"mode must be 'full' or 'lora', got {mode!r}")
+    targets = resolve_targets(targets)
+    extra = list(modules_to_save)
+    if any(m not in EXTRA_MODULES for m in extra):
+        raise ValueError(f"unknown modules_to_save {extra}; valid: {list(EXTRA_MODULES)}")
+    if mode == "lora" and not (isinstance(r, int) and 1 <= r <= config.n_embd):
+        raise ValueError(f"LoRA rank r must be an integer in [1, {config.n_embd}], got {r!r}")
+    return mode, targets, extra
+
+
+# -- the replay of GPT.forward on sizes ----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Array:
+    nbytes: int  # 0 for what the ledger counts elsewhere (parameters, the batch) and for views
+    grad: bool  # does the Tensor require a gradient, i.e. is it part of the graph?
+    base: _Array | None = None  # a view shares its base's buffer
+    kept: bool = False
+
+
+@dataclass
+class _Replay:
+    """The engine's keep-alive rule on sizes: ``op`` returns the output of one op and, if the op joins the graph,
+    marks its inputs and the arrays its closure captured as kept."""
+
+    arrays: list[_Array] = field(default_factory=list)
+
+    def leaf(self, grad: bool, nbytes: int = 0) -> _Array:
+        a = _Array(nbytes, grad)
+        self.arrays.append(a)
+        return a
+
+    def op(self, inputs: Sequence[_Array], nbytes: int, captures: Sequence[int] = (), view: bool = False) -> _Array:
+        grad = any(a.grad for a in inputs)
+        out = _Array(0 if view else nbytes, grad, base=inputs[0] if view else None)
+        self.arrays.append(out)
+        if grad:  # the op is in the graph: its node holds its inputs, its closure the captured arrays
+            for a in inputs:
+                self._keep(a)
+            for n in captures:
+                self.arrays.append(_Array(n, False, kept=True))
+        return out
+
+    def _keep(self, a: _Array | None) -> None:
+        while a is not None:
+            a.kept, a = True, a.base
+
+    def kept_bytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays if a.kept)
+
+
+def _replay_forward(cfg: GPTConfig, mode: str, B: int, T: int, r: int, targets: Sequence[str],
+                    modules_to_save: Sequence[str], f: int, lora_dropout: float) -> int:
+    """Bytes the graph of ``GPT.forward`` + cross-entropy keeps alive (model.py and lora.py, line by line)."""
+    rp, full = _Replay(), mode == "full"
+    N, C, H, V = B * T, cfg.n_embd, cfg.n_head, cfg.vocab_size
+    p, p_lora = cfg.dropout, lora_dropout
+
+    def param(name: str) -> _Array:  # a weight, counted in `weights`; it requires grad if it trains
+        return rp.leaf(full or name in modules_to_save)
+
+    def dropout(x: _Array, n: int, prob: float) -> _Array:  # F.dropout: identity at p = 0, else keeps `scale`
+        return rp.op([x], n * f, captures=[n * f]) if prob > 0 else x
+
+    def layer_norm(x: _Array, name: str) -> _Array:  # F.layer_norm: output (N, C); keeps xhat (N, C), rstd (N, 1)
+        return rp.op([x, param(name)], N * C * f, captures=[N * C * f, N * f])
+
+    def linear(x: _Array, name: str, d_in: int, d_out: int) -> _Array:  # nn.Linear or LoRALinear
+        if full or name.split(".")[-1] not in targets:
+            return rp.op([x, param(name)], N * d_out * f)  # F.linear: x @ W + b in one op, (N, d_in) -> (N, d_out)
+        # lora.lora_linear: one op; its closure keeps h = x @ A (N, r) and, with dropout, the mask and x ⊙ mask
+        captures = [N * r * f] + ([N * d_in * f, N * d_in * f] if p_lora > 0 else [])
+        return rp.op([x, param(name), rp.leaf(True)], N * d_out * f, captures=captures)
+
+    ids, pos = rp.leaf(False), rp.leaf(False, T * INT_BYTES)  # the batch (not counted); pos = xp.arange(T)
+    tok = rp.op([ids, param("wte")], N * C * f)  # wte(idx): (B, T) -> (B, T, C), a gather; keeps ids
+    pe = rp.op([pos, param("wpe")], T * C * f)  # wpe(pos): (T, C); keeps pos
+    x = dropout(rp.op([tok, pe], N * C * f), N * C, p)  # (B, T, C) + (T, C) -> (B, T, C)
+    score = B * H * T * T * f  # one (B, nh, T, T) attention matrix
+    for i in range(cfg.n_layer):
+        b = f"blocks.{i}"
+        h = layer_norm(x, f"{b}.ln1")
+        q, k, v = (linear(h, f"{b}.{t}", C, C) for t in ("q", "k", "v"))
+        q, k, v = (rp.op([rp.op([a], 0, view=True)], 0, view=True) for a in (q, k, v))  # reshape, transpose: views
+        kT = rp.op([k], 0, view=True)  # k.transpose(0, 1, 3, 2): (B, nh, hs, T), a view
+        att = rp.op([q, kT], score)  # q @ kT: (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
+        att = rp.op([att], score)  # × 1/√hs
+        mask = rp.leaf(False, T * T * BOOL_BYTES)  # triu(ones((T, T), bool)): new each forward
+        att = rp.op([att, mask], score)  # masked_fill -> where(mask, -inf, att); the closure keeps the mask
+        att = rp.op([att], score)  # softmax: keeps its output y (the input of att @ v keeps it anyway)
+        att = dropout(att, B * H * T * T, p)
+        y = rp.op([att, v], N * C * f)  # att @ v: (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+        y = rp.op([y], 0, view=True)  # transpose(0, 2, 1, 3): a view
+        copies = H > 1 and T > 1  # reshape of that transposed view copies, unless it happens to be contiguous
+        y = rp.op([y], N * C * f, view=not copies)  # reshape (B, T, nh, hs) -> (B, T, C)
+        x = rp.op([x, dropout(linear(y, f"{b}.o", C, C), N * C, p)], N * C * f)  # x + attn
+        h = layer_norm(x, f"{b}.ln2")
+        u = linear(h, f"{b}.up", C, 4 * C)
+        u = rp.op([u], N * 4 * C * f, captures=[N * 4 * C * f] * 2)  # gelu: keeps x² and tanh(u)
+        x = rp.op([x, dropout(linear(u, f"{b}.down", 4 * C, C), N * C, p)], N * C * f)  # x + mlp
+    h = layer_norm(x, "ln_f")
+    logits = linear(h, "lm_head", C, V)  # (N, C) @ (C, V) -> (N, V)
+    rp.op([logits], f, captures=[N * V * f, N * BOOL_BYTES, N * INT_BYTES])  # cross_entropy: logp, valid, safe_t
+    return rp.kept_bytes()
+
+
+# -- measuring a real step -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measured:
+    """Bytes of one real training step, by category, from the arrays themselves and from ``tracemalloc``.
+
+    weights, gradients, optimizer: the ``nbytes`` of the parameters, of their ``.grad`` after backward, and of the
+    optimizer's state after the step (AdamW allocates m and v lazily, so ``measure_step`` runs warm-up steps first).
+    activations: what ``tracemalloc`` sees alive right after the forward pass and the loss, above the baseline
+    before the step: the graph's arrays plus its Python objects.
+    traced_peak: the most ``tracemalloc`` saw allocated at any moment of the step, above the same baseline. It holds
+    the activations (the graph lives until backward returns), the gradients, and ``scratch``: the transient arrays
+    of backward (gradients of intermediate nodes waiting to be used, each op's temporaries) and of the update.
+    peak (= total): the most the step held at once, weights and optimizer state (allocated before it) included.
+
+    The ledger does not predict scratch. Where it peaks was traced on small models: in GELU's backward (the
+    incoming gradient and about five temporaries of shape (B, T, 4C)), or in softmax's backward when the
+    (B, nh, T, T) attention matrix is the bigger array. In full fine-tuning some gradients do not exist yet at that
+    moment, so ``scratch`` (traced_peak − activations − all gradients) comes out a little smaller than under LoRA.
+    """
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    traced_peak: int
+
+    @property
+    def scratch(self) -> int:
+        return self.traced_peak - self.activations - self.gradients
+
+    @property
+    def peak(self) -> int:
+        """The step's peak: weights and optimizer state (allocated before it) plus the traced peak."""
+        return self.weights + self.optimizer + self.traced_peak
+
+    @property
+    def total(self) -> int:
+        """= peak: weights + gradients + optimizer + activations + scratch, comparable to ``Ledger.total``."""
+        return self.peak
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "scratch": self.scratch, "peak": self.peak, "total": self.total}
+
+
+def measure_step(model: Module, optimizer: Optimizer, x: Any, y: Any, warmup_steps: int = 1) -> Measured:
+    """Run ``warmup_steps`` training steps (so AdamW's state exists), then one measured step: zero_grad, forward,
+    loss, backward, optimizer.step. Host memory only: ``tracemalloc`` does not see a GPU's memory.
+
+    Every step updates the weights, as training does. ``tracemalloc`` is started and stopped here unless the
+    caller already runs it (then its peak is reset).
+    """
+    if backend.get_backend() != "numpy":
+        raise RuntimeError("measure_step: tracemalloc sees host memory only; use the numpy backend")
+    for _ in range(warmup_steps):
+        optimizer.zero_grad()
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        del loss
+    optimizer.zero_grad()
+    gc.collect()
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        _, loss = model(x, y)
+        activations = tracemalloc.get_traced_memory()[0] - base
+        loss.backward()
+        gradients = sum(int(p.grad.nbytes) for p in optimizer.params if p.grad is not None)
+        optimizer.step()
+        traced_peak = tracemalloc.get_traced_memory()[1] - base
+        del loss
+    finally:
+        if started:
+            tracemalloc.stop()
+    weights = sum(int(p.data.nbytes) for p in model.parameters())
+    return Measured(weights, gradients, optimizer.state_nbytes(), activations, traced_peak)
+
+
+def build(config: GPTConfig, mode: str, lora_r: int = 8, lora_alpha: float = 16.0,
+          lora_targets: str | Iterable[str] = ("q", "v"), modules_to_save: Iterable[str] = (), lr: float = 1e-3,
+          weight_decay: float = 0.01, lora_dropout: float = 0.0) -> tuple[GPT, AdamW]:
+    """``GPT(config)`` set up for ``mode`` (LoRA applied, or every parameter trainable) and its AdamW."""
+    model = GPT(config)
+    if mode == "lora":
+        apply_lora(model, lora_targets, lora_r, lora_alpha, lora_dropout, modules_to_save=modules_to_save)
+    elif mode != "full":
+        raise ValueError(f"mode must be 'full' or 'lora', got {mode!r}")
+    return model, AdamW(model.trainable_parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def compare(config: GPTConfig, mode: str, batch_size: int, block_size: int | None = None, lora_r: int = 8,
+            lora_alpha: float = 16.0, lora_targets: str | Iterable[str] = ("q", "v"),
+            modules_to_save: Iterable[str] = (), lora_dropout: float = 0.0, seed: int = 0) -> tuple[Ledger, Measured]:
+    """The analytic ledger and the measured step for the same model (AdamW, lr 1e-3, weight decay 0.01), on a
+    batch of random token ids (inputs and targets, int64)."""
+    model, opt = build(config, mode, lora_r, lora_alpha, lora_targets, modules_to_save, lora_dropout=lora_dropout)
+    T = config.block_size if block_size is None else block_size
+    gen = backend.rng(seed)
+    x, y = (gen.integers(0, config.vocab_size, size=(batch_size, T)) for _ in range(2))  # int64, on the host
+    return ledger_of(model, batch_size, T), measure_step(model, opt, x, y)
+
+
+def measure_model(model: GPT, train_ids: Any, batch_size: int, block_size: int | None = None,
+                  seed: int = 0) -> dict[str, Any]:
+    """Ledger and measured step for an already set-up ``model`` (it is trained by the step: pass a copy to keep
+    it), on a batch cut from the token stream ``train_ids``; a JSON-ready dict for results files."""
+    from .data import BatchSampler
+
+    T = block_size or model.config.block_size
+    x, y = BatchSampler(train_ids, T, batch_size, seed).sample()
+    ledger = ledger_of(model, batch_size, T)
+    opt = AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=0.01)
+    measured = measure_step(model, opt, x, y)
+    return {"mode": ledger.mode, "batch_size": batch_size, "block_size": T,
+            "analytic": ledger.to_dict(), "measured": measured.to_dict()}
+
+
+def format_table(ledger: Ledger, measured: Measured) -> str:
+    """Analytic next to measured, in MiB, one line per category (scratch: measured only)."""
+    lines = [f"{'MiB':<12} {'analytic':>10} {'measured':>10} {'meas/an':>8}   ({ledger.mode})"]
+    for cat in (*CATEGORIES, "total"):
+        a, m = getattr(ledger, cat), getattr(measured, cat)
+        lines.append(f"{cat:<12} {a / MIB:>10.2f} {m / MIB:>10.2f} {m / a if a else math.nan:>8.3f}")
+        if cat == "activations":
+            lines.append(f"{'  scratch':<12} {'':>10} {measured.scratch / MIB:>10.2f}   backward's transient arrays")
+    return "\n".join(lines)
+
+
+def format_comparison(mem: dict[str, Any]) -> str:
+    """``format_table`` for the dict that ``measure_model`` returns."""
+    a, m = mem["analytic"], mem["measured"]
+    ledger = Ledger(*(a[c] for c in CATEGORIES), mode=mem.get("mode", ""))
+    measured = Measured(*(m[c] for c in (*CATEGORIES, "traced_peak")))
+    return format_table(ledger, measured)
+
+
+# -- the paper's example: GPT-3 175B --------------------------------------------------------------------------------
+
+
+def gpt3_example() -> dict[str, dict[str, Any]]:
+    """Hu et al. §4.2 ("Practical Benefits") for GPT-3 175B, recomputed: each entry has the ``value``, the
+    ``formula`` it comes from, and what the paper says. fp16 (2 bytes a number); GB = 1e9 bytes, MB = 1e6.
+
+    The adapter: r = 4 on W_q and W_v of all 96 layers, so L̂ = 192 adapted d x d matrices (d = 12288), each
+    with 2·d·r numbers: 18.9 M parameters, 37.7 MB (36.0 MiB), a 9,272× reduction from 350 GB. The paper's
+    "35MB" equals 350 GB / 10,000, its rounded "roughly 10,000×"; no unit (MB or MiB) makes the formula give 35.
+    Training VRAM: frozen weights need no gradient and no Adam moments. Weights + Adam's m and v in fp16 is
+    3 × 350 GB = 1.05 TB, and LoRA keeps only the first third: the paper's "up to 2/3". The paper's measured
+    1.2 TB (full) and 350 GB (LoRA) also hold activations and whatever else its setup stores, which it does not
+    break down; the formulas give the parameter-sized part.
+    """
+    n_params, d, n_layer, r, fp16 = 175e9, 12288, 96, 4, 2
+    L_hat = n_layer * 2  # adapted matrices: W_q and W_v in every layer
+    lora_params = 2 * L_hat * d * r  # A (d, r) and B (r, d) per matrix
+    full_ckpt, lora_ckpt = n_params * fp16, lora_params * fp16
+    return {
+        "lora_parameters": {"value": lora_params, "formula": "2·L̂·d·r = 2·(96·2)·12288·4",
+                            "paper": "(not stated for this setting)"},
+        "full_checkpoint_bytes": {"value": full_ckpt, "formula": "175e9 params × 2 bytes (fp16)", "paper": "350GB"},
+        "lora_checkpoint_bytes": {"value": lora_ckpt, "formula": "2·L̂·d·r × 2 bytes = 37.7 MB = 36.0 MiB",
+                                  "paper": "35MB (= 350GB / 10,000, 'roughly 10,000×')"},
+        "checkpoint_reduction": {"value": full_ckpt / lora_ckpt, "formula": "350 GB / 37.7 MB",
+                                 "paper": "roughly 10,000×"},
+        "full_training_bytes": {"value": 3 * full_ckpt, "formula": "weights + Adam m + v = 3 × 175e9 × 2 bytes",
+                                "paper": "1.2TB (measured; includes activations)"},
+        "full_training_bytes_with_grads": {"value": 4 * full_ckpt,
+                                           "formula": "weights + gradients + Adam m + v = 4 × 175e9 × 2 bytes",
+                                           "paper": "(not given)"},
+        "lora_training_bytes": {"value": full_ckpt + 3 * lora_ckpt,
+                                "formula": "frozen weights + adapter (weights + Adam m + v) = 350 GB + 3 × 37.7 MB",
+                                "paper": "350GB"},
+        "vram_saving": {"value": 1 - (full_ckpt + 3 * lora_ckpt) / (3 * full_ckpt),
+                        "formula": "1 − LoRA / (weights + m + v)", "paper": "up to 2/3"},
+    }
+
+
+__all__ = ["CATEGORIES", "Ledger", "Measured", "analytic_ledger", "build", "compare", "count_trainable",
+           "format_comparison", "format_table", "gpt3_example", "ledger_of", "measure_model", "measure_step"]
