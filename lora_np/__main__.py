@@ -152,6 +152,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .experiments import RunSpec, finetune_run, load_corpora, pretrain_base
 
     cfg = _experiment(args)
+    if args.full and (args.save_adapter or args.train_embeddings):
+        raise ValueError("--save-adapter and --train-embeddings are LoRA options; drop them or --full")
     corpora = load_corpora(cfg)
     if args.full:
         spec = RunSpec("full", "full")

@@ -73,7 +73,7 @@ def params_vs_rank(results: dict[str, Any], out: Path) -> Path:
 @matplotlib.rc_context(STYLE)
 def loss_curves(results: dict[str, Any], out: Path) -> Path:
     """Training and validation loss during fine-tuning, one line per rank plus full fine-tuning."""
-    fig, (ax1, ax2) = _figure(2, (12, 4.5), sharey=True)
+    fig, (ax1, ax2) = _figure(2, (14, 4.8), sharey=True)
     runs = _lora_runs(results)
     cmap = matplotlib.colormaps["viridis"]
     styled = [(r, {"color": cmap(i / max(len(runs) - 1, 1)), "label": f"LoRA r={r['rank']}"})
@@ -90,7 +90,7 @@ def loss_curves(results: dict[str, Any], out: Path) -> Path:
     ax2.axhline(base, color="gray", lw=1, label=f"base model (no fine-tuning): {base:.2f}")
     ax1.set(xlabel="step", ylabel="loss (nats per character)", title="training loss (mean since last eval)")
     ax2.set(xlabel="step", title="validation loss")
-    ax2.legend(fontsize=9)
+    ax2.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.02, 1))
     return _save(fig, out / "loss_curves.png")
 
 
@@ -114,29 +114,29 @@ def val_loss_vs_rank(results: dict[str, Any], out: Path) -> Path:
     return _save(fig, out / "val_loss_vs_rank.png")
 
 
-MEMORY_CATEGORIES = ("weights", "gradients", "optimizer", "activations")
+MEMORY_CATEGORIES = ("weights", "gradients", "optimizer", "activations", "scratch")
 
 
 @matplotlib.rc_context(STYLE)
 def memory_by_mode(results: dict[str, Any], out: Path) -> Path:
-    """Peak training memory by mode, stacked by ledger category: analytic next to measured."""
+    """Peak training memory by mode, stacked by ledger category: analytic next to measured. The measured bar also
+    holds ``scratch`` (backward's temporaries, which the ledger does not predict), so its top is the measured peak."""
     picks = [r for r in results["runs"] if "memory" in r]
-    fig, ax = _figure(1, (max(7, 1.3 * len(picks) + 3), 5))
-    colors = dict(zip(MEMORY_CATEGORIES, ("tab:blue", "tab:orange", "tab:green", "tab:gray")))
-    labels = []
+    fig, ax = _figure(1, (max(8, 1.2 * len(picks) + 4), 5.5))
+    colors = dict(zip(MEMORY_CATEGORIES, ("tab:blue", "tab:orange", "tab:green", "tab:gray", "silver")))
     for i, r in enumerate(picks):
         for j, kind in enumerate(("analytic", "measured")):
             bottom = 0.0
             for cat in MEMORY_CATEGORIES:
-                v = r["memory"][kind][cat] / MIB
+                v = r["memory"][kind].get(cat, 0) / MIB
                 ax.bar(i + (j - 0.5) * 0.38, v, 0.36, bottom=bottom, color=colors[cat],
                        hatch="//" if kind == "measured" else None, edgecolor="white",
-                       label=cat if i == 0 and j == 0 else None)
+                       label=cat if i == 0 and j == 1 else None)
                 bottom += v
-        labels.append(r["name"])
-    ax.set_xticks(range(len(picks)), labels, rotation=30, ha="right")
-    ax.set(ylabel="MiB", title="peak memory of one training step (left: analytic, right hatched: measured)")
-    ax.legend()
+    ax.set_xticks(range(len(picks)), [r["name"] for r in picks], rotation=30, ha="right")
+    batch = picks[0]["memory"]["batch_size"] if picks else "?"
+    ax.set(ylabel="MiB", title=f"memory of one training step, batch {batch} (left: analytic, right hatched: measured)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, out / "memory_by_mode.png")
 
 

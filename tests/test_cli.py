@@ -79,6 +79,7 @@ def test_report_prints_parameters_and_memory(capsys):
     (["sweep", "--quick", "--targets", "nope"], "unknown LoRA target"),
     (["finetune", "--quick", "--corpus", "/no/such/file.txt"], "file.txt"),
     (["generate", "--quick", "--adapter", "/no/such/adapter.safetensors"], "adapter"),
+    (["finetune", "--quick", "--full", "--save-adapter", "x.safetensors"], "LoRA options"),
 ])
 def test_bad_input_is_a_clear_error(argv, message, capsys):
     assert main([*argv, "--no-progress"]) == 2
