@@ -77,11 +77,10 @@ class Tensor:
 
     __array_ufunc__ = None  # numpy defers to us, so `ndarray * Tensor` calls Tensor.__rmul__
 
-    def __init__(self, data: Any, requires_grad: bool = False, dtype: Any = None, name: str = "") -> None:
+    def __init__(self, data: Any, requires_grad: bool = False, dtype: Any = None) -> None:
         self.data = _as_array(data, dtype)
         self.grad: Any = None
         self.requires_grad = requires_grad
-        self.name = name
         self._parents: tuple[Tensor, ...] = ()
         self._backward: Callable[[Any], Sequence[Any]] | None = None
         self._op = ""
@@ -413,12 +412,8 @@ def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
     tensors = tuple(tensors)
     if len({t.shape for t in tensors}) != 1:
         raise ValueError(f"stack: all shapes must be equal, got {[t.shape for t in tensors]}")
-    return concat([t.reshape(_insert_axis(t.shape, axis)) for t in tensors], axis=axis)
-
-
-def _insert_axis(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
-    axis = axis if axis >= 0 else len(shape) + 1 + axis
-    return shape[:axis] + (1,) + shape[axis:]
+    new_shape = backend.np.expand_dims(backend.np.empty(tensors[0].shape, dtype=bool), axis).shape  # a new 1-axis
+    return concat([t.reshape(new_shape) for t in tensors], axis=axis)
 
 
 def split(t: Tensor, sections: int | Sequence[int], axis: int = -1) -> list[Tensor]:
