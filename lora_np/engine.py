@@ -77,10 +77,11 @@ class Tensor:
 
     __array_ufunc__ = None  # numpy defers to us, so `ndarray * Tensor` calls Tensor.__rmul__
 
-    def __init__(self, data: Any, requires_grad: bool = False, dtype: Any = None) -> None:
+    def __init__(self, data: Any, requires_grad: bool = False, dtype: Any = None, name: str = "") -> None:
         self.data = _as_array(data, dtype)
         self.grad: Any = None
         self.requires_grad = requires_grad
+        self.name = name  # a label for pictures of the graph (notebook 01); the engine does not use it
         self._parents: tuple[Tensor, ...] = ()
         self._backward: Callable[[Any], Sequence[Any]] | None = None
         self._op = ""
