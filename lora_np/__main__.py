@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "fine-tuning corpus: 'python-docs' (default) or a text file")
     _finetune_opts(p)
     p.add_argument("--ranks", default=None, help="comma list of ranks (default 1,2,4,8,16,32,64)")
-    p.add_argument("--out", default=".", help="folder for figures/ and results/ (default: current folder)")
+    p.add_argument("--out", default=None, help="folder for figures/ and results/ (default: the current folder; "
+                   "with --quick, runs/quick, so a quick run never overwrites the full run's files)")
 
     p = sub.add_parser("pretrain", help="pretrain (or load from the cache) the base GPT and show a sample")
     _common(p, "fine-tuning corpus whose characters join the vocabulary (default 'python-docs')")
@@ -116,10 +117,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     resolve_targets(cfg.targets)  # fail before pretraining on a typo
     if args.ranks:
         cfg = replace(cfg, ranks=tuple(int(r) for r in args.ranks.split(",")))
-    results = run_sweep(cfg, Path(args.out), progress=not args.no_progress)
+    out = Path(args.out or ("runs/quick" if args.quick else "."))
+    results = run_sweep(cfg, out, progress=not args.no_progress)
     print(summary_table(results))
-    print(f"\nwrote {Path(args.out) / 'results' / 'sweep.json'} and {len(results['figures'])} figures "
-          f"in {Path(args.out) / 'figures'} ({results['seconds']:.0f} s)")
+    print(f"\nwrote {out / 'results' / 'sweep.json'} and {len(results['figures'])} figures "
+          f"in {out / 'figures'} ({results['seconds']:.0f} s)")
     return 0
 
 

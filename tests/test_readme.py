@@ -22,3 +22,23 @@ def test_readme_quickstart_commands_are_the_ci_commands():
     assert "pip install -r requirements.txt && python -m lora_np" in text
     assert "pip install -r requirements.txt && python -m pytest" in text
     assert "python -m pip install --quiet -r requirements.txt" in ci and "\npython -m pytest\n" in ci
+
+
+def test_readme_results_table_is_the_committed_results_file():
+    # The README's table of the full run must be the numbers in results/sweep.json, which the figures are drawn
+    # from: regenerate both together (python -m lora_np), never edit one by hand.
+    import json
+
+    results = json.loads((README.parent / "results" / "sweep.json").read_text(encoding="utf-8"))
+    text = README.read_text(encoding="utf-8")
+    base = results["base"]
+    assert (f"| {base['finetune_val_loss']:.3f} | {base['val_loss_seen']:.3f} | {base['val_loss_unseen']:.3f} |"
+            in text)
+    for run in results["runs"]:
+        share = f"{100 * run['trainable'] / run['total']:.2f}%".replace("100.00%", "100%")
+        row = (f"| {run['trainable']:,} | {share} | {run['final_val_loss']:.3f} | {run['val_loss_seen']:.3f} | "
+               f"{run['val_loss_unseen']:.3f} | {run['memory']['measured']['peak'] / 2**20:.1f} | "
+               f"{run['step_seconds']:.3f} |")
+        assert row in text, f"README row for {run['name']} does not match results/sweep.json: {row}"
+    assert {p.name for p in (README.parent / "figures").glob("*.png")} >= {
+        "params_vs_rank.png", "loss_curves.png", "val_loss_vs_rank.png", "memory_by_mode.png", "step_time.png"}
