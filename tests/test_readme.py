@@ -6,7 +6,8 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_example_runs(capsys):
+def test_readme_example_runs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the example writes its adapter file to the current folder
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
     assert blocks, "the README lost its Python example"
     code = blocks[0].replace("max_steps=200", "max_steps=2")
@@ -14,6 +15,8 @@ def test_readme_example_runs(capsys):
     exec(compile(code, str(README), "exec"), {})
     out = capsys.readouterr().out
     assert "trainable 16,384 of" in out  # q and v of 4 blocks at r=8, d=128: 4 · 2 · 2·128·8
+    header = 8 + int.from_bytes((tmp_path / "qv-r8.safetensors").read_bytes()[:8], "little")
+    assert (tmp_path / "qv-r8.safetensors").stat().st_size - header == 4 * 16_384  # float32 A and B, nothing else
 
 
 def test_readme_quickstart_commands_are_the_ci_commands():
