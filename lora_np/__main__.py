@@ -37,7 +37,7 @@ def _finetune_opts(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lora_np", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{sweep,pretrain,finetune,generate,report,figures}")
+    sub = parser.add_subparsers(dest="command", metavar="{sweep,targets,pretrain,finetune,generate,report,figures}")
 
     p = sub.add_parser("sweep", help="the default experiment: base model, LoRA rank sweep, full fine-tuning, figures")
     _common(p, "fine-tuning corpus: 'python-docs' (default) or a text file")
@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", default=None, help="comma list of ranks (default 1,2,4,8,16,32,64)")
     p.add_argument("--out", default=None, help="folder for figures/ and results/ (default: the current folder; "
                    "with --quick, runs/quick, so a quick run never overwrites the full run's files)")
+
+    p = sub.add_parser("targets", help="which weights to adapt at a fixed parameter budget (Hu et al. Table 5)")
+    _common(p, "fine-tuning corpus: 'python-docs' (default) or a text file")
+    p.add_argument("--out", default=None, help="folder for figures/ and results/ (default as for sweep)")
 
     p = sub.add_parser("pretrain", help="pretrain (or load from the cache) the base GPT and show a sample")
     _common(p, "fine-tuning corpus whose characters join the vocabulary (default 'python-docs')")
@@ -75,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
 
     p = sub.add_parser("figures", help="redraw the figures from a results file")
-    p.add_argument("--results", default="results/sweep.json", help="results file (default results/sweep.json)")
+    p.add_argument("--results", default="results/sweep.json",
+                   help="results file: results/sweep.json (default) or results/targets.json")
     p.add_argument("--out", default="figures", help="folder for the PNGs (default figures)")
     return parser
 
@@ -122,6 +127,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(summary_table(results))
     print(f"\nwrote {out / 'results' / 'sweep.json'} and {len(results['figures'])} figures "
           f"in {out / 'figures'} ({results['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from .experiments import run_sweep, targets_specs
+
+    cfg = _experiment(args)
+    out = Path(args.out or ("runs/quick" if args.quick else "."))
+    results = run_sweep(cfg, out, not args.no_progress, targets_specs(cfg), name="targets", measure_memory=False)
+    print(f"{'adapted':<10} {'rank':>4} {'trainable':>10} {'val loss':>9}")
+    for r in results["runs"]:
+        print(f"{r['targets']:<10} {r['rank']:>4} {r['trainable']:>10,} {r['final_val_loss']:>9.3f}")
+    print(f"\nwrote {out / 'results' / 'targets.json'} and {out / 'figures' / 'targets.png'} "
+          f"({results['seconds']:.0f} s)")
     return 0
 
 
@@ -212,16 +231,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-    from .figures import make_all_figures
+    from .figures import make_all_figures, make_targets_figure
 
     results = json.loads(Path(args.results).read_text())
-    for path in make_all_figures(results, Path(args.out)):
+    draw = make_targets_figure if Path(args.results).stem == "targets" else make_all_figures
+    for path in draw(results, Path(args.out)):
         print(path)
     return 0
 
 
-COMMANDS = {"sweep": cmd_sweep, "pretrain": cmd_pretrain, "finetune": cmd_finetune, "generate": cmd_generate,
-            "report": cmd_report, "figures": cmd_figures}
+COMMANDS = {"sweep": cmd_sweep, "targets": cmd_targets, "pretrain": cmd_pretrain, "finetune": cmd_finetune,
+            "generate": cmd_generate, "report": cmd_report, "figures": cmd_figures}
 
 if __name__ == "__main__":
     sys.exit(main())

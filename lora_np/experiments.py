@@ -132,6 +132,15 @@ def sweep_specs(cfg: ExperimentConfig) -> list[RunSpec]:
     return specs
 
 
+TARGET_BUDGET = (("q", 8), ("k", 8), ("v", 8), ("o", 8), ("q,k", 4), ("q,v", 4), ("q,k,v,o", 2))
+
+
+def targets_specs(cfg: ExperimentConfig) -> list[RunSpec]:
+    """Which weights to adapt under a fixed budget of trainable parameters (Hu et al. Table 5, in small): every
+    run trains r·(number of adapted matrices) = 8 rank-units per block, so all have the same parameter count."""
+    return [RunSpec(f"lora-{t.replace(',', '')}-r{r}", "lora", r, t, cfg.alpha, cfg.rslora) for t, r in TARGET_BUDGET]
+
+
 def prepare_model(base: GPT, spec: RunSpec) -> GPT:
     """A fresh copy of the base model set up for ``spec``: LoRA applied, or every parameter trainable."""
     model = copy.deepcopy(base)
@@ -232,11 +241,12 @@ def machine_info() -> dict[str, Any]:
 
 
 def run_sweep(cfg: ExperimentConfig, out: Path, progress: bool = True, specs: list[RunSpec] | None = None,
-              runs_dir: Path | None = None) -> dict[str, Any]:
-    """The whole experiment: base model (cached), every fine-tuning run, results JSON and figures under ``out``."""
+              runs_dir: Path | None = None, name: str = "sweep", measure_memory: bool = True) -> dict[str, Any]:
+    """The whole experiment: base model (cached), every fine-tuning run of ``specs`` (default: the rank sweep),
+    ``<out>/results/<name>.json`` and the figures of that experiment under ``<out>/figures``."""
     from tqdm.auto import tqdm
 
-    from .figures import make_all_figures
+    from .figures import make_all_figures, make_targets_figure
 
     start = time.perf_counter()
     corpora = load_corpora(cfg)
@@ -255,15 +265,16 @@ def run_sweep(cfg: ExperimentConfig, out: Path, progress: bool = True, specs: li
         "runs": [],
     }
     runs_dir = runs_dir or out / "runs"
-    for spec in tqdm(specs or sweep_specs(cfg), desc="sweep", disable=not progress):
-        results["runs"].append(finetune_run(base, spec, cfg, corpora, runs_dir, progress))
+    for spec in tqdm(specs or sweep_specs(cfg), desc=name, disable=not progress):
+        results["runs"].append(finetune_run(base, spec, cfg, corpora, runs_dir, progress, measure_memory))
     results["seconds"] = time.perf_counter() - start
     (out / "results").mkdir(parents=True, exist_ok=True)
-    results_path = out / "results" / "sweep.json"
+    results_path = out / "results" / f"{name}.json"
     tmp = results_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(_jsonable(results), indent=1, allow_nan=False))
     os.replace(tmp, results_path)
-    results["figures"] = [str(p) for p in make_all_figures(results, out / "figures")]
+    draw = make_all_figures if name == "sweep" else make_targets_figure
+    results["figures"] = [str(p) for p in draw(results, out / "figures")]
     return results
 
 
@@ -280,4 +291,4 @@ def _jsonable(obj: Any) -> Any:
 
 
 __all__ = ["Corpora", "ExperimentConfig", "History", "RunSpec", "finetune_run", "load_corpora", "pretrain_base",
-           "run_sweep", "sweep_specs"]
+           "run_sweep", "sample_text", "split_loss", "sweep_specs", "targets_specs"]

@@ -160,6 +160,26 @@ def step_time(results: dict[str, Any], out: Path) -> Path:
     return _save(fig, out / "step_time.png")
 
 
+@matplotlib.rc_context(STYLE)
+def targets(results: dict[str, Any], out: Path) -> Path:
+    """Final validation loss by which weights are adapted, at one budget of trainable parameters."""
+    runs = results["runs"]
+    fig, ax = _figure(1, (10, 4.5))
+    labels = [f"{' + '.join(r['targets'].split(','))}\nr = {r['rank']}" for r in runs]
+    bars = ax.bar(range(len(runs)), [r["final_val_loss"] for r in runs], color="tab:blue")
+    ax.bar_label(bars, fmt="%.3f", fontsize=9)
+    ax.set_xticks(range(len(runs)), labels, fontsize=9)
+    low = min(r["final_val_loss"] for r in runs)
+    ax.set_ylim(0.9 * low, None)
+    ax.set(xlabel="adapted weight matrices of every block, and the rank", ylabel="final validation loss (nats/char)",
+           title=f"which weights to adapt, {runs[0]['trainable']:,} trainable parameters each")
+    return _save(fig, out / "targets.png")
+
+
+def make_targets_figure(results: dict[str, Any], out: Path) -> list[Path]:
+    return [targets(results, Path(out))]
+
+
 FIGURES = (params_vs_rank, loss_curves, val_loss_vs_rank, memory_by_mode, step_time)
 
 

@@ -91,3 +91,14 @@ def test_help_for_every_subcommand(command):
     args = [sys.executable, "-m", "lora_np", *([command] if command else []), "--help"]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     assert "usage:" in out and "--quick" in out or command == "figures"
+
+
+def test_targets_experiment_has_one_parameter_budget(tmp_path):
+    assert main(["targets", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results" / "targets.json").read_text())
+    runs = results["runs"]
+    assert [r["targets"] for r in runs] == ["q", "k", "v", "o", "q,k", "q,v", "q,k,v,o"]
+    assert len({r["trainable"] for r in runs}) == 1  # the same budget for every choice of weights
+    assert all(r["final_val_loss"] > 0 for r in runs)
+    assert (tmp_path / "figures" / "targets.png").read_bytes().startswith(PNG_MAGIC)
+    assert main(["figures", "--results", str(tmp_path / "results" / "targets.json"), "--out", str(tmp_path)]) == 0

@@ -45,3 +45,15 @@ def test_readme_results_table_is_the_committed_results_file():
         assert row in text, f"README row for {run['name']} does not match results/sweep.json: {row}"
     assert {p.name for p in (README.parent / "figures").glob("*.png")} >= {
         "params_vs_rank.png", "loss_curves.png", "val_loss_vs_rank.png", "memory_by_mode.png", "step_time.png"}
+
+
+def test_readme_targets_table_is_the_committed_results_file():
+    import json
+
+    results = json.loads((README.parent / "results" / "targets.json").read_text(encoding="utf-8"))
+    text = README.read_text(encoding="utf-8")
+    for run in results["runs"]:
+        row = (f"| {run['targets'].replace(',', ', ')} | {run['rank']} | {run['trainable']:,} | "
+               f"{run['final_val_loss']:.3f} | {run['val_loss_seen']:.3f} | {run['val_loss_unseen']:.3f} |")
+        assert row in text, f"README row for {run['name']} does not match results/targets.json: {row}"
+    assert (README.parent / "figures" / "targets.png").exists()
