@@ -100,6 +100,11 @@ def _experiment(args: argparse.Namespace):
     return cfg
 
 
+def _out_dir(args: argparse.Namespace) -> Path:
+    """Where an experiment writes figures/ and results/: --out, else here, else (quick) runs/quick."""
+    return Path(args.out or ("runs/quick" if args.quick else "."))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
@@ -122,7 +127,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     resolve_targets(cfg.targets)  # fail before pretraining on a typo
     if args.ranks:
         cfg = replace(cfg, ranks=tuple(int(r) for r in args.ranks.split(",")))
-    out = Path(args.out or ("runs/quick" if args.quick else "."))
+    out = _out_dir(args)
     results = run_sweep(cfg, out, progress=not args.no_progress)
     print(summary_table(results))
     print(f"\nwrote {out / 'results' / 'sweep.json'} and {len(results['figures'])} figures "
@@ -134,7 +139,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
     from .experiments import run_sweep, targets_specs
 
     cfg = _experiment(args)
-    out = Path(args.out or ("runs/quick" if args.quick else "."))
+    out = _out_dir(args)
     results = run_sweep(cfg, out, not args.no_progress, targets_specs(cfg), name="targets", measure_memory=False)
     print(f"{'adapted':<10} {'rank':>4} {'trainable':>10} {'val loss':>9}")
     for r in results["runs"]:

@@ -70,6 +70,11 @@ class Corpora:
     unseen: list[str]  # characters of the fine-tuning corpus that never occur in the pretraining corpus
     digest: str  # identifies both texts (part of the base-model cache key)
 
+    @property
+    def unseen_ids(self) -> list[int]:
+        """Token ids of the unseen characters."""
+        return [int(i) for i in self.tokenizer.encode("".join(self.unseen))]
+
 
 def load_corpora(cfg: ExperimentConfig) -> Corpora:
     """Both corpora, tokenized with one vocabulary: the union of their characters."""
@@ -193,14 +198,14 @@ def finetune_run(base: GPT, spec: RunSpec, cfg: ExperimentConfig, corpora: Corpo
     train_cfg = replace(cfg.finetune, progress=progress, lr=cfg.full_lr if spec.mode == "full" else cfg.finetune.lr)
     history = train(model, corpora.finetune, train_cfg)
     T = cfg.model.block_size
-    unseen_ids = [int(i) for i in corpora.tokenizer.encode("".join(corpora.unseen))]
     row: dict[str, Any] = {
         **asdict(spec), "trainable": counts.trainable, "frozen": counts.frozen, "total": counts.total,
         "final_train_loss": history.train_loss[-1] if history.train_loss else math.nan,
         "final_val_loss": history.final_val_loss, "stopped": history.stopped,
         "step_seconds": _median([train_cfg.batch_size * T / tps for tps in history.tokens_per_s]),
         "tokens_per_s": _median(history.tokens_per_s), "history": history.to_dict(),
-        **split_loss(model, corpora.finetune[1], unseen_ids, T, cfg.finetune.batch_size, cfg.finetune.eval_batches),
+        **split_loss(model, corpora.finetune[1], corpora.unseen_ids, T, cfg.finetune.batch_size,
+                     cfg.finetune.eval_batches),
         "sample": sample_text(model, corpora.tokenizer, cfg.samples_prompt, cfg.sample_tokens),
     }
     if spec.mode == "lora" and out_dir is not None:
@@ -253,12 +258,11 @@ def run_sweep(cfg: ExperimentConfig, out: Path, progress: bool = True, specs: li
     base, base_info = pretrain_base(cfg, corpora, progress)
     T = cfg.model.block_size
     base_val = evaluate(base, corpora.finetune[1], T, cfg.finetune.batch_size, cfg.finetune.eval_batches)
-    unseen_ids = [int(i) for i in corpora.tokenizer.encode("".join(corpora.unseen))]
     results: dict[str, Any] = {
         "config": _jsonable(asdict(cfg)), "machine": machine_info(), "unseen_chars": "".join(corpora.unseen),
         "vocab_size": corpora.tokenizer.vocab_size,
         "base": {**base_info, "finetune_val_loss": base_val,
-                 **split_loss(base, corpora.finetune[1], unseen_ids, T, cfg.finetune.batch_size,
+                 **split_loss(base, corpora.finetune[1], corpora.unseen_ids, T, cfg.finetune.batch_size,
                               cfg.finetune.eval_batches),
                  "total": count_parameters(base).total,
                  "sample": sample_text(base, corpora.tokenizer, cfg.samples_prompt, cfg.sample_tokens)},
