@@ -57,3 +57,16 @@ def test_readme_targets_table_is_the_committed_results_file():
                f"{run['final_val_loss']:.3f} | {run['val_loss_seen']:.3f} | {run['val_loss_unseen']:.3f} |")
         assert row in text, f"README row for {run['name']} does not match results/targets.json: {row}"
     assert (README.parent / "figures" / "targets.png").exists()
+
+
+def test_readme_all_linear_table_is_the_committed_results_file():
+    import json
+
+    path = README.parent / "results" / "all-linear" / "results" / "sweep.json"
+    results = json.loads(path.read_text(encoding="utf-8"))
+    text = README.read_text(encoding="utf-8")
+    assert results["config"]["targets"] == "all-linear"
+    for run in results["runs"]:
+        row = (f"| {run['trainable']:,} | {run['final_val_loss']:.3f} | {run['val_loss_seen']:.3f} | "
+               f"{run['val_loss_unseen']:.3f} | {run['step_seconds']:.3f} |")
+        assert row in text, f"README row for {run['name']} does not match {path}: {row}"
