@@ -32,6 +32,11 @@ def _lora_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda r: r["rank"])
 
 
+def _lora_label(runs: list[dict[str, Any]]) -> str:
+    """'LoRA on q, v' (or whatever the runs adapted)."""
+    return f"LoRA on {runs[0]['targets'].replace(',', ', ')}" if runs else "LoRA"
+
+
 def _run(results: dict[str, Any], mode: str, extra: bool = False) -> dict[str, Any] | None:
     for r in results["runs"]:
         if r["mode"] == mode and bool(r["modules_to_save"]) == extra:
@@ -61,7 +66,7 @@ def params_vs_rank(results: dict[str, Any], out: Path) -> Path:
     ax1.set_xticks(rs, [str(r) for r in rs])
     ax1.legend()
     full = _run(results, "full")
-    ax2.plot(ranks, [r["trainable"] for r in runs], "o-", label=f"LoRA on {runs[0]['targets']}" if runs else "LoRA")
+    ax2.plot(ranks, [r["trainable"] for r in runs], "o-", label=_lora_label(runs))
     if full:
         ax2.axhline(full["trainable"], color="k", ls="--", label=f"full fine-tuning: {full['trainable']:,}")
     ax2.set(xscale="log", yscale="log", xlabel="rank r", ylabel="trainable parameters", title="whole model")
@@ -99,7 +104,7 @@ def val_loss_vs_rank(results: dict[str, Any], out: Path) -> Path:
     """Final validation loss vs rank, with full fine-tuning and the base model as horizontal lines."""
     runs = _lora_runs(results)
     fig, ax = _figure()
-    ax.plot([r["rank"] for r in runs], [r["final_val_loss"] for r in runs], "o-", label="LoRA (q, v)")
+    ax.plot([r["rank"] for r in runs], [r["final_val_loss"] for r in runs], "o-", label=_lora_label(runs))
     full, extra = _run(results, "full"), _run(results, "lora", True)
     if full:
         ax.axhline(full["final_val_loss"], color="k", ls="--", label=f"full fine-tuning: {full['final_val_loss']:.3f}")
@@ -148,7 +153,7 @@ def step_time(results: dict[str, Any], out: Path) -> Path:
     fig, (ax1, ax2) = _figure(2, (12, 4.5))
     ranks = [r["rank"] for r in runs]
     for ax, key, ylabel in ((ax1, "step_seconds", "seconds per step"), (ax2, "tokens_per_s", "tokens per second")):
-        ax.plot(ranks, [r[key] for r in runs], "o-", label="LoRA (q, v)")
+        ax.plot(ranks, [r[key] for r in runs], "o-", label=_lora_label(runs))
         if full:
             ax.axhline(full[key], color="k", ls="--", label="full fine-tuning")
         ax.set_xscale("log", base=2)
