@@ -26,13 +26,18 @@ def write_file(path: str | os.PathLike, tensors: dict[str, Any], meta: dict[str,
 
     np = backend.np
     arrays = {name: np.ascontiguousarray(backend.to_numpy(a)) for name, a in tensors.items()}
-    blob = save(arrays, metadata={"lora_np": json.dumps({"format_version": FORMAT_VERSION, **meta})})
+    write_atomic(path, save(arrays, metadata={"lora_np": json.dumps({"format_version": FORMAT_VERSION, **meta})}))
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so a crash or an
+    error leaves the old file (or none), never half of a new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(blob)
+            f.write(data)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file owner-only; give it the usual permissions

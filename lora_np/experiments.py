@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from . import backend
-from .checkpoint import load_model, save_model
+from .checkpoint import load_model, save_model, write_atomic
 from .data import CharTokenizer, load_corpus, train_val_split
-from .engine import no_grad
 from .lora import apply_lora, count_parameters, save_adapter
 from .model import GPT, GPTConfig
 from .train import History, TrainConfig, evaluate, train
@@ -169,9 +168,7 @@ def split_loss(model: GPT, ids: Any, unseen_ids: list[int], block_size: int, bat
     from .functional import _log_softmax
 
     np, sums, counts = backend.np, {"seen": 0.0, "unseen": 0.0}, {"seen": 0, "unseen": 0}
-    was_training = model.training
-    model.eval()
-    with no_grad():
+    with model.inference():
         for x, y in iter_eval_batches(ids, block_size, batch_size, max_batches):
             logits, _ = model(x)
             logp = backend.to_numpy(_log_softmax(logits.data, -1))  # (B, T, V)
@@ -180,7 +177,6 @@ def split_loss(model: GPT, ids: Any, unseen_ids: list[int], block_size: int, bat
             for key, mask in (("seen", ~is_unseen), ("unseen", is_unseen)):
                 sums[key] += float(nll[mask].sum())
                 counts[key] += int(mask.sum())
-    model.train(was_training)
     return {f"val_loss_{k}": sums[k] / counts[k] if counts[k] else math.nan for k in sums} | {
         "unseen_target_share": counts["unseen"] / max(counts["seen"] + counts["unseen"], 1)}
 
@@ -274,9 +270,7 @@ def run_sweep(cfg: ExperimentConfig, out: Path, progress: bool = True, specs: li
     results["seconds"] = time.perf_counter() - start
     (out / "results").mkdir(parents=True, exist_ok=True)
     results_path = out / "results" / f"{name}.json"
-    tmp = results_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_jsonable(results), indent=1, allow_nan=False))
-    os.replace(tmp, results_path)
+    write_atomic(results_path, json.dumps(_jsonable(results), indent=1, allow_nan=False).encode())
     draw = make_all_figures if name == "sweep" else make_targets_figure
     results["figures"] = [str(p) for p in draw(results, out / "figures")]
     return results

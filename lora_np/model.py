@@ -14,7 +14,7 @@ from typing import Any
 
 from . import backend
 from . import functional as F
-from .engine import Tensor, no_grad
+from .engine import Tensor
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module
 
 
@@ -131,21 +131,17 @@ class GPT(Module):
             raise ValueError(f"generate: temperature must be > 0, got {temperature}")
         if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
             raise ValueError(f"generate: top_k must be in [1, {self.config.vocab_size}], got {top_k}")
-        np, gen, was_training = backend.np, backend.rng(seed), self.training
+        np, gen = backend.np, backend.rng(seed)
         ids = np.array(backend.to_numpy(idx), dtype=np.int64, ndmin=2)
-        self.eval()
-        try:
-            with no_grad():
-                for _ in range(max_new_tokens):
-                    logits, _ = self(ids[:, -self.config.block_size:])
-                    z = backend.to_numpy(logits.data[:, -1, :]).astype(np.float64) / temperature  # (B, V)
-                    if top_k is not None:
-                        kth = np.sort(z, axis=-1)[:, -top_k][:, None]
-                        z = np.where(z < kth, -np.inf, z)
-                    p = np.exp(z - z.max(axis=-1, keepdims=True))
-                    p /= p.sum(axis=-1, keepdims=True)
-                    nxt = [gen.choice(p.shape[-1], p=row) for row in p]
-                    ids = np.concatenate([ids, np.array(nxt, dtype=np.int64)[:, None]], axis=1)
-        finally:
-            self.train(was_training)
+        with self.inference():
+            for _ in range(max_new_tokens):
+                logits, _ = self(ids[:, -self.config.block_size:])
+                z = backend.to_numpy(logits.data[:, -1, :]).astype(np.float64) / temperature  # (B, V)
+                if top_k is not None:
+                    kth = np.sort(z, axis=-1)[:, -top_k][:, None]
+                    z = np.where(z < kth, -np.inf, z)
+                p = np.exp(z - z.max(axis=-1, keepdims=True))
+                p /= p.sum(axis=-1, keepdims=True)
+                nxt = [gen.choice(p.shape[-1], p=row) for row in p]
+                ids = np.concatenate([ids, np.array(nxt, dtype=np.int64)[:, None]], axis=1)
         return ids

@@ -8,12 +8,13 @@ freezes W by setting that flag, and ``trainable_parameters()`` just reads it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 from . import backend
 from . import functional as F
-from .engine import Tensor
+from .engine import Tensor, no_grad
 
 
 class Parameter(Tensor):
@@ -76,6 +77,17 @@ class Module:
     def eval(self) -> Module:
         """Evaluation mode: dropout off. Nothing else: in particular LoRA layers are NOT merged (call merge())."""
         return self.train(False)
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[Module]:
+        """Eval mode and no graph for the block; the previous mode comes back afterwards, even on an error."""
+        was_training = self.training
+        self.eval()
+        try:
+            with no_grad():
+                yield self
+        finally:
+            self.train(was_training)
 
     def to(self, dtype: Any) -> Module:
         """Cast every parameter to ``dtype`` in place (e.g. float64 for gradient checks)."""

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .data import BatchSampler, iter_eval_batches
-from .engine import no_grad
 from .nn import Module
 from .optim import AdamW, clip_grad_norm, cosine_lr
 
@@ -62,15 +61,11 @@ class History:
 
 def evaluate(model: Module, ids: Any, block_size: int, batch_size: int, max_batches: int) -> float:
     """Mean next-token loss over fixed validation windows, in eval mode and without a graph."""
-    was_training, total, count = model.training, 0.0, 0
-    model.eval()
-    try:
-        with no_grad():
-            for x, y in iter_eval_batches(ids, block_size, batch_size, max_batches):
-                _, loss = model(x, y)
-                total, count = total + loss.item() * len(x), count + len(x)
-    finally:
-        model.train(was_training)
+    total, count = 0.0, 0
+    with model.inference():
+        for x, y in iter_eval_batches(ids, block_size, batch_size, max_batches):
+            _, loss = model(x, y)
+            total, count = total + loss.item() * len(x), count + len(x)
     return total / count
 
 

@@ -318,3 +318,16 @@ def test_dropout_train_scales_eval_is_identity():
     assert Dropout(0.0)(x) is x
     a, b = Dropout(0.5, seed=7)(x).data, Dropout(0.5, seed=7)(x).data
     assert np.array_equal(a, b)  # masks come from the module's own seeded generator
+
+
+def test_inference_context_is_eval_without_graph_and_restores_mode_even_on_error():
+    model = tiny_gpt()
+    assert model.training
+    with model.inference():
+        assert not model.training and not model.blocks[0].training
+        logits, _ = model(np.zeros((1, 4), dtype=np.int64))
+        assert not logits.requires_grad
+    assert model.training
+    with pytest.raises(RuntimeError, match="boom"), model.inference():
+        raise RuntimeError("boom")
+    assert model.training and model.blocks[0].mlp.training
