@@ -1,4 +1,4 @@
-"""Time one training step of full fine-tuning and of LoRA on the bench configuration (the project's BENCH.md).
+"""Time one training step of full fine-tuning and of LoRA on the bench configuration (benchmarks/BENCH.md).
 
     python benchmarks/bench_step.py                      # the bench configuration, numpy, 10 timed steps
     python benchmarks/bench_step.py --quick              # a tiny configuration: a smoke run of a few seconds
@@ -28,16 +28,23 @@ from pathlib import Path
 from typing import Any
 
 from lora_np import backend, engine, memory
-from lora_np.lora import TARGETS
-from lora_np.model import GPTConfig
+from lora_np.lora import TARGETS, LoRAConfig, prepare_finetuning
+from lora_np.model import GPT, GPTConfig
+from lora_np.optim import AdamW
 
 # The bench configuration (BENCH.md): every number of the README is measured on it.
 BENCH = {"config": GPTConfig(vocab_size=96, block_size=128, n_layer=4, n_head=4, n_embd=256, dropout=0.0),
          "batch_size": 16}
 QUICK = {"config": GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0),
          "batch_size": 4}
-LORA = {"lora_r": 8, "lora_alpha": 16.0, "lora_targets": TARGETS}  # every Linear inside the blocks
+MODES = {"full": None, "lora": LoRAConfig(r=8, alpha=16.0, targets=TARGETS)}  # LoRA on every Linear of the blocks
 ADAMW = {"lr": 1e-3, "weight_decay": 0.01}
+
+
+def build(cfg: GPTConfig, mode: str) -> tuple[GPT, AdamW]:
+    """A fresh ``GPT(cfg)`` set up for ``mode`` and its AdamW."""
+    model = prepare_finetuning(GPT(cfg), MODES[mode])
+    return model, AdamW(model.trainable_parameters(), **ADAMW)
 BENCH_MD_GFLOP = {"forward": 14.1, "full": 42.2, "lora": 28.1}  # BENCH.md's figures for the bench configuration
 
 
@@ -164,20 +171,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     load_before = _loadavg()
     matmul_times = matmul_seconds()  # before the steps, and again after them: the machine may drift
-    models = {"full": memory.build(cfg, "full", **ADAMW),
-              "lora": memory.build(cfg, "lora", **LORA, **ADAMW)}
+    models = {mode: build(cfg, mode) for mode in MODES}
     result: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "quick": args.quick, "config": asdict(cfg), "batch_size": B, "tokens_per_step": B * T,
-        "lora": {k: list(v) if isinstance(v, tuple) else v for k, v in LORA.items()}, "adamw": ADAMW,
+        "lora": MODES["lora"].to_dict(), "adamw": ADAMW,
         "machine": machine(), "modes": {},
     }
 
     for mode, (model, opt) in models.items():
         for _ in range(args.warmup):
             _step(model, opt, x, y)
-        matmuls = profile_matmuls(model, opt, x, y, LORA["lora_r"])  # after the warm-up, before the timed steps
-        analytic = step_flops(cfg, B, T, mode, LORA["lora_r"])
+        matmuls = profile_matmuls(model, opt, x, y, MODES["lora"].r)  # after the warm-up, before the timed steps
+        analytic = step_flops(cfg, B, T, mode, MODES["lora"].r)
         if matmuls["flops_per_step"] != analytic["step"]:
             raise AssertionError(f"{mode}: analytic {analytic['step']} FLOPs, engine {matmuls['flops_per_step']}")
         _sync()
@@ -212,7 +218,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ledger = memory.ledger_of(model, B, T)
         entry: dict[str, Any] = {"analytic": ledger.to_dict()}
         if backend.get_backend() == "numpy":
-            model, opt = memory.build(cfg, mode, **(LORA if mode == "lora" else {}), **ADAMW)  # a fresh model
+            model, opt = build(cfg, mode)  # a fresh model
             entry["measured"] = memory.measure_step(model, opt, x, y).to_dict()
         result["modes"][mode]["memory"] = entry
     return result

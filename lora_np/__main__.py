@@ -4,18 +4,87 @@ With no subcommand it runs the default experiment (``sweep``): pretrain a base G
 after the first run), fine-tune it on Python's reference docs with LoRA at ranks 1…64 and with full fine-tuning,
 then write ``figures/*.png`` and ``results/sweep.json``. ``--quick`` (or ``LORA_NP_QUICK=1``) runs the same thing
 at a tiny size in seconds.
+
+Every command checks all of its input first (arguments, configs, corpora, prompts, output paths, the backend) and
+only then starts work. A user error is one line on stderr and exit code 2, with nothing trained and nothing
+written; an error during the work (a full disk, say) is one line and exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from . import backend
+from . import backend, memory
+from .checkpoint import load_adapter, read_adapter_config, save_adapter, write_atomic
+from .experiments import (
+    ExperimentConfig,
+    RunSpec,
+    base_model_path,
+    finetune_run,
+    load_corpora,
+    model_config,
+    pretrain_base,
+    run_sweep,
+    run_targets,
+    sample_text,
+)
+from .figures import draw, drawable
+from .lora import LoRAConfig, count_parameters, prepare_finetuning
+from .model import GPT
+
+
+class UsageError(Exception):
+    """A user error found before any work: one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints the usage and exits; we want one line, then exit 2
+        raise UsageError(f"{self.prog}: {message}")
+
+
+# -- argument types: each turns a string into a checked value or says, in one line, what is wrong -----------------
+
+
+def _int_at_least(low: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+positive_int = _int_at_least(1, "a positive integer")
+nonnegative_int = _int_at_least(0, "a non-negative integer")
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number > 0")
+    return value
+
+
+def rank_list(text: str) -> tuple[int, ...]:
+    parts = [t.strip() for t in text.split(",")]
+    try:
+        return tuple(positive_int(t) for t in parts)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of positive integers") from None
 
 
 def _common(p: argparse.ArgumentParser, corpus_help: str) -> None:
@@ -27,28 +96,40 @@ def _common(p: argparse.ArgumentParser, corpus_help: str) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _finetune_opts(p: argparse.ArgumentParser) -> None:
+def _lora_opts(p: argparse.ArgumentParser, rank: bool = True) -> None:
     p.add_argument("--targets", default="q,v", help="layers to adapt: comma list of q,k,v,o,up,down or all-linear")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scaling is alpha/r (default 16)")
+    p.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA alpha; scaling is alpha/r (default 16)")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
-    p.add_argument("--steps", type=int, help="fine-tuning steps (default: the experiment's)")
+    if rank:
+        p.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r (default 8)")
+        p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lora_np", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{sweep,targets,pretrain,finetune,generate,report,figures}")
+def _steps_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=positive_int, help="fine-tuning steps (default: the experiment's)")
 
-    p = sub.add_parser("sweep", help="the default experiment: base model, LoRA rank sweep, full fine-tuning, figures")
-    _common(p, "fine-tuning corpus: 'python-docs' (default) or a text file")
-    _finetune_opts(p)
-    p.add_argument("--ranks", default=None, help="comma list of ranks (default 1,2,4,8,16,32,64)")
+
+def _out_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="folder for figures/ and results/ (default: the current folder; "
                    "with --quick, runs/quick, so a quick run never overwrites the full run's files)")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m lora_np", description=__doc__.split("\n\n")[1],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+
+    p = sub.add_parser("sweep", help="the default experiment: base model, LoRA rank sweep, full fine-tuning, figures")
+    _common(p, "fine-tuning corpus: 'python-docs' (default) or a text file")
+    _lora_opts(p, rank=False)
+    _steps_opt(p)
+    p.add_argument("--ranks", type=rank_list, default=None, help="comma list of ranks (default 1,2,4,8,16,32,64)")
+    _out_opt(p)
+
     p = sub.add_parser("targets", help="which weights to adapt at a fixed parameter budget (Hu et al. Table 5)")
     _common(p, "fine-tuning corpus: 'python-docs' (default) or a text file")
-    p.add_argument("--out", default=None, help="folder for figures/ and results/ (default as for sweep)")
+    _steps_opt(p)
+    _out_opt(p)
 
     p = sub.add_parser("pretrain", help="pretrain (or load from the cache) the base GPT and show a sample")
     _common(p, "fine-tuning corpus whose characters join the vocabulary (default 'python-docs')")
@@ -56,47 +137,53 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="one fine-tuning run: LoRA at one rank, or --full")
     _common(p, "fine-tuning corpus: 'python-docs' (default) or a text file")
-    _finetune_opts(p)
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
-    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    _lora_opts(p)
+    _steps_opt(p)
     p.add_argument("--train-embeddings", action="store_true", help="also train wte and lm_head (modules_to_save)")
-    p.add_argument("--save-adapter", metavar="PATH", help="write the adapter (safetensors) here")
+    p.add_argument("--save-adapter", metavar="PATH", help="write the adapter (safetensors) to this file")
 
     p = sub.add_parser("generate", help="sample text from the base model, optionally with an adapter")
     _common(p, "fine-tuning corpus of the base model's vocabulary (default 'python-docs')")
     p.add_argument("--adapter", metavar="PATH", help="an adapter file from 'finetune --save-adapter'")
     p.add_argument("--prompt", default="def ", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=300)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=300)
+    p.add_argument("--temperature", type=positive_float, default=0.8)
+    p.add_argument("--top-k", type=positive_int, default=20)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
 
     p = sub.add_parser("report", help="parameter and memory table (analytic vs measured) for a config")
     _common(p, "corpus for the measured step (default 'python-docs')")
-    _finetune_opts(p)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--full", action="store_true", help="report full fine-tuning instead of LoRA")
-    p.add_argument("--batch-size", type=int, default=16)
+    _lora_opts(p)
+    p.add_argument("--batch-size", type=positive_int, default=16)
 
     p = sub.add_parser("figures", help="redraw the figures from a results file")
     p.add_argument("--results", default="results/sweep.json",
-                   help="results file: results/sweep.json (default) or results/targets.json")
+                   help="results file: results/sweep.json (default), results/targets.json, ...")
     p.add_argument("--out", default="figures", help="folder for the PNGs (default figures)")
     return parser
 
 
-def _experiment(args: argparse.Namespace):
-    from .experiments import ExperimentConfig
+# -- checks that need more than one argument ----------------------------------------------------------------------
 
-    cfg = ExperimentConfig.quick() if args.quick else ExperimentConfig()
+
+def _experiment(args: argparse.Namespace):
+    """The ExperimentConfig the arguments describe (validated: a bad combination is a ValueError)."""
+
+    changes: dict[str, Any] = {}
     if args.corpus:
-        cfg = replace(cfg, finetune_corpus=args.corpus)
+        changes["finetune_corpus"] = args.corpus
     if args.pretrain_corpus:
-        cfg = replace(cfg, pretrain_corpus=args.pretrain_corpus)
-    if getattr(args, "targets", None):
-        cfg = replace(cfg, targets=args.targets, alpha=args.alpha, rslora=args.rslora)
+        changes["pretrain_corpus"] = args.pretrain_corpus
+    if hasattr(args, "targets"):
+        extra = ("wte", "lm_head") if getattr(args, "train_embeddings", False) else ()
+        changes["lora"] = LoRAConfig(r=getattr(args, "rank", 8), alpha=args.alpha, targets=args.targets,
+                                     rslora=args.rslora, modules_to_save=extra)
+    if getattr(args, "ranks", None):
+        changes["ranks"] = args.ranks
+    cfg = ExperimentConfig.quick(**changes) if args.quick else ExperimentConfig(**changes)
     if getattr(args, "steps", None):
-        cfg = replace(cfg, finetune=replace(cfg.finetune, max_steps=args.steps))
+        cfg = replace(cfg, finetune=replace(cfg.finetune, max_steps=args.steps,
+                                            warmup_steps=min(cfg.finetune.warmup_steps, args.steps)))
     return cfg
 
 
@@ -105,144 +192,248 @@ def _out_dir(args: argparse.Namespace) -> Path:
     return Path(args.out or ("runs/quick" if args.quick else "."))
 
 
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """``path`` is a folder we may create or write in (it is not a file, nor under one; the nearest existing
+    folder is writable)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} is a file, not a folder")
+    base = _existing_ancestor(path)
+    if not base.is_dir():
+        raise UsageError(f"{what} {path}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: no permission to write in {base}")
+
+
+def check_writable_file(path: Path, what: str) -> None:
+    """``path`` names a file we may write: not a folder, its folder writable, its name not too long."""
+    if str(path).endswith(os.sep) or not path.name:
+        raise UsageError(f"{what} {path} is a folder; give a file name")
+    check_writable_dir(path.parent, f"{what} {path}: folder")
+    limit = os.pathconf(_existing_ancestor(path.parent), "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    if len(path.name.encode()) > limit:
+        raise UsageError(f"{what}: the file name {path.name[:20]}… is longer than the {limit} bytes the filesystem "
+                         f"allows")
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; give a file name")
+
+
+def check_encodable(tok: Any, text: str, what: str) -> None:
+    missing = sorted(set(text) - set(tok.chars))
+    if not text or missing:
+        raise UsageError(f"{what} {text!r} " + (f"has characters the vocabulary lacks: {''.join(missing)!r}"
+                                                 if missing else "is empty"))
+
+
+def check_base_cache(cfg: Any, corpora: Any, force: bool = False) -> None:
+    """If the base model must be trained, its cache folder must be writable (checked before training)."""
+
+    path = base_model_path(cfg, corpora)
+    if force or not path.exists():
+        check_writable_file(path, "base-model cache file ($LORA_NP_CACHE)")
+
+
+def _prepare(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The validated config and its corpora, the cache checked: everything a training command needs first."""
+
+    cfg = _experiment(args)
+    corpora = load_corpora(cfg)
+    check_encodable(corpora.tokenizer, cfg.samples_prompt, "sample prompt")
+    check_base_cache(cfg, corpora)
+    return cfg, corpora
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv = ["sweep", *argv]  # bare `python -m lora_np [options]` is the default experiment
-    args = build_parser().parse_args(argv)
-    if getattr(args, "backend", None):
-        backend.set_backend(args.backend)
     try:
-        return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+        args = build_parser().parse_args(argv)
+        if backend.env_error:
+            raise UsageError(backend.env_error)
+        if getattr(args, "backend", None):
+            backend.set_backend(args.backend)
+        work = COMMANDS[args.command](args)  # checks everything, returns the work to do
+    except (UsageError, ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        return work()
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from .experiments import run_sweep
-    from .lora import resolve_targets
+# -- the commands: each checks its input, then returns a function that does the work -------------------------------
 
-    cfg = _experiment(args)
-    resolve_targets(cfg.targets)  # fail before pretraining on a typo
-    if args.ranks:
-        cfg = replace(cfg, ranks=tuple(int(r) for r in args.ranks.split(",")))
+
+def cmd_sweep(args: argparse.Namespace) -> Callable[[], int]:
+
+    cfg, _ = _prepare(args)
     out = _out_dir(args)
-    results = run_sweep(cfg, out, progress=not args.no_progress)
-    print(summary_table(results))
-    print(f"\nwrote {out / 'results' / 'sweep.json'} and {len(results['figures'])} figures "
-          f"in {out / 'figures'} ({results['seconds']:.0f} s)")
+    check_writable_dir(out, "--out")
+    for sub in ("results", "figures"):
+        check_writable_dir(out / sub, "--out")
+
+    def work() -> int:
+        results = run_sweep(cfg, progress=not args.no_progress)
+        print(summary_table(results))
+        return _write(results, out, "sweep", results["base"])
+    return work
+
+
+def cmd_targets(args: argparse.Namespace) -> Callable[[], int]:
+
+    cfg, _ = _prepare(args)
+    out = _out_dir(args)
+    for sub in ("", "results", "figures"):
+        check_writable_dir(out / sub, "--out")
+
+    def work() -> int:
+        results = run_targets(cfg, progress=not args.no_progress)
+        print(f"{'adapted':<10} {'rank':>4} {'trainable':>10} {'val loss':>9}")
+        for r in results["runs"]:
+            print(f"{r['targets']:<10} {r['rank']:>4} {r['trainable']:>10,} {r['final_val_loss']:>9.3f}")
+        return _write(results, out, "targets", results["base"])
+    return work
+
+
+def _write(results: dict[str, Any], out: Path, name: str, base_info: dict[str, Any]) -> int:
+    """The command line's side of an experiment: results JSON, figures, and where they went."""
+
+    path = out / "results" / f"{name}.json"
+    write_atomic(path, json.dumps(results, indent=1, allow_nan=False).encode())
+    figures = draw(results, out / "figures")
+    _warn_cache(base_info)
+    print(f"\nwrote {path} and {len(figures)} figures in {out / 'figures'} ({results['seconds']:.0f} s)")
     return 0
 
 
-def cmd_targets(args: argparse.Namespace) -> int:
-    from .experiments import run_sweep, targets_specs
-
-    cfg = _experiment(args)
-    out = _out_dir(args)
-    results = run_sweep(cfg, out, not args.no_progress, targets_specs(cfg), name="targets", measure_memory=False)
-    print(f"{'adapted':<10} {'rank':>4} {'trainable':>10} {'val loss':>9}")
-    for r in results["runs"]:
-        print(f"{r['targets']:<10} {r['rank']:>4} {r['trainable']:>10,} {r['final_val_loss']:>9.3f}")
-    print(f"\nwrote {out / 'results' / 'targets.json'} and {out / 'figures' / 'targets.png'} "
-          f"({results['seconds']:.0f} s)")
-    return 0
+def _warn_cache(info: dict[str, Any]) -> None:
+    if info.get("cache_error"):
+        print(f"warning: {info['cache_error']}; the run used the trained model all the same", file=sys.stderr)
 
 
 def summary_table(results: dict) -> str:
+    nan = float("nan")
     lines = [f"{'run':<24} {'trainable':>10} {'val loss':>9} {'unseen':>8} {'peak MiB':>9} {'s/step':>7}",
              f"{'base (no fine-tuning)':<24} {0:>10,} {results['base']['finetune_val_loss']:>9.3f} "
-             f"{results['base']['val_loss_unseen'] or float('nan'):>8.3f}"]
+             f"{results['base']['val_loss_unseen'] or nan:>8.3f}"]
     for r in results["runs"]:
-        peak = r.get("memory", {}).get("measured", {}).get("peak", float("nan")) / 2**20
-        lines.append(f"{r['name']:<24} {r['trainable']:>10,} {r['final_val_loss']:>9.3f} "
-                     f"{r['val_loss_unseen'] or float('nan'):>8.3f} {peak:>9.1f} {r['step_seconds']:>7.3f}")
+        peak = r.get("memory", {}).get("measured", {}).get("peak", nan) / 2**20
+        lines.append(f"{r['name']:<24} {r['trainable']:>10,} {r['final_val_loss'] or nan:>9.3f} "
+                     f"{r['val_loss_unseen'] or nan:>8.3f} {peak:>9.1f} {r['step_seconds'] or nan:>7.3f}")
     return "\n".join(lines)
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .experiments import load_corpora, pretrain_base, sample_text
+def cmd_pretrain(args: argparse.Namespace) -> Callable[[], int]:
 
     cfg = _experiment(args)
     corpora = load_corpora(cfg)
-    model, info = pretrain_base(cfg, corpora, progress=not args.no_progress, force=args.force)
-    h = info["history"]
-    print(f"base model: {info['path']} ({'from the cache' if info['cached'] else 'trained now'})")
-    if h.get("val_loss"):
-        print(f"pretraining validation loss {h['val_loss'][-1]:.3f} after {h['steps'][-1]} steps")
-    print("sample:\n" + sample_text(model, corpora.tokenizer, "And God said", cfg.sample_tokens))
-    return 0
+    prompt = cfg.pretrain_prompt
+    if set(prompt) - set(corpora.tokenizer.chars):  # a user corpus without "And God said": a prompt from it
+        prompt = corpora.tokenizer.decode(corpora.pretrain[0][:12])
+    check_base_cache(cfg, corpora, force=args.force)
+
+    def work() -> int:
+        model, info = pretrain_base(cfg, corpora, progress=not args.no_progress, force=args.force)
+        h = info["history"]
+        print(f"base model: {info['path']} ({'from the cache' if info['cached'] else 'trained now'})")
+        if h.get("val_loss"):
+            print(f"pretraining validation loss {h['val_loss'][-1]:.3f} after {h['steps'][-1]} steps")
+        print("sample:\n" + sample_text(model, corpora.tokenizer, prompt, cfg.sample_tokens))
+        if info.get("cache_error"):
+            print(f"error: {info['cache_error']}", file=sys.stderr)
+            return 1
+        return 0
+    return work
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    from .experiments import RunSpec, finetune_run, load_corpora, pretrain_base
+def cmd_finetune(args: argparse.Namespace) -> Callable[[], int]:
 
-    cfg = _experiment(args)
     if args.full and (args.save_adapter or args.train_embeddings):
-        raise ValueError("--save-adapter and --train-embeddings are LoRA options; drop them or --full")
-    corpora = load_corpora(cfg)
-    if args.full:
-        spec = RunSpec("full", "full")
-    else:
-        extra = ("wte", "lm_head") if args.train_embeddings else ()
-        spec = RunSpec(f"lora-r{args.rank}", "lora", args.rank, cfg.targets, cfg.alpha, cfg.rslora, extra)
-        from .lora import resolve_targets
+        raise UsageError("--save-adapter and --train-embeddings are LoRA options; drop them or --full")
+    cfg, corpora = _prepare(args)
+    if args.save_adapter:
+        check_writable_file(Path(args.save_adapter), "--save-adapter")
+    spec = RunSpec("full") if args.full else RunSpec(f"lora-r{cfg.lora.r}", cfg.lora)
 
-        resolve_targets(spec.targets)
-    base, _ = pretrain_base(cfg, corpora, progress=not args.no_progress)
-    out = Path(args.save_adapter).parent if args.save_adapter else None
-    row = finetune_run(base, spec, cfg, corpora, out, progress=not args.no_progress, measure_memory=False)
-    if args.save_adapter and spec.mode == "lora":
-        os.replace(out / f"{spec.name}.safetensors", args.save_adapter)
-        print(f"adapter: {args.save_adapter} ({row['adapter_bytes']:,} bytes)")
-    print(f"{spec.name}: trainable {row['trainable']:,} of {row['total']:,}; validation loss "
-          f"{row['final_val_loss']:.3f} (seen chars {row['val_loss_seen']:.3f}, unseen {row['val_loss_unseen']:.3f})")
-    print("sample:\n" + row["sample"])
-    return 0
+    def work() -> int:
+        base, info = pretrain_base(cfg, corpora, progress=not args.no_progress)
+        _warn_cache(info)
+        model, row = finetune_run(base, spec, cfg, corpora, progress=not args.no_progress, measure_memory=False)
+        print(f"{spec.name}: trainable {row['trainable']:,} of {row['total']:,}; validation loss "
+              f"{row['final_val_loss']:.3f} (seen chars {row['val_loss_seen']:.3f}, "
+              f"unseen {row['val_loss_unseen'] or float('nan'):.3f})")
+        print("sample:\n" + row["sample"])
+        if args.save_adapter:
+            save_adapter(model, args.save_adapter)
+            print(f"adapter: {args.save_adapter} ({Path(args.save_adapter).stat().st_size:,} bytes)")
+        return 0
+    return work
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .experiments import load_corpora, pretrain_base
-    from .lora import load_adapter
+def cmd_generate(args: argparse.Namespace) -> Callable[[], int]:
 
-    cfg = _experiment(args)
-    corpora = load_corpora(cfg)
-    model, _ = pretrain_base(cfg, corpora, progress=not args.no_progress)
-    if args.adapter:
-        load_adapter(model, args.adapter)
+    cfg, corpora = _prepare(args)
     tok = corpora.tokenizer
-    ids = model.generate(tok.encode(args.prompt)[None], args.max_new_tokens, args.temperature, args.top_k, args.seed)
-    print(tok.decode(ids[0]))
-    return 0
+    check_encodable(tok, args.prompt, "--prompt")
+    if args.top_k > tok.vocab_size:
+        raise UsageError(f"--top-k {args.top_k} is larger than the vocabulary ({tok.vocab_size} characters)")
+    if args.adapter:
+        read_adapter_config(args.adapter)  # a missing or malformed file is refused before any training
+
+    def work() -> int:
+        model, info = pretrain_base(cfg, corpora, progress=not args.no_progress)
+        _warn_cache(info)
+        if args.adapter:
+            load_adapter(model, args.adapter)
+        ids = model.generate(tok.encode(args.prompt)[None], args.max_new_tokens, args.temperature, args.top_k,
+                             args.seed)
+        print(tok.decode(ids[0]))
+        return 0
+    return work
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from . import memory
-    from .experiments import RunSpec, load_corpora, prepare_model
-    from .lora import count_parameters
-    from .model import GPT
+def cmd_report(args: argparse.Namespace) -> Callable[[], int]:
 
     cfg = _experiment(args)
     corpora = load_corpora(cfg)
-    base = GPT(replace(cfg.model, vocab_size=corpora.tokenizer.vocab_size))  # sizes only: no training needed
-    spec = RunSpec("full", "full") if args.full else RunSpec(f"lora-r{args.rank}", "lora", args.rank, cfg.targets,
-                                                              cfg.alpha, cfg.rslora)
-    model = prepare_model(base, spec)
-    print(count_parameters(model).report())
-    print()
-    mem = memory.measure_model(model, corpora.finetune[0], args.batch_size)
-    print(memory.format_comparison(mem))
-    return 0
+    lora = None if args.full else cfg.lora
+
+    def work() -> int:
+        model = prepare_finetuning(GPT(model_config(cfg, corpora)), lora)  # sizes only: no training needed
+        print(count_parameters(model).report())
+        print()
+        print(memory.format_comparison(memory.measure_model(model, corpora.finetune[0], args.batch_size)))
+        return 0
+    return work
 
 
-def cmd_figures(args: argparse.Namespace) -> int:
-    from .figures import make_all_figures, make_targets_figure
+def cmd_figures(args: argparse.Namespace) -> Callable[[], int]:
 
-    results = json.loads(Path(args.results).read_text())
-    draw = make_targets_figure if Path(args.results).stem == "targets" else make_all_figures
-    for path in draw(results, Path(args.out)):
-        print(path)
-    return 0
+    path = Path(args.results)
+    if not path.is_file():
+        raise UsageError(f"--results {path}: no such file")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"--results {path} is not a JSON file: {e}") from None
+    out = Path(args.out)
+    check_writable_dir(out, "--out")
+    drawable(results)  # results that no figure can draw are refused here, before any file is written
+
+    def work() -> int:
+        for figure in draw(results, out):
+            print(figure)
+        return 0
+    return work
 
 
 COMMANDS = {"sweep": cmd_sweep, "targets": cmd_targets, "pretrain": cmd_pretrain, "finetune": cmd_finetune,

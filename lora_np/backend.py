@@ -87,6 +87,8 @@ def to_device(x: Any, dtype: Any = None) -> Any:
 
 def rng(seed: int | None) -> numpy.random.Generator:
     """A host random generator: the single source of randomness for weights, dropout masks and batches."""
+    if env_error:
+        raise RuntimeError(env_error)
     return numpy.random.default_rng(seed)
 
 
@@ -112,6 +114,13 @@ def scatter_add(target: Any, index: Any, values: Any) -> None:
         cupyx.scatter_add(target, index, values)
 
 
+# LORA_NP_BACKEND is read once, here. A bad value must not make `import lora_np` fail (the command line could not
+# then say what is wrong in one line), so the error is kept in env_error: the command line reports it before any
+# work, and rng(), which every model and batch needs, raises it for library users.
+env_error = ""
 _env = os.environ.get("LORA_NP_BACKEND")
 if _env:
-    set_backend(_env)
+    try:
+        set_backend(_env)
+    except (ValueError, RuntimeError) as e:
+        env_error = f"LORA_NP_BACKEND={_env!r}: {e}"

@@ -18,6 +18,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from pydoc_data.topics import topics as pydoc_topics  # the standard library's reference docs
 from typing import Any
 
 from . import backend
@@ -185,9 +186,7 @@ def load_python_docs() -> str:
     These are the pages ``help("if")`` shows, one per topic, joined in sorted topic order so the text (and
     so the train/val split) is the same on every run.
     """
-    from pydoc_data.topics import topics  # standard library, imported here because only this loader needs it
-
-    return "\n\n".join(topics[key] for key in sorted(topics))
+    return "\n\n".join(pydoc_topics[key] for key in sorted(pydoc_topics))
 
 
 def load_text_file(path: str | os.PathLike[str]) -> str:

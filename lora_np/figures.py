@@ -1,7 +1,8 @@
-"""The figures of the sweep, drawn from the results dictionary that ``experiments.run_sweep`` writes.
+"""The figures of the experiments, drawn from their results dictionaries (as written to ``results/*.json``).
 
-Each function takes the results (as loaded from ``results/sweep.json``) and a folder, writes one PNG, and returns
-its path, so every figure in ``figures/`` can be redrawn from the committed results file:
+Each figure function takes the results and a folder, writes one PNG and returns its path. ``draw(results, out)``
+draws every figure the results hold the data for (decided from the runs themselves, not from a file name), so
+every figure in ``figures/`` can be redrawn from a committed results file:
 ``python -m lora_np figures --results results/sweep.json``.
 """
 
@@ -181,12 +182,38 @@ def targets(results: dict[str, Any], out: Path) -> Path:
     return _save(fig, out / "targets.png")
 
 
-def make_targets_figure(results: dict[str, Any], out: Path) -> list[Path]:
-    return [targets(results, Path(out))]
+def _has_rank_series(results: dict[str, Any]) -> bool:
+    """Plain LoRA runs at two or more ranks on the same targets: the rank figures have a line to draw."""
+    by_targets: dict[str, set[int]] = {}
+    for r in _lora_runs(results):
+        by_targets.setdefault(r["targets"], set()).add(r["rank"])
+    return any(len(ranks) > 1 for ranks in by_targets.values())
 
 
-FIGURES = (params_vs_rank, loss_curves, val_loss_vs_rank, memory_by_mode, step_time)
+def _has_target_choices(results: dict[str, Any]) -> bool:
+    """LoRA runs that adapt two or more different sets of weights: the which-weights figure has bars to draw."""
+    return len({r["targets"] for r in _lora_runs(results)}) > 1
 
 
-def make_all_figures(results: dict[str, Any], out: Path) -> list[Path]:
-    return [f(results, Path(out)) for f in FIGURES]
+# (figure, does the results dict hold what it needs?) in drawing order
+FIGURES = ((params_vs_rank, _has_rank_series), (loss_curves, _has_rank_series), (val_loss_vs_rank, _has_rank_series),
+           (memory_by_mode, lambda res: any("memory" in r for r in res["runs"])), (step_time, _has_rank_series),
+           (targets, _has_target_choices))
+
+
+def drawable(results: Any) -> list[Any]:
+    """The figure functions that ``results`` holds the data for; a ValueError if it is not a results dict of
+    lora_np or no figure can be drawn from it."""
+    runs = results.get("runs") if isinstance(results, dict) else None
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and "mode" in r for r in runs) or (
+            "base" not in results or "config" not in results):
+        raise ValueError("not a results file of lora_np (expected 'config', 'base' and 'runs')")
+    todo = [f for f, has_data in FIGURES if has_data(results)]
+    if not todo:
+        raise ValueError("these results hold no runs that any figure draws")
+    return todo
+
+
+def draw(results: dict[str, Any], out: str | Path) -> list[Path]:
+    """Every figure that ``results`` holds the data for, written to the folder ``out``; returns their paths."""
+    return [f(results, Path(out)) for f in drawable(results)]

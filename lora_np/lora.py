@@ -15,6 +15,11 @@ B is the paper's B (the "up" projection, initialised to zero, §4.1). In peft an
 (r, d_in) = our A.T and ``lora_B.weight`` is (d_out, r) = our B.T; ``scaling`` = α / r there too, and rsLoRA's
 α / √r (Kalajdzievski 2023) is ``rslora=True`` here as in peft.
 
+A setup is one ``LoRAConfig``, peft's ``LoraConfig`` field for field: ``r`` = ``r``, ``alpha`` = ``lora_alpha``,
+``targets`` = ``target_modules`` (our ``q, k, v, o, up, down`` are the ``q_proj, k_proj, v_proj, o_proj,
+up_proj/fc1, down_proj/fc2`` of real models), ``dropout`` = ``lora_dropout``, ``rslora`` = ``use_rslora``,
+``modules_to_save`` = ``modules_to_save``; ``zero`` and ``seed`` have no peft field (peft always zeroes B).
+
 Merging is explicit: ``merge()`` folds s·A·B into W so inference costs exactly what the base model costs, and
 ``unmerge()`` takes it out again. ``eval()`` never merges. Which parameters train is decided by structure: a
 ``LoRALinear`` knows its A and B, and ``apply_lora`` freezes everything else (no name matching).
@@ -24,9 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
+import numbers
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from . import backend, engine
@@ -38,6 +43,78 @@ TARGETS = ("q", "k", "v", "o", "up", "down")  # the Linear layers inside each bl
 EXTRA_MODULES = ("wte", "wpe", "lm_head", "ln_f")  # top-level modules one may train fully (peft: modules_to_save)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # NumPy integers too; never True/False
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """The one description of a LoRA setup (peft's ``LoraConfig``: ``r``, ``lora_alpha``, ``target_modules``,
+    ``lora_dropout``, ``use_rslora``, ``modules_to_save``). It checks itself completely when it is made, so a
+    config that exists is valid, and nothing downstream re-checks loose arguments.
+
+    ``targets`` and ``modules_to_save`` accept ``"q,v"``, ``"all-linear"`` or a list; they are stored as tuples
+    in a fixed order, so two configs that mean the same thing are equal."""
+
+    r: int = 8  # rank of ΔW = A @ B: A (d_in, r), B (r, d_out)
+    alpha: float = 16.0  # scaling s = α / r (α / √r with rslora); α is set once, not retuned per rank (§4.1)
+    targets: tuple[str, ...] = ("q", "v")  # Linear layers of every block to adapt (the paper's default: q, v)
+    dropout: float = 0.0  # dropout on the input of the low-rank path only (as loralib and peft)
+    rslora: bool = False  # rank-stabilised scaling α / √r (Kalajdzievski 2023)
+    zero: str = "B"  # which factor starts at zero so that ΔW = 0 at init: "B" (the paper, §4.1) or "A"
+    seed: int = 0  # initialisation of the random factor (layer i uses seed + 7919·i) and of dropout masks
+    modules_to_save: tuple[str, ...] = ()  # top-level modules trained fully (peft's modules_to_save)
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.r) or self.r < 1:
+            raise ValueError(f"LoRAConfig.r must be a positive integer, got {self.r!r}")
+        if not _is_real(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"LoRAConfig.alpha must be a finite number > 0, got {self.alpha!r}")
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:  # NaN fails the range check too
+            raise ValueError(f"LoRAConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.rslora, bool):
+            raise ValueError(f"LoRAConfig.rslora must be True or False, got {self.rslora!r}")
+        if self.zero not in ("A", "B"):
+            hint = " (both zero: the gradients of A and B would both be 0, it could never learn)"
+            hint = hint if self.zero == "both" else ""
+            raise ValueError(f"LoRAConfig.zero must be 'B' (paper) or 'A', got {self.zero!r}{hint}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"LoRAConfig.seed must be a non-negative integer, got {self.seed!r}")
+        object.__setattr__(self, "r", int(self.r))
+        object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+        try:
+            object.__setattr__(self, "targets", tuple(resolve_targets(self.targets)))
+            object.__setattr__(self, "modules_to_save", tuple(_resolve_modules(self.modules_to_save)))
+        except ValueError as e:
+            raise ValueError(f"LoRAConfig: {e}") from None
+
+    @property
+    def scaling(self) -> float:
+        """s = α / r, or α / √r with rslora: keeps ΔW's size steady as r changes."""
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (lists for the tuples); ``LoRAConfig.from_dict`` reads it back."""
+        return {**asdict(self), "targets": list(self.targets), "modules_to_save": list(self.modules_to_save)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> LoRAConfig:
+        """A config from JSON (an adapter file's metadata): unknown or missing keys are a ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a LoRA config must be a JSON object, got {type(d).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown, missing = sorted(set(d) - set(names)), sorted(set(names) - set(d))
+        if unknown or missing:
+            raise ValueError(f"LoRA config: unknown keys {unknown or 'none'}, missing keys {missing or 'none'}")
+        return cls(**d)
+
+
 class LoRALinear(Module):
     """A frozen Linear (W, b) plus a trainable low-rank update s·A·B.
 
@@ -45,31 +122,33 @@ class LoRALinear(Module):
     peft), B = 0. ``zero="A"``: A = 0 and B ~ U(-1/√r, 1/√r). Either way ΔW = 0 at the start, so the adapted model
     begins exactly at the pretrained one. Zeroing both is refused: dL/dA = s·xᵀ g Bᵀ and dL/dB = s·(xA)ᵀ g are both
     zero when A = B = 0, so the update could never move.
+
+    ``LoRALinear(base, LoRAConfig(r=4, alpha=8))`` or, as a convenience, ``LoRALinear(base, r=4, alpha=8)``
+    (the keywords build the config). ``seed`` overrides ``config.seed`` for this layer (``apply_lora`` gives every
+    layer its own). ``config.targets`` and ``modules_to_save`` concern whole models and are not used here.
     """
 
-    def __init__(self, base: Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-                 zero: str = "B", seed: int = 0) -> None:
+    def __init__(self, base: Linear, config: LoRAConfig | None = None, *, seed: int | None = None,
+                 **kwargs: Any) -> None:
+        config = _config(config, kwargs, "LoRALinear")
         if not isinstance(base, Linear):
             raise TypeError(f"LoRALinear wraps a Linear, got {type(base).__name__}")
-        if not (isinstance(r, int) and 1 <= r <= min(base.d_in, base.d_out)):
-            raise ValueError(f"LoRA rank r must be an integer in [1, min(d_in, d_out) = {min(base.d_in, base.d_out)}]"
-                             f", got {r!r}")
-        if alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
-        if zero not in ("A", "B"):
-            hint = " (both zero: the gradients of A and B are both 0, it can never learn)" if zero == "both" else ""
-            raise ValueError(f"LoRALinear: zero must be 'B' (paper) or 'A', got {zero!r}{hint}")
-        self.d_in, self.d_out, self.r, self.alpha = base.d_in, base.d_out, r, alpha
-        self.rslora, self.zero = rslora, zero
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r  # s: keeps ΔW's size steady as r changes
+        if config.r > min(base.d_in, base.d_out):
+            raise ValueError(f"LoRA rank r must be at most min(d_in, d_out) = {min(base.d_in, base.d_out)}, "
+                             f"got {config.r}")
+        seed = config.seed if seed is None else seed
+        if not _is_int(seed) or seed < 0:
+            raise ValueError(f"LoRALinear: seed must be a non-negative integer, got {seed!r}")
+        r = config.r
+        self.d_in, self.d_out, self.config = base.d_in, base.d_out, config
+        self.r, self.alpha, self.rslora, self.zero = r, config.alpha, config.rslora, config.zero
+        self.scaling = config.scaling
         self.weight, self.bias = base.weight, base.bias  # the same Parameter objects: names and W stay the base's
         self.weight.requires_grad = False  # frozen: backward computes no dW and the optimizer never sees W
         if self.bias is not None:
             self.bias.requires_grad = False
         gen, dtype = backend.rng(seed), base.weight.dtype
-        if zero == "B":  # B = 0 so ΔW = AB = 0 at init (Hu et al. §4.1)
+        if config.zero == "B":  # B = 0 so ΔW = AB = 0 at init (Hu et al. §4.1)
             a_bound = 1.0 / math.sqrt(self.d_in)
             self.A = Parameter(backend.uniform(gen, (self.d_in, r), -a_bound, a_bound, dtype))
             self.B = Parameter(backend.xp.zeros((r, self.d_out), dtype=dtype))
@@ -77,7 +156,7 @@ class LoRALinear(Module):
             b_bound = 1.0 / math.sqrt(r)
             self.A = Parameter(backend.xp.zeros((self.d_in, r), dtype=dtype))
             self.B = Parameter(backend.uniform(gen, (r, self.d_out), -b_bound, b_bound, dtype))
-        self.dropout_p = dropout
+        self.dropout_p = config.dropout
         self.gen = backend.rng(seed + 1)
         self.merged = False
 
@@ -148,22 +227,12 @@ def lora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, s:
     return Tensor._make(y, parents, "lora_linear", backward)
 
 
-@dataclass
-class LoRAConfig:
-    targets: list[str]  # which Linear layers in each block (subset of TARGETS)
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    rslora: bool = False
-    zero: str = "B"
-    modules_to_save: list[str] = field(default_factory=list)  # trained fully (subset of EXTRA_MODULES)
-    seed: int = 0
-
-
 def resolve_targets(targets: str | Iterable[str]) -> list[str]:
     """``"all-linear"``, ``"q,v"`` or ``["q", "v"]`` -> a checked list of target names (in TARGETS order)."""
     if isinstance(targets, str):
         targets = list(TARGETS) if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    if not isinstance(targets, Iterable):
+        raise ValueError(f"LoRA targets must be a comma list or a list of names, got {targets!r}")
     targets = list(targets)
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
@@ -171,7 +240,35 @@ def resolve_targets(targets: str | Iterable[str]) -> list[str]:
     return [t for t in TARGETS if t in targets]
 
 
-def _target_layers(model: Module, targets: Sequence[str]) -> list[tuple[str, Module, str, Module]]:
+def _resolve_modules(modules: str | Iterable[str]) -> list[str]:
+    """``"wte,lm_head"`` or a list -> a checked list of EXTRA_MODULES names (in EXTRA_MODULES order)."""
+    if isinstance(modules, str):
+        modules = [m.strip() for m in modules.split(",") if m.strip()]
+    if not isinstance(modules, Iterable):
+        raise ValueError(f"modules_to_save must be a list of names, got {modules!r}")
+    modules = list(modules)
+    unknown = [m for m in modules if m not in EXTRA_MODULES]
+    if unknown:
+        raise ValueError(f"unknown modules_to_save {unknown}; valid: {list(EXTRA_MODULES)}")
+    return [m for m in EXTRA_MODULES if m in modules]
+
+
+def _config(config: LoRAConfig | None, kwargs: dict[str, Any], where: str) -> LoRAConfig:
+    """``config``, or one built from keyword arguments (the convenience form); never both."""
+    if config is not None and kwargs:
+        raise TypeError(f"{where}: give a LoRAConfig or keyword arguments, not both (got {sorted(kwargs)})")
+    if config is None:
+        try:
+            return LoRAConfig(**kwargs)
+        except TypeError as e:  # an unknown keyword
+            raise TypeError(f"{where}: {e}; LoRAConfig fields: {[f.name for f in fields(LoRAConfig)]}") from None
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"{where}: expected a LoRAConfig, got {type(config).__name__} (targets go in the config: "
+                        f"LoRAConfig(targets=...))")
+    return config
+
+
+def target_layers(model: Module, targets: Sequence[str]) -> list[tuple[str, Module, str, Module]]:
     """(full name, parent module, attribute, layer) for every target layer, in model order."""
     found = []
     for mod_name, module in model.named_modules():
@@ -192,10 +289,12 @@ def adapter_parameter_ids(model: Module) -> set[int]:
     return {id(p) for m in lora_layers(model).values() for p in (m.A, m.B)}
 
 
-def base_fingerprint(model: Module) -> str:
-    """SHA-256 over the names, shapes, dtypes and bytes of the base model's parameters (not A, B).
-    An adapter records it, so that loading it into a different base model is caught."""
-    skip, h = adapter_parameter_ids(model), hashlib.sha256()
+def base_fingerprint(model: Module, skip_modules: Iterable[str] = ()) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of the base model's parameters as they are now: not A and
+    B, and not the parameters of ``skip_modules`` (the modules_to_save an adapter carries itself). An adapter
+    records it when it is saved, so that loading it into a different base model is caught."""
+    skip = adapter_parameter_ids(model) | {id(p) for m in skip_modules for p in vars(model)[m].parameters()}
+    h = hashlib.sha256()
     for name, p in model.named_parameters():
         if id(p) not in skip:
             arr = backend.to_numpy(p.data)
@@ -204,39 +303,56 @@ def base_fingerprint(model: Module) -> str:
     return h.hexdigest()
 
 
-def apply_lora(model: Module, targets: str | Iterable[str], r: int, alpha: float, dropout: float = 0.0,
-               rslora: bool = False, zero: str = "B", modules_to_save: Iterable[str] = (), seed: int = 0) -> Module:
-    """Replace the target Linear layers of every block by LoRALinear and freeze everything else.
-
-    Afterwards ``model.trainable_parameters()`` is exactly the A and B of each adapted layer (plus the parameters
-    of ``modules_to_save``, e.g. ``["wte", "lm_head"]``, for a fine-tuning corpus with characters the base model
-    never saw). The model is changed in place and returned; all arguments are checked before any change.
-    """
-    names = resolve_targets(targets)
-    extra = list(modules_to_save)
-    bad_extra = [m for m in extra if m not in EXTRA_MODULES or not isinstance(vars(model).get(m), Module)]
-    if bad_extra:
-        raise ValueError(f"unknown modules_to_save {bad_extra}; valid: {list(EXTRA_MODULES)}")
+def check_lora(model: Module, config: LoRAConfig) -> list[tuple[str, Module, str, Module]]:
+    """Every check ``apply_lora(model, config)`` needs, changing nothing: the model has no LoRA yet, has the
+    target layers and the modules_to_save, and r fits every target. Returns the target layers."""
     if lora_layers(model):
         raise RuntimeError("apply_lora: the model already has LoRA layers (build a fresh model to change the setup)")
-    layers = _target_layers(model, names)
+    missing = [m for m in config.modules_to_save if not isinstance(vars(model).get(m), Module)]
+    if missing:
+        raise ValueError(f"apply_lora: modules_to_save {missing} are not modules of {type(model).__name__}")
+    layers = target_layers(model, config.targets)
     if not layers:
-        raise ValueError(f"apply_lora: no Linear layer named {names} in {type(model).__name__}")
+        raise ValueError(f"apply_lora: no Linear layer named {list(config.targets)} in {type(model).__name__}")
     max_r = min(min(layer.d_in, layer.d_out) for *_, layer in layers)
-    if not (isinstance(r, int) and 1 <= r <= max_r):
-        raise ValueError(f"LoRA rank r must be an integer in [1, {max_r}] (min(d_in, d_out) of the targets), got {r!r}")
-    LoRALinear(Linear(1, 1, gen=backend.rng(0)), 1, alpha, dropout, rslora, zero)  # checks the rest, changes nothing
+    if config.r > max_r:
+        raise ValueError(f"LoRA rank r must be at most {max_r} (min(d_in, d_out) of the targets "
+                         f"{list(config.targets)}), got {config.r}")
+    return layers
 
-    fingerprint = base_fingerprint(model)  # of the untouched base, recorded before anything changes
+
+def apply_lora(model: Module, config: LoRAConfig | None = None, **kwargs: Any) -> Module:
+    """Replace the target Linear layers of every block by LoRALinear and freeze everything else.
+
+    ``apply_lora(model, LoRAConfig(r=8, alpha=16, targets="q,v"))``, or as a convenience
+    ``apply_lora(model, r=8, alpha=16, targets="q,v")`` (the keywords build the config). Afterwards
+    ``model.trainable_parameters()`` is exactly the A and B of each adapted layer (plus the parameters of
+    ``config.modules_to_save``, e.g. ``("wte", "lm_head")``, for a fine-tuning corpus with characters the base
+    model never saw) and ``model.lora_config`` is the config. The model is changed in place and returned; every
+    check happens before the first change, so an error leaves the model exactly as it was.
+    """
+    config = _config(config, kwargs, "apply_lora")
+    layers = check_lora(model, config)
     for p in model.parameters():
         p.requires_grad = False
     for i, (_, parent, attr, layer) in enumerate(layers):
-        setattr(parent, attr, LoRALinear(layer, r, alpha, dropout, rslora, zero, seed=seed + 7919 * i))
-    for m in extra:
+        setattr(parent, attr, LoRALinear(layer, config, seed=config.seed + 7919 * i))  # own stream per layer
+    for m in config.modules_to_save:
         for p in vars(model)[m].parameters():
             p.requires_grad = True
-    model.lora_config = LoRAConfig(names, r, alpha, dropout, rslora, zero, extra, seed)
-    model.lora_fingerprint = fingerprint
+    model.lora_config = config
+    return model
+
+
+def prepare_finetuning(model: Module, lora: LoRAConfig | None) -> Module:
+    """Set ``model`` up for fine-tuning, in place: LoRA applied (``lora`` given) or, for full fine-tuning
+    (``lora=None``), every parameter trainable. The one set-up the experiments and the memory ledger share."""
+    if lora is not None:
+        return apply_lora(model, lora)
+    if lora_layers(model):
+        raise RuntimeError("prepare_finetuning: full fine-tuning of a model with LoRA layers (use the base model)")
+    for p in model.parameters():
+        p.requires_grad = True
     return model
 
 
@@ -298,69 +414,3 @@ def count_parameters(model: Module) -> ParameterCount:
         rows.append((name or type(model).__name__, t, f))
         trainable, frozen = trainable + t, frozen + f
     return ParameterCount(rows, trainable, frozen)
-
-
-# -- adapter files -----------------------------------------------------------------------------------------------
-
-
-def save_adapter(model: Module, path: str | os.PathLike) -> None:
-    """Write only the adapter: every A and B (and the modules_to_save parameters), the LoRA config and the base
-    model's fingerprint, as one safetensors file. About 4·r·(d_in + d_out) bytes per float32 layer."""
-    from .checkpoint import write_file
-
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("save_adapter: the model has no LoRA layers (apply_lora first)")
-    if any(m.merged for m in layers.values()):
-        raise RuntimeError("save_adapter: unmerge() first (the saved fingerprint is of the unmerged base)")
-    tensors = {f"{n}.{f}": getattr(m, f).data for n, m in layers.items() for f in ("A", "B")}
-    for mod in model.lora_config.modules_to_save:
-        tensors.update({f"{mod}.{n}": p.data for n, p in vars(model)[mod].named_parameters()})
-    meta = {"kind": "adapter", "lora": asdict(model.lora_config), "base_fingerprint": model.lora_fingerprint}
-    write_file(path, tensors, meta)
-
-
-def load_adapter(model: Module, path: str | os.PathLike) -> Module:
-    """Load an adapter file into ``model``: a plain base model gets LoRA applied with the file's config; a model
-    that already has LoRA must have the same config. The base model's fingerprint, every tensor name and every
-    shape are checked before anything changes, so a bad file leaves the model untouched."""
-    from .checkpoint import read_file
-
-    tensors, meta = read_file(path, "adapter")
-    cfg = LoRAConfig(**meta["lora"])
-    has_lora = bool(lora_layers(model))
-    if has_lora:
-        if asdict(model.lora_config) != asdict(cfg):
-            raise ValueError(f"load_adapter: {path} has LoRA config {asdict(cfg)}, "
-                             f"the model has {asdict(model.lora_config)}")
-        if any(m.merged for m in lora_layers(model).values()):
-            raise RuntimeError("load_adapter: unmerge() first")
-    fingerprint = model.lora_fingerprint if has_lora else base_fingerprint(model)
-    if fingerprint != meta["base_fingerprint"]:
-        raise ValueError(f"load_adapter: {path} was trained on a different base model "
-                         f"(fingerprint {meta['base_fingerprint'][:12]}…, this model {fingerprint[:12]}…)")
-
-    expected = {}  # name -> shape, computed from the structure without changing anything
-    for name, _, _, layer in _target_layers(model, cfg.targets):
-        expected[f"{name}.A"], expected[f"{name}.B"] = (layer.d_in, cfg.r), (cfg.r, layer.d_out)
-    for mod in cfg.modules_to_save:
-        if not isinstance(vars(model).get(mod), Module):
-            raise ValueError(f"load_adapter: {path} trains module {mod!r}, which this model does not have")
-        expected.update({f"{mod}.{n}": p.shape for n, p in vars(model)[mod].named_parameters()})
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    wrong = [f"{n}: {tuple(tensors[n].shape)} in the file, expected {s}" for n, s in expected.items()
-             if n in tensors and tuple(tensors[n].shape) != s]
-    if missing or unexpected or wrong:
-        raise ValueError(f"load_adapter: {path} does not fit this model: missing {missing or 'none'}, "
-                         f"unexpected {unexpected or 'none'}, wrong shapes {wrong or 'none'}")
-
-    if not has_lora:
-        apply_lora(model, cfg.targets, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.zero, cfg.modules_to_save,
-                   cfg.seed)
-    for n, m in lora_layers(model).items():
-        m.A.data = backend.to_device(tensors[f"{n}.A"], dtype=m.A.dtype)
-        m.B.data = backend.to_device(tensors[f"{n}.B"], dtype=m.B.dtype)
-    for mod in cfg.modules_to_save:
-        for n, p in vars(model)[mod].named_parameters():
-            p.data = backend.to_device(tensors[f"{mod}.{n}"], dtype=p.dtype)
-    return model

@@ -66,12 +66,13 @@ from __future__ import annotations
 import gc
 import math
 import tracemalloc
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import backend
-from .lora import EXTRA_MODULES, apply_lora, lora_layers, resolve_targets
+from .data import BatchSampler
+from .lora import LoRAConfig, lora_layers, prepare_finetuning
 from .model import GPT, GPTConfig
 from .nn import Module
 from .optim import AdamW, Optimizer
@@ -110,71 +111,66 @@ class Ledger:
         return {**{cat: getattr(self, cat) for cat in CATEGORIES}, "total": self.total}
 
 
-def count_trainable(config: GPTConfig, mode: str, lora_r: int = 8, lora_targets: str | Iterable[str] = ("q", "v"),
-                    modules_to_save: Iterable[str] = ()) -> tuple[int, int]:
-    """(all parameters, trainable parameters) of ``GPT(config)`` set up for ``mode``, counted from the config alone.
+def count_trainable(config: GPTConfig, lora: LoRAConfig | None) -> tuple[int, int]:
+    """(all parameters, trainable parameters) of ``GPT(config)`` set up with ``lora`` (None: full fine-tuning),
+    counted from the config alone.
 
     Equal to ``count_parameters(model)`` of the real model (a test checks it): the same sizes as model.py and lora.py
     allocate, so the bytes of the ledger are the ``nbytes`` of the real arrays.
     """
-    mode, targets, extra = _check(config, mode, lora_r, lora_targets, modules_to_save)
+    if lora is not None and not isinstance(lora, LoRAConfig):
+        raise TypeError(f"lora must be a LoRAConfig, or None for full fine-tuning; got {lora!r}")
     C, V, bias = config.n_embd, config.vocab_size, config.bias
     linears = {"q": (C, C), "k": (C, C), "v": (C, C), "o": (C, C), "up": (C, 4 * C), "down": (4 * C, C)}
     layer_norm = C + (C if bias else 0)  # weight, and bias when config.bias
     top = {"wte": V * C, "wpe": config.block_size * C, "ln_f": layer_norm, "lm_head": C * V}  # lm_head: no bias
     per_block = 2 * layer_norm + sum(d_in * d_out + (d_out if bias else 0) for d_in, d_out in linears.values())
     base = sum(top.values()) + config.n_layer * per_block
-    if mode == "full":
+    if lora is None:
         return base, base
-    adapters = config.n_layer * sum(lora_r * (d_in + d_out) for t, (d_in, d_out) in linears.items() if t in targets)
-    return base + adapters, adapters + sum(top[m] for m in extra)
+    _check_rank(config, lora)
+    adapters = config.n_layer * sum(lora.r * (d_in + d_out) for t, (d_in, d_out) in linears.items()
+                                    if t in lora.targets)
+    return base + adapters, adapters + sum(top[m] for m in lora.modules_to_save)
 
 
-def analytic_ledger(config: GPTConfig, mode: str, batch_size: int, block_size: int | None = None, lora_r: int = 8,
-                    lora_targets: str | Iterable[str] = ("q", "v"), modules_to_save: Iterable[str] = (),
-                    dtype_bytes: int = 4, lora_dropout: float = 0.0) -> Ledger:
-    """The predicted bytes of one training step of ``GPT(config)`` in ``mode`` ("full" or "lora") on a batch of
-    ``batch_size`` sequences of ``block_size`` tokens (default ``config.block_size``), with AdamW.
+def analytic_ledger(config: GPTConfig, lora: LoRAConfig | None, batch_size: int, block_size: int | None = None,
+                    dtype_bytes: int = 4) -> Ledger:
+    """The predicted bytes of one training step of ``GPT(config)`` set up with ``lora`` (None: full fine-tuning)
+    on a batch of ``batch_size`` sequences of ``block_size`` tokens (default ``config.block_size``), with AdamW.
 
     weights = all parameters; gradients = trainable; optimizer = 2 × trainable; activations from the replay of the
-    forward pass (module docstring). Dropout counts as in training mode (``config.dropout``, ``lora_dropout``).
+    forward pass (module docstring). Dropout counts as in training mode (``config.dropout``, ``lora.dropout``).
     """
-    mode, targets, extra = _check(config, mode, lora_r, lora_targets, modules_to_save)
     T = config.block_size if block_size is None else block_size
     if not 1 <= T <= config.block_size or batch_size < 1:
         raise ValueError(f"need batch_size >= 1 and 1 <= block_size <= {config.block_size}, got {batch_size}, {T}")
-    total, trainable = count_trainable(config, mode, lora_r, targets, extra)
-    acts = _replay_forward(config, mode, batch_size, T, lora_r, targets, extra, dtype_bytes, lora_dropout)
+    total, trainable = count_trainable(config, lora)
+    acts = _replay_forward(config, lora, batch_size, T, dtype_bytes)
     return Ledger(weights=total * dtype_bytes, gradients=trainable * dtype_bytes,
-                  optimizer=2 * trainable * dtype_bytes, activations=acts, mode=mode)
+                  optimizer=2 * trainable * dtype_bytes, activations=acts, mode=_mode(lora))
 
 
 def ledger_of(model: GPT, batch_size: int, block_size: int | None = None) -> Ledger:
-    """``analytic_ledger`` for a model that is already set up: LoRA layers (and their config) mean "lora", a model
-    whose every parameter trains means "full". Anything else is not a mode the ledger models."""
+    """``analytic_ledger`` for a model that is already set up: LoRA layers (and their config) mean LoRA, a model
+    whose every parameter trains means full fine-tuning. Anything else is not a setup the ledger models."""
     dtype_bytes = model.parameters()[0].dtype.itemsize
     if lora_layers(model):
         if any(m.merged for m in lora_layers(model).values()):
             raise ValueError("ledger_of: the model's LoRA layers are merged; unmerge() before training")
-        lc = model.lora_config
-        return analytic_ledger(model.config, "lora", batch_size, block_size, lc.r, lc.targets, lc.modules_to_save,
-                               dtype_bytes, lc.dropout)
+        return analytic_ledger(model.config, model.lora_config, batch_size, block_size, dtype_bytes)
     if all(p.requires_grad for p in model.parameters()):
-        return analytic_ledger(model.config, "full", batch_size, block_size, dtype_bytes=dtype_bytes)
+        return analytic_ledger(model.config, None, batch_size, block_size, dtype_bytes)
     raise ValueError("ledger_of: a model without LoRA must train every parameter (full fine-tuning) to be modelled")
 
 
-def _check(config: GPTConfig, mode: str, r: int, targets: str | Iterable[str],
-           modules_to_save: Iterable[str]) -> tuple[str, list[str], list[str]]:
-    if mode not in ("full", "lora"):
-        raise ValueError(f"mode must be 'full' or 'lora', got {mode!r}")
-    targets = resolve_targets(targets)
-    extra = list(modules_to_save)
-    if any(m not in EXTRA_MODULES for m in extra):
-        raise ValueError(f"unknown modules_to_save {extra}; valid: {list(EXTRA_MODULES)}")
-    if mode == "lora" and not (isinstance(r, int) and 1 <= r <= config.n_embd):
-        raise ValueError(f"LoRA rank r must be an integer in [1, {config.n_embd}], got {r!r}")
-    return mode, targets, extra
+def _mode(lora: LoRAConfig | None) -> str:
+    return "full" if lora is None else "lora"
+
+
+def _check_rank(config: GPTConfig, lora: LoRAConfig) -> None:
+    if lora.r > config.n_embd:  # every target is C x C or C x 4C
+        raise ValueError(f"LoRA rank r must be at most {config.n_embd} (n_embd), got {lora.r}")
 
 
 # -- the replay of GPT.forward on sizes ----------------------------------------------------------------------------
@@ -219,12 +215,12 @@ class _Replay:
         return sum(a.nbytes for a in self.arrays if a.kept)
 
 
-def _replay_forward(cfg: GPTConfig, mode: str, B: int, T: int, r: int, targets: Sequence[str],
-                    modules_to_save: Sequence[str], f: int, lora_dropout: float) -> int:
+def _replay_forward(cfg: GPTConfig, lora: LoRAConfig | None, B: int, T: int, f: int) -> int:
     """Bytes the graph of ``GPT.forward`` + cross-entropy keeps alive (model.py and lora.py, line by line)."""
-    rp, full = _Replay(), mode == "full"
+    rp, full = _Replay(), lora is None
     N, C, H, V = B * T, cfg.n_embd, cfg.n_head, cfg.vocab_size
-    p, p_lora = cfg.dropout, lora_dropout
+    r, targets, modules_to_save = (0, (), ()) if full else (lora.r, lora.targets, lora.modules_to_save)
+    p, p_lora = cfg.dropout, (0.0 if full else lora.dropout)
 
     def param(name: str) -> _Array:  # a weight, counted in `weights`; it requires grad if it trains
         return rp.leaf(full or name in modules_to_save)
@@ -357,24 +353,12 @@ def measure_step(model: Module, optimizer: Optimizer, x: Any, y: Any, warmup_ste
     return Measured(weights, gradients, optimizer.state_nbytes(), activations, traced_peak)
 
 
-def build(config: GPTConfig, mode: str, lora_r: int = 8, lora_alpha: float = 16.0,
-          lora_targets: str | Iterable[str] = ("q", "v"), modules_to_save: Iterable[str] = (), lr: float = 1e-3,
-          weight_decay: float = 0.01, lora_dropout: float = 0.0) -> tuple[GPT, AdamW]:
-    """``GPT(config)`` set up for ``mode`` (LoRA applied, or every parameter trainable) and its AdamW."""
-    model = GPT(config)
-    if mode == "lora":
-        apply_lora(model, lora_targets, lora_r, lora_alpha, lora_dropout, modules_to_save=modules_to_save)
-    elif mode != "full":
-        raise ValueError(f"mode must be 'full' or 'lora', got {mode!r}")
-    return model, AdamW(model.trainable_parameters(), lr=lr, weight_decay=weight_decay)
-
-
-def compare(config: GPTConfig, mode: str, batch_size: int, block_size: int | None = None, lora_r: int = 8,
-            lora_alpha: float = 16.0, lora_targets: str | Iterable[str] = ("q", "v"),
-            modules_to_save: Iterable[str] = (), lora_dropout: float = 0.0, seed: int = 0) -> tuple[Ledger, Measured]:
-    """The analytic ledger and the measured step for the same model (AdamW, lr 1e-3, weight decay 0.01), on a
-    batch of random token ids (inputs and targets, int64)."""
-    model, opt = build(config, mode, lora_r, lora_alpha, lora_targets, modules_to_save, lora_dropout=lora_dropout)
+def compare(config: GPTConfig, lora: LoRAConfig | None, batch_size: int, block_size: int | None = None,
+            seed: int = 0) -> tuple[Ledger, Measured]:
+    """The analytic ledger and the measured step for the same model, ``GPT(config)`` set up with ``lora`` (None:
+    full fine-tuning), with AdamW (lr 1e-3, weight decay 0.01), on a batch of random token ids (int64)."""
+    model = prepare_finetuning(GPT(config), lora)
+    opt = AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=0.01)
     T = config.block_size if block_size is None else block_size
     gen = backend.rng(seed)
     x, y = (gen.integers(0, config.vocab_size, size=(batch_size, T)) for _ in range(2))  # int64, on the host
@@ -385,8 +369,6 @@ def measure_model(model: GPT, train_ids: Any, batch_size: int, block_size: int |
                   seed: int = 0) -> dict[str, Any]:
     """Ledger and measured step for an already set-up ``model`` (it is trained by the step: pass a copy to keep
     it), on a batch cut from the token stream ``train_ids``; a JSON-ready dict for results files."""
-    from .data import BatchSampler
-
     T = block_size or model.config.block_size
     x, y = BatchSampler(train_ids, T, batch_size, seed).sample()
     ledger = ledger_of(model, batch_size, T)
@@ -455,5 +437,5 @@ def gpt3_example() -> dict[str, dict[str, Any]]:
     }
 
 
-__all__ = ["CATEGORIES", "Ledger", "Measured", "analytic_ledger", "build", "compare", "count_trainable",
+__all__ = ["CATEGORIES", "Ledger", "Measured", "analytic_ledger", "compare", "count_trainable",
            "format_comparison", "format_table", "gpt3_example", "ledger_of", "measure_model", "measure_step"]

@@ -101,19 +101,37 @@ class Module:
         return {name: backend.to_numpy(p.data).copy() for name, p in self.named_parameters()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Copy ``state`` into the parameters. Names and shapes must match exactly; every check happens before
-        the first write, so a bad state dict leaves the module untouched."""
+        """Copy ``state`` into the parameters. Every check happens before the first write, so a bad state dict
+        leaves the module untouched: names and shapes must match exactly, and every array must be finite and of a
+        float dtype the parameter holds without loss (float16 into float32 is fine; float64 into float32, or an
+        integer array, is refused)."""
         params = dict(self.named_parameters())
-        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        if missing or unexpected:
-            raise KeyError(f"load_state_dict: missing {missing or 'none'}, unexpected {unexpected or 'none'}")
-        wrong = [f"{n}: got {tuple(state[n].shape)}, expected {p.shape}" for n, p in params.items()
-                 if tuple(state[n].shape) != p.shape]
-        if wrong:
-            raise ValueError("load_state_dict: shape mismatch: " + "; ".join(wrong))
+        check_state(params, state)
         for name, p in params.items():
             p.data = backend.to_device(state[name], dtype=p.dtype).copy()  # never alias the caller's arrays
             p.grad = None
+
+
+def check_state(params: dict[str, Parameter], state: dict[str, Any]) -> None:
+    """Raise a ValueError naming every tensor of ``state`` that cannot be loaded into ``params`` as it is:
+    missing or unexpected names, wrong shapes, non-float or lossy dtypes, NaN or inf values."""
+    np = backend.np
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"missing tensors {missing or 'none'}, unexpected tensors {unexpected or 'none'}")
+    problems = []
+    for name, p in params.items():
+        value = state[name]
+        if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            problems.append(f"{name}: not an array ({type(value).__name__})")
+        elif tuple(value.shape) != p.shape:
+            problems.append(f"{name}: shape {tuple(value.shape)}, expected {p.shape}")
+        elif np.dtype(value.dtype).kind != "f" or not np.can_cast(value.dtype, p.dtype, "safe"):
+            problems.append(f"{name}: dtype {value.dtype} cannot be held by a {p.dtype} parameter without loss")
+        elif not bool(np.isfinite(backend.to_numpy(value)).all()):
+            problems.append(f"{name}: holds NaN or inf values")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 class Linear(Module):

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from .data import BatchSampler, iter_eval_batches
 from .nn import Module
 from .optim import AdamW, clip_grad_norm, cosine_lr
@@ -31,14 +33,29 @@ class TrainConfig:
     eval_every: int = 50  # validate every N steps (and at the last step)
     eval_batches: int = 8  # validation batches, the same windows every time
     seed: int = 0  # data order: equal seeds give equal batches, so runs compare fairly
-    progress: bool = True  # tqdm progress bar
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "eval_every", "eval_batches"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "seed"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if self.block_size is not None and (not _is_int(self.block_size) or self.block_size < 1):
+            raise ValueError(f"TrainConfig.block_size must be None or a positive integer, got {self.block_size!r}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            if not _is_real(getattr(self, name)) or not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if self.lr <= 0 or self.min_lr > self.lr:
             raise ValueError(f"TrainConfig: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass
@@ -69,16 +86,15 @@ def evaluate(model: Module, ids: Any, block_size: int, batch_size: int, max_batc
     return total / count
 
 
-def train(model: Module, data: tuple[Any, Any], config: TrainConfig,
+def train(model: Module, data: tuple[Any, Any], config: TrainConfig, progress: bool = True,
           on_eval: Callable[[int, Module], None] | None = None) -> History:
-    """Train ``model`` on ``data = (train_ids, val_ids)`` and return the loss history.
+    """Train ``model`` on ``data = (train_ids, val_ids)`` and return the loss history; ``progress`` shows a tqdm
+    bar (how a run is watched, not what it computes, so it is not part of the config).
 
     A non-finite loss or gradient stops training with a message in ``history.stopped``, and the trainable
     parameters are restored to the last evaluated good state. ``on_eval(step, model)`` is called after each
     evaluation with finite losses (use it to write a checkpoint: the last one written is the last good one).
     """
-    from tqdm.auto import tqdm
-
     train_ids, val_ids = data
     T = config.block_size or model.config.block_size
     params = model.trainable_parameters()
@@ -92,7 +108,7 @@ def train(model: Module, data: tuple[Any, Any], config: TrainConfig,
     model.train()
     start = last_t = time.perf_counter()
     since_eval: list[float] = []
-    bar = tqdm(range(1, config.max_steps + 1), disable=not config.progress, desc="train", leave=False)
+    bar = tqdm(range(1, config.max_steps + 1), disable=not progress, desc="train", leave=False)
     for step in bar:
         x, y = sampler.sample()
         opt.lr = cosine_lr(step, max_lr=config.lr, max_steps=config.max_steps, warmup_steps=warmup,

@@ -49,11 +49,11 @@ def test_cupy_available_is_a_bool():
     assert isinstance(lora_backend.cupy_available(), bool)
 
 
-def run_with_env(value: str) -> subprocess.CompletedProcess:
+def run_with_env(value: str, code: str = "from lora_np import backend; print(backend.get_backend())"
+                 ) -> subprocess.CompletedProcess:
     """A fresh interpreter importing lora_np with LORA_NP_BACKEND=value (read once, at import)."""
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "LORA_NP_BACKEND": value, "PYTHONPATH": path}
-    code = "from lora_np import backend; print(backend.get_backend())"
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -63,11 +63,15 @@ def test_env_var_selects_the_backend_at_import():
     assert result.stdout.strip() == "numpy"
 
 
-def test_env_var_with_a_bogus_name_fails_at_import_naming_the_valid_ones():
-    result = run_with_env("bogus")
+def test_env_var_with_a_bogus_name_fails_at_first_use_naming_the_valid_ones():
+    """Importing must not fail (the command line could not then say in one line what is wrong): the error is kept
+    and raised by the first random draw, which every model and batch needs."""
+    result = run_with_env("bogus", "from lora_np import backend; print(backend.env_error)")
+    assert result.returncode == 0, result.stderr
+    assert "unknown backend 'bogus'" in result.stdout and "'numpy'" in result.stdout and "'cupy'" in result.stdout
+    result = run_with_env("bogus", "from lora_np import GPT, GPTConfig; GPT(GPTConfig())")
     assert result.returncode != 0
-    assert "unknown backend 'bogus'" in result.stderr
-    assert "'numpy'" in result.stderr and "'cupy'" in result.stderr
+    assert "RuntimeError: LORA_NP_BACKEND='bogus': unknown backend 'bogus'" in result.stderr
 
 
 # -- host and device -------------------------------------------------------------------------------------------

@@ -1,68 +1,53 @@
-"""Tests for lora_np/checkpoint.py and the adapter files of lora_np/lora.py: round trips, file sizes, every bad
-input refused with the model left untouched, atomic writes, and no pickle anywhere."""
+"""Tests for lora_np/checkpoint.py: model and adapter files round trip, hold just what they should, are refused
+with a clear error (naming the file and the culprit) when anything is wrong, changing nothing, are written
+atomically for any file name, and nothing in lora_np uses pickle."""
 
 from __future__ import annotations
 
 import ast
+import json
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import (
+    TINY,
+    adapted_gpt,
+    assert_files_untouched,
+    assert_untouched,
+    perturb_adapters,
+    snapshot,
+    snapshot_files,
+    tiny_gpt,
+)
 from safetensors import SafetensorError
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 import lora_np
 from lora_np import checkpoint, lora
-from lora_np.checkpoint import load_model, read_file, save_model, write_file
-from lora_np.lora import apply_lora, load_adapter, lora_layers, save_adapter
-from lora_np.model import GPT, GPTConfig
-from lora_np.nn import Module
+from lora_np.checkpoint import (
+    load_adapter,
+    load_model,
+    read_adapter_config,
+    read_file,
+    save_adapter,
+    save_model,
+    write_file,
+)
+from lora_np.lora import LoRAConfig, apply_lora, base_fingerprint, lora_layers
+from lora_np.model import GPT
 from lora_np.optim import AdamW
 
-TINY = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
 C = TINY["n_embd"]
 SHAPES = {"q": (C, C), "k": (C, C), "v": (C, C), "o": (C, C), "up": (C, 4 * C), "down": (4 * C, C)}  # (d_in, d_out)
 IDX = np.random.default_rng(0).integers(0, 11, (3, 8))
-
-
-def tiny_gpt(seed: int = 0, **overrides) -> GPT:
-    return GPT(GPTConfig(**{**TINY, "seed": seed, **overrides}))
-
-
-def adapted_gpt(targets="q,v", r: int = 2, seed: int = 0, **kwargs) -> GPT:
-    """A tiny GPT with LoRA whose factors hold random values (as after training), so that ΔW ≠ 0."""
-    model = apply_lora(tiny_gpt(seed), targets, r=r, alpha=4.0, **kwargs)
-    rng = np.random.default_rng(100 + seed)
-    for m in lora_layers(model).values():
-        m.A.data[...] = rng.standard_normal(m.A.shape) * 0.3
-        m.B.data[...] = rng.standard_normal(m.B.shape) * 0.3
-    return model
+QV = LoRAConfig(targets="q,v", r=2, alpha=4.0)  # the config of adapted_gpt()
 
 
 def logits(model: GPT) -> np.ndarray:
     return model(IDX)[0].data
-
-
-def snapshot(model: Module) -> dict:
-    """Everything a failed load could have changed: values, parameter set and flags, LoRA layers and their state."""
-    return {
-        "state": model.state_dict(),
-        "params": [(n, id(p), p.requires_grad) for n, p in model.named_parameters()],
-        "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
-        "lora": {n: (m.merged, id(m.A), id(m.B)) for n, m in lora_layers(model).items()},
-        "lora_config": getattr(model, "lora_config", None),
-        "fingerprint": getattr(model, "lora_fingerprint", None),
-    }
-
-
-def assert_untouched(before: dict, model: Module) -> None:
-    after = snapshot(model)
-    assert list(after["state"]) == list(before["state"])
-    for name, arr in before["state"].items():
-        assert np.array_equal(after["state"][name], arr), f"{name} changed"
-    for key in ("params", "modules", "lora", "lora_config", "fingerprint"):
-        assert after[key] == before[key], key
 
 
 def data_bytes(path: Path) -> int:
@@ -83,7 +68,7 @@ def test_adapter_round_trip_into_a_fresh_same_seed_base(tmp_path):
     assert not np.array_equal(logits(dst), logits(src))
     assert load_adapter(dst, path) is dst
     assert np.array_equal(logits(dst), logits(src))
-    assert dst.lora_config == src.lora_config and dst.lora_fingerprint == src.lora_fingerprint
+    assert dst.lora_config == src.lora_config == read_adapter_config(path)
     assert [id(p) for p in dst.trainable_parameters()] == [id(p) for m in lora_layers(dst).values() for p in (m.A, m.B)]
     opt = AdamW(dst.trainable_parameters(), lr=1e-2)  # training can go on from the loaded adapter
     dst(IDX, IDX)[1].backward()
@@ -93,10 +78,10 @@ def test_adapter_round_trip_into_a_fresh_same_seed_base(tmp_path):
 def test_adapter_round_trip_into_a_loaded_base_model(tmp_path):
     base = tiny_gpt()
     save_model(base, tmp_path / "base.safetensors")
-    src = apply_lora(base, "all-linear", r=3, alpha=6.0, modules_to_save=["lm_head"])
+    src = apply_lora(base, LoRAConfig(targets="all-linear", r=3, alpha=6.0, modules_to_save=["lm_head"]))
     for m in lora_layers(src).values():
         m.B.data[...] = 0.1
-    src.lm_head.weight.data *= 2.0  # trained fully
+    src.lm_head.weight.data *= 2.0  # trained fully: not part of the fingerprint, which the adapter carries itself
     save_adapter(src, tmp_path / "adapter.safetensors")
     dst, _ = load_model(tmp_path / "base.safetensors")
     load_adapter(dst, tmp_path / "adapter.safetensors")
@@ -108,11 +93,22 @@ def test_adapter_round_trip_into_a_loaded_base_model(tmp_path):
 def test_adapter_round_trip_into_a_model_with_the_same_lora_config(tmp_path):
     src = adapted_gpt(seed=0)
     save_adapter(src, tmp_path / "a.safetensors")
-    dst = apply_lora(tiny_gpt(), "q,v", r=2, alpha=4.0)  # same config, its own (initial) factors
+    dst = apply_lora(tiny_gpt(), QV)  # same config, its own (initial) factors
     layers_before = lora_layers(dst)
     load_adapter(dst, tmp_path / "a.safetensors")
     assert np.array_equal(logits(dst), logits(src))
     assert lora_layers(dst) == layers_before  # the same LoRALinear objects, new values
+
+
+def test_float16_adapter_loads_into_float32_factors(tmp_path):
+    src = adapted_gpt()
+    good = tmp_path / "a.safetensors"
+    save_adapter(src, good)
+    tensors, meta = read_file(good, "adapter")
+    write_file(good, {n: a.astype(np.float16) for n, a in tensors.items()}, meta)  # float16 -> float32: no loss
+    dst = load_adapter(tiny_gpt(), good)
+    for n, m in lora_layers(dst).items():
+        assert m.A.dtype == np.float32 and np.array_equal(m.A.data, tensors[f"{n}.A"].astype(np.float16))
 
 
 @pytest.mark.parametrize("targets,r", [("q,v", 2), ("all-linear", 3), ("up", 1)])
@@ -126,11 +122,255 @@ def test_adapter_file_holds_just_the_factors(tmp_path, targets, r):
     tensors, meta = read_file(path, "adapter")
     assert sorted(tensors) == sorted(f"blocks.{i}.{blk}.{t}.{f}" for i in range(2) for t in names
                                      for blk in ["attn" if t in "qkvo" else "mlp"] for f in "AB")
-    assert meta["kind"] == "adapter" and meta["lora"]["r"] == r and meta["format_version"] == 1
-    assert meta["base_fingerprint"] == model.lora_fingerprint
+    assert meta["kind"] == "adapter" and meta["lora"] == model.lora_config.to_dict() and meta["format_version"] == 1
+    assert meta["base_fingerprint"] == base_fingerprint(tiny_gpt())  # the base it was made from, not A or B
 
 
-# --- adapters: bad inputs --------------------------------------------------------------------------------------------
+def test_adapter_fingerprint_describes_the_base_at_save_time(tmp_path):
+    model = adapted_gpt()
+    model.blocks[0].attn.k.weight.data[0, 0] += 0.5  # a frozen weight changes after apply_lora, before the save
+    model.blocks[1].attn.q.weight.data[1, 2] -= 0.5  # ... and the W inside an adapted layer
+    path = tmp_path / "a.safetensors"
+    save_adapter(model, path)
+    original = tiny_gpt()
+    before = snapshot(original)
+    with pytest.raises(ValueError, match="trained on a different base model"):
+        load_adapter(original, path)
+    assert_untouched(before, original)
+    changed = tiny_gpt()
+    changed.blocks[0].attn.k.weight.data[0, 0] += 0.5
+    changed.blocks[1].attn.q.weight.data[1, 2] -= 0.5
+    load_adapter(changed, path)
+    assert np.array_equal(logits(changed), logits(model))
+
+
+# --- adapter and model files: the table of bad files -------------------------------------------------------------
+#
+# Each row makes one defect from a good file: make(good, bad, kind) writes a bad file (or not) and returns the path to
+# load. The test then checks the error type, that the message names the file and matches the culprit, and that
+# neither the model (values, requires_grad flags, modules, LoRA state) nor any file on disk changed.
+
+DROP = object()  # as a value in the edits below: delete the key
+OTHER_BASE = base_fingerprint(tiny_gpt(seed=1))  # the fingerprint of a base model with other weights
+
+
+def write_raw(path: Path, tensors: dict[str, np.ndarray], meta) -> None:
+    """A safetensors file whose lora_np metadata is ``meta`` as given: a dict (as JSON), a str (verbatim) or None (no
+    lora_np metadata), so that the table can write files that lora_np itself never would."""
+    metadata = None if meta is None else {"lora_np": meta if isinstance(meta, str) else json.dumps(meta)}
+    path.write_bytes(save(tensors, metadata=metadata))
+
+
+def edit(change):
+    """A defect made by ``change(tensors, meta)`` on the good file's contents; it returns the metadata to write."""
+
+    def make(good: Path, bad: Path, kind: str) -> Path:
+        tensors, meta = read_file(good, kind)
+        tensors = dict(tensors)
+        write_raw(bad, tensors, change(tensors, meta))
+        return bad
+
+    return make
+
+
+def _set(d: dict, changes: dict) -> dict:
+    """A copy of ``d`` with ``changes`` applied (DROP deletes the key)."""
+    d = {**d, **changes}
+    return {k: v for k, v in d.items() if v is not DROP}
+
+
+def meta_set(**changes):
+    """Change top-level metadata keys."""
+    return edit(lambda t, m: _set(m, changes))
+
+
+def lora_set(**changes):
+    """Change keys of an adapter's stored LoRA config."""
+    return edit(lambda t, m: {**m, "lora": _set(m["lora"], changes)})
+
+
+def config_set(**changes):
+    """Change keys of a model's stored GPT config."""
+    return edit(lambda t, m: {**m, "config": _set(m["config"], changes)})
+
+
+def meta_text(text):
+    """Replace the whole lora_np metadata by ``text`` (None: no lora_np metadata at all)."""
+    return edit(lambda t, m: text)
+
+
+def other_kind():
+    return edit(lambda t, m: {**m, "kind": {"adapter": "model", "model": "adapter"}[m["kind"]]})
+
+
+def tensor_set(name, value):
+    """Replace tensor ``name`` by ``value``, or by ``value(the tensor)`` if it is a function."""
+
+    def change(tensors, meta):
+        tensors[name] = value(tensors[name]) if callable(value) else value
+        return meta
+
+    return edit(change)
+
+
+def tensor_drop(name):
+    def change(tensors, meta):
+        del tensors[name]
+        return meta
+
+    return edit(change)
+
+
+def raw_bytes(change):
+    """A defect in the bytes themselves: ``change(good bytes) -> bad bytes``."""
+
+    def make(good: Path, bad: Path, kind: str) -> Path:
+        bad.write_bytes(change(good.read_bytes()))
+        return bad
+
+    return make
+
+
+def no_file(good: Path, bad: Path, kind: str) -> Path:
+    return bad
+
+
+def a_folder(good: Path, bad: Path, kind: str) -> Path:
+    bad.mkdir()
+    return bad
+
+
+def with_nan(a: np.ndarray) -> np.ndarray:
+    a = a.copy()
+    a.flat[1] = np.nan
+    return a
+
+
+# Defects of any lora_np file, adapter or model: (make, error type, what the message must say).
+FILE_ERRORS = {
+    "no such file": (no_file, FileNotFoundError, r"no (adapter|model) file at"),
+    "a folder": (a_folder, FileNotFoundError, r"no (adapter|model) file at"),
+    "empty": (raw_bytes(lambda b: b""), ValueError, "not a valid safetensors file"),
+    "truncated data": (raw_bytes(lambda b: b[:-10]), ValueError, "not a valid safetensors file"),
+    "truncated header": (raw_bytes(lambda b: b[:40]), ValueError, "not a valid safetensors file"),
+    "random bytes": (raw_bytes(lambda b: np.random.default_rng(0).bytes(300)), ValueError,
+                     "not a valid safetensors file"),
+    "header not JSON": (raw_bytes(lambda b: b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}"), ValueError,
+                        "not a valid safetensors file"),
+    "no lora_np metadata": (meta_text(None), ValueError, "not one written by lora_np"),
+    "metadata not JSON": (meta_text("{kind: adapter"), ValueError, "lora_np metadata is not valid JSON"),
+    "metadata a JSON list": (meta_text("[1, 2]"), ValueError, "lora_np metadata is not a JSON object"),
+    "metadata a JSON string": (meta_text('"adapter"'), ValueError, "lora_np metadata is not a JSON object"),
+    "no kind": (meta_set(kind=DROP), ValueError, r"holds a None file, expected a '(adapter|model)' file"),
+    "the other kind": (other_kind(), ValueError, r"holds a '(model|adapter)' file, expected a '(adapter|model)' file"),
+}
+
+ADAPTER_ERRORS = {
+    **FILE_ERRORS,
+    "no LoRA config": (meta_set(lora=DROP), ValueError, r"metadata key 'lora' is missing or not a dict"),
+    "LoRA config a list": (meta_set(lora=[2, 4.0]), ValueError, r"metadata key 'lora' is missing or not a dict"),
+    "r=0": (lora_set(r=0), ValueError, r"bad LoRA config in metadata: LoRAConfig\.r must be a positive integer, got 0"),
+    "r a string": (lora_set(r="2"), ValueError, r"LoRAConfig\.r must be a positive integer, got '2'"),
+    "alpha=nan": (lora_set(alpha=math.nan), ValueError, r"LoRAConfig\.alpha must be a finite number > 0, got nan"),
+    "alpha=inf": (lora_set(alpha=math.inf), ValueError, r"LoRAConfig\.alpha must be a finite number > 0, got inf"),
+    "seed=-1": (lora_set(seed=-1), ValueError, r"LoRAConfig\.seed must be a non-negative integer, got -1"),
+    "zero='both'": (lora_set(zero="both"), ValueError, r"LoRAConfig\.zero must be 'B' \(paper\) or 'A', got 'both'"),
+    "dropout=1": (lora_set(dropout=1.0), ValueError, r"LoRAConfig\.dropout must be a number in \[0, 1\), got 1\.0"),
+    "unknown target": (lora_set(targets=["q", "x"]), ValueError, r"unknown LoRA target\(s\) \['x'\]"),
+    "unknown config key": (lora_set(rank=2), ValueError, r"LoRA config: unknown keys \['rank'\]"),
+    "missing config key": (lora_set(dropout=DROP), ValueError, r"missing keys \['dropout'\]"),
+    "no fingerprint": (meta_set(base_fingerprint=DROP), ValueError,
+                       r"metadata key 'base_fingerprint' is missing or not a str"),
+    "fingerprint not a string": (meta_set(base_fingerprint=123), ValueError,
+                                 r"metadata key 'base_fingerprint' is missing or not a str"),
+    "other base model": (meta_set(base_fingerprint=OTHER_BASE), ValueError,
+                         r"trained on a different base model \(fingerprint " + OTHER_BASE[:12]),
+    "wrong shape": (tensor_set("blocks.1.attn.v.B", np.zeros((3, C), np.float32)), ValueError,
+                    r"blocks\.1\.attn\.v\.B: shape \(3, 8\), expected \(2, 8\)"),
+    "transposed": (tensor_set("blocks.0.attn.q.A", lambda a: a.T.copy()), ValueError,
+                   r"blocks\.0\.attn\.q\.A: shape \(2, 8\), expected \(8, 2\)"),
+    "missing tensor": (tensor_drop("blocks.0.attn.q.B"), ValueError, r"missing tensors \['blocks\.0\.attn\.q\.B'\]"),
+    "unexpected tensor": (tensor_set("blocks.0.attn.k.A", np.zeros((C, 2), np.float32)), ValueError,
+                          r"unexpected tensors \['blocks\.0\.attn\.k\.A'\]"),
+    "NaN": (tensor_set("blocks.1.attn.q.A", with_nan), ValueError, r"blocks\.1\.attn\.q\.A: holds NaN or inf"),
+    "inf": (tensor_set("blocks.1.attn.v.B", lambda a: np.full_like(a, -np.inf)), ValueError,
+            r"blocks\.1\.attn\.v\.B: holds NaN or inf"),
+    "float64": (tensor_set("blocks.0.attn.v.A", lambda a: a.astype(np.float64)), ValueError,
+                r"blocks\.0\.attn\.v\.A: dtype float64 cannot be held by a float32 parameter without loss"),
+    "integers": (tensor_set("blocks.0.attn.v.B", lambda a: a.astype(np.int32)), ValueError,
+                 r"blocks\.0\.attn\.v\.B: dtype int32 cannot be held"),
+}
+
+
+@pytest.mark.parametrize("has_lora", [False, True], ids=["into a base model", "into a model with LoRA"])
+@pytest.mark.parametrize("case", ADAPTER_ERRORS)
+def test_load_adapter_refuses_a_bad_file_and_changes_nothing(tmp_path, case, has_lora):
+    make, error, culprit = ADAPTER_ERRORS[case]
+    good = tmp_path / "adapter.safetensors"
+    save_adapter(adapted_gpt(), good)
+    path = make(good, tmp_path / "bad.safetensors", "adapter")
+    model = tiny_gpt()
+    if has_lora:  # the same LoRA config as the file (before its defect), other factor values
+        perturb_adapters(apply_lora(model, QV), seed=7)
+    before, files = snapshot(model), snapshot_files(tmp_path)
+    with pytest.raises(error, match=culprit) as refused:
+        load_adapter(model, path)
+    assert str(path) in str(refused.value)
+    assert_untouched(before, model)
+    assert_files_untouched(files, tmp_path)
+
+
+MODEL_ERRORS = {
+    **FILE_ERRORS,
+    "no config": (meta_set(config=DROP), ValueError, r"metadata key 'config' is missing or not a dict"),
+    "config a string": (meta_set(config="tiny"), ValueError, r"metadata key 'config' is missing or not a dict"),
+    "bad config value": (config_set(n_head=3), ValueError,
+                         r"bad model config in metadata: GPTConfig: n_embd=8 must be divisible by n_head=3"),
+    "config value a bool": (config_set(n_layer=True), ValueError, r"GPTConfig\.n_layer must be a positive integer"),
+    "unknown config key": (config_set(n_experts=4), ValueError, r"bad model config in metadata: .*n_experts"),
+    "config of another size": (config_set(n_embd=16), ValueError, r"cannot load its tensors: "
+                               r".*wte\.weight: shape \(11, 8\), expected \(11, 16\)"),
+    "extra not an object": (meta_set(extra=[1]), ValueError, r"metadata key 'extra' is not a dict"),
+    "missing tensor": (tensor_drop("blocks.0.mlp.up.bias"), ValueError,
+                       r"missing tensors \['blocks\.0\.mlp\.up\.bias'\]"),
+    "unexpected tensor": (tensor_set("blocks.0.attn.q.A", np.zeros((C, 2), np.float32)), ValueError,
+                          r"unexpected tensors \['blocks\.0\.attn\.q\.A'\]"),
+    "transposed": (tensor_set("blocks.0.mlp.up.weight", lambda a: a.T.copy()), ValueError,
+                   r"blocks\.0\.mlp\.up\.weight: shape \(32, 8\), expected \(8, 32\)"),
+    "NaN": (tensor_set("blocks.1.ln2.weight", with_nan), ValueError, r"blocks\.1\.ln2\.weight: holds NaN or inf"),
+    "inf": (tensor_set("lm_head.weight", lambda a: np.full_like(a, np.inf)), ValueError,
+            r"lm_head\.weight: holds NaN or inf"),
+    "float64": (tensor_set("wte.weight", lambda a: a.astype(np.float64)), ValueError,
+                r"wte\.weight: dtype float64 cannot be held by a float32 parameter without loss"),
+    "integers": (tensor_set("wpe.weight", lambda a: a.astype(np.int64)), ValueError, r"wpe\.weight: dtype int64"),
+}
+
+
+@pytest.mark.parametrize("case", MODEL_ERRORS)
+def test_load_model_refuses_a_bad_file_and_changes_nothing(tmp_path, case):
+    make, error, culprit = MODEL_ERRORS[case]
+    good = tmp_path / "model.safetensors"
+    save_model(tiny_gpt(), good, extra={"tokenizer": "abc"})
+    path = make(good, tmp_path / "bad.safetensors", "model")
+    files = snapshot_files(tmp_path)
+    with pytest.raises(error, match=culprit) as refused:
+        load_model(path)
+    assert str(path) in str(refused.value)
+    assert_files_untouched(files, tmp_path)
+
+
+@pytest.mark.parametrize("case", ["r=0", "alpha=nan", "unknown config key", "no fingerprint", "metadata a JSON list"])
+def test_read_adapter_config_refuses_bad_metadata(tmp_path, case):
+    make, error, culprit = ADAPTER_ERRORS[case]
+    good = tmp_path / "adapter.safetensors"
+    save_adapter(adapted_gpt(), good)
+    path = make(good, tmp_path / "bad.safetensors", "adapter")
+    with pytest.raises(error, match=culprit) as refused:
+        read_adapter_config(path)
+    assert str(path) in str(refused.value)
+
+
+# --- adapters: files that are fine but do not fit the model --------------------------------------------------------
 
 
 @pytest.fixture
@@ -140,136 +380,52 @@ def adapter_file(tmp_path) -> Path:
     return path
 
 
-def rewrite(src: Path, dst: Path, edit) -> Path:
-    """Copy an adapter file with ``edit(tensors, meta)`` applied: a file with a valid header, config and
-    fingerprint, but something else wrong."""
-    tensors, meta = read_file(src, "adapter")
-    tensors = dict(tensors)
-    edit(tensors, meta)
-    write_file(dst, tensors, meta)
-    return dst
-
-
-def bad_shape(t, m):
-    t["blocks.1.attn.v.B"] = np.zeros((3, C), np.float32)
-
-
-def missing(t, m):
-    del t["blocks.0.attn.q.B"]
-
-
-def unexpected(t, m):
-    t["blocks.0.attn.k.A"] = np.zeros((C, 2), np.float32)
-
-
-def other_r(t, m):
-    m["lora"]["r"] = 3
-
-
-@pytest.mark.parametrize(
-    "edit, match",
-    [
-        (bad_shape, r"wrong shapes \['blocks\.1\.attn\.v\.B: \(3, 8\) in the file, expected \(2, 8\)'\]"),
-        (missing, r"missing \['blocks\.0\.attn\.q\.B'\]"),
-        (unexpected, r"unexpected \['blocks\.0\.attn\.k\.A'\]"),
-        (other_r, r"wrong shapes \['blocks\.0\.attn\.q\.A: \(8, 2\) in the file, expected \(8, 3\)'"),
-    ],
-)
-@pytest.mark.parametrize("has_lora", [False, True])
-def test_load_adapter_rejects_mismatched_tensors_and_changes_nothing(tmp_path, adapter_file, edit, match, has_lora):
-    path = rewrite(adapter_file, tmp_path / "bad.safetensors", edit)
-    model = tiny_gpt()
-    if has_lora:
-        r = 3 if edit is other_r else 2  # the same config as the (edited) file, so the tensors are what is wrong
-        apply_lora(model, "q,v", r=r, alpha=4.0)
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=match):
+def assert_refused(model, path, error, match):
+    """load_adapter(model, path) raises ``error`` matching ``match`` and changes nothing; a ValueError (the file
+    does not fit the model) names the file."""
+    before, files = snapshot(model), snapshot_files(path.parent)
+    with pytest.raises(error, match=match) as refused:
         load_adapter(model, path)
+    if error is ValueError:
+        assert str(path) in str(refused.value)
     assert_untouched(before, model)
+    assert_files_untouched(files, path.parent)
 
 
 def test_load_adapter_into_a_different_base_model(adapter_file):
-    model = tiny_gpt(seed=1)  # same architecture, other weights
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="trained on a different base model"):
-        load_adapter(model, adapter_file)
-    assert_untouched(before, model)
+    assert_refused(tiny_gpt(seed=1), adapter_file, ValueError, "trained on a different base model")  # other weights
 
 
 def test_load_adapter_into_a_slightly_changed_base_model(adapter_file):
     model = tiny_gpt()
     model.blocks[1].ln2.bias.data[0] += 1e-3  # one number differs: the fingerprint sees it
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="fingerprint"):
-        load_adapter(model, adapter_file)
-    assert_untouched(before, model)
+    assert_refused(model, adapter_file, ValueError, "fingerprint")
+
+
+def test_load_adapter_into_a_model_with_frozen_parameters_keeps_the_flags(adapter_file):
+    model = tiny_gpt(seed=1)
+    for p in model.parameters()[::3]:
+        p.requires_grad = False  # a mix of flags: a refused load must not touch any of them
+    assert_refused(model, adapter_file, ValueError, "trained on a different base model")
 
 
 def test_load_adapter_with_a_different_lora_config(adapter_file):
-    model = apply_lora(tiny_gpt(), "q,k,v", r=2, alpha=4.0)
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="has LoRA config .*'targets': \\['q', 'v'\\].*the model has"):
-        load_adapter(model, adapter_file)
-    assert_untouched(before, model)
+    model = apply_lora(tiny_gpt(), LoRAConfig(targets="q,k,v", r=2, alpha=4.0))
+    assert_refused(model, adapter_file, ValueError, r"has LoRA config .*'targets': \['q', 'v'\].*the model has")
+
+
+def test_load_adapter_whose_rank_does_not_fit_the_model(tmp_path, adapter_file):
+    tensors, meta = read_file(adapter_file, "adapter")
+    meta["lora"]["r"] = 9  # a valid config, but the layers are 8 wide
+    path = tmp_path / "r9.safetensors"
+    write_file(path, tensors, meta)
+    assert_refused(tiny_gpt(), path, ValueError, r"does not fit this model: LoRA rank r must be at most 8")
 
 
 def test_load_adapter_into_a_merged_model(adapter_file):
-    model = apply_lora(tiny_gpt(), "q,v", r=2, alpha=4.0)
+    model = apply_lora(tiny_gpt(), QV)
     lora.merge(model)
-    before = snapshot(model)
-    with pytest.raises(RuntimeError, match=r"unmerge\(\) first"):
-        load_adapter(model, adapter_file)
-    assert_untouched(before, model)
-
-
-def test_load_adapter_from_random_bytes(tmp_path):
-    path = tmp_path / "noise.safetensors"
-    path.write_bytes(np.random.default_rng(0).bytes(300))
-    model = tiny_gpt()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="not a valid safetensors file"):
-        load_adapter(model, path)
-    assert_untouched(before, model)
-
-
-def test_load_adapter_from_a_truncated_file(tmp_path, adapter_file):
-    path = tmp_path / "cut.safetensors"
-    path.write_bytes(adapter_file.read_bytes()[:-10])
-    model = tiny_gpt()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="not a valid safetensors file"):
-        load_adapter(model, path)
-    assert_untouched(before, model)
-
-
-def test_load_adapter_from_a_foreign_safetensors_file(tmp_path):
-    path = tmp_path / "foreign.safetensors"
-    save_file({"blocks.0.attn.q.A": np.zeros((C, 2), np.float32)}, str(path))
-    model = tiny_gpt()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="not one written by lora_np"):
-        load_adapter(model, path)
-    assert_untouched(before, model)
-
-
-def test_load_adapter_given_a_model_file(tmp_path):
-    path = tmp_path / "model.safetensors"
-    save_model(tiny_gpt(), path)
-    model = tiny_gpt()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="holds a 'model' file, expected a 'adapter' file"):
-        load_adapter(model, path)
-    assert_untouched(before, model)
-
-
-def test_load_adapter_from_a_missing_path(tmp_path):
-    model = tiny_gpt()
-    before = snapshot(model)
-    with pytest.raises(FileNotFoundError, match="no adapter file at"):
-        load_adapter(model, tmp_path / "nope.safetensors")
-    with pytest.raises(FileNotFoundError):
-        load_adapter(model, tmp_path)  # a folder is not a file either
-    assert_untouched(before, model)
+    assert_refused(model, adapter_file, RuntimeError, r"unmerge\(\) first")
 
 
 def test_save_adapter_needs_lora_and_an_unmerged_model(tmp_path):
@@ -290,22 +446,46 @@ def test_save_adapter_needs_lora_and_an_unmerged_model(tmp_path):
 
 
 def assert_only(folder: Path, names: set[str]) -> None:
-    assert {p.name for p in folder.iterdir()} == names  # in particular no ".name.xxxx.tmp" left behind
+    assert {p.name for p in folder.iterdir()} == names  # in particular no ".lora_np-xxxx.tmp" left behind
 
 
-def test_failed_rename_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
-    path = tmp_path / "adapter.safetensors"
-    save_adapter(adapted_gpt(seed=0), path)
-    old = path.read_bytes()
+def test_a_250_character_file_name_works_and_leaves_no_temporary(tmp_path):
+    name = "a" * (250 - len(".safetensors")) + ".safetensors"  # the temporary name must not be longer (255 max)
+    assert len(name) == 250
+    model = adapted_gpt()
+    save_adapter(model, tmp_path / name)
+    save_adapter(model, tmp_path / name)  # and again, over the existing file
+    assert_only(tmp_path, {name})
+    assert np.array_equal(logits(load_adapter(tiny_gpt(), tmp_path / name)), logits(model))
+    save_model(model, tmp_path / name.replace("a", "m", 1))
+    assert_only(tmp_path, {name, name.replace("a", "m", 1)})
+
+
+def test_saving_to_a_folder_is_an_error_and_changes_nothing(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    files = snapshot_files(tmp_path)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        save_adapter(adapted_gpt(), tmp_path / "out")
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        save_model(tiny_gpt(), tmp_path / "out")
+    assert_files_untouched(files, tmp_path)
+
+
+@pytest.mark.parametrize("save_one", [lambda m, p: save_adapter(m, p), lambda m, p: save_model(m, p)],
+                         ids=["adapter", "model"])
+def test_failed_rename_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch, save_one):
+    path = tmp_path / "file.safetensors"
+    save_one(adapted_gpt(seed=0), path)
+    files = snapshot_files(tmp_path)
 
     def boom(src, dst):
         raise OSError("simulated crash before the rename")
 
     monkeypatch.setattr(checkpoint.os, "replace", boom)
     with pytest.raises(OSError, match="simulated crash"):
-        save_adapter(adapted_gpt(seed=1), path)
-    assert path.read_bytes() == old
-    assert_only(tmp_path, {"adapter.safetensors"})
+        save_one(adapted_gpt(seed=1), path)
+    assert_files_untouched(files, tmp_path)  # the old file, byte for byte, and no temporary one
 
 
 def test_write_failing_midway_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
@@ -406,69 +586,13 @@ def test_merged_lora_model_exports_as_a_plain_gpt(tmp_path):
     assert np.array_equal(logits(plain), merged_out)  # merged W, same products: bit for bit
 
 
-def rewrite_model(src: Path, dst: Path, edit) -> Path:
-    tensors, meta = read_file(src, "model")
-    tensors = dict(tensors)
-    edit(tensors, meta)
-    write_file(dst, tensors, meta)
-    return dst
-
-
-def drop_tensor(t, m):
-    del t["blocks.0.mlp.up.bias"]
-
-
-def transpose_tensor(t, m):
-    t["blocks.0.mlp.up.weight"] = t["blocks.0.mlp.up.weight"].T.copy()
-
-
-def config_mismatch(t, m):
-    m["config"]["n_embd"] = 16
-
-
-def unknown_config_key(t, m):
-    m["config"]["n_experts"] = 4
-
-
-def no_config(t, m):
-    del m["config"]
-
-
-@pytest.mark.parametrize(
-    "edit, match",
-    [
-        (drop_tensor, r"tensors do not match the stored config: .*missing \['blocks\.0\.mlp\.up\.bias'\]"),
-        (transpose_tensor, r"blocks\.0\.mlp\.up\.weight: got \(32, 8\), expected \(8, 32\)"),
-        (config_mismatch, "tensors do not match the stored config"),
-        (unknown_config_key, "bad model config"),
-        (no_config, "bad model config"),
-    ],
-)
-def test_load_model_rejects_corrupted_files(tmp_path, edit, match):
-    good = tmp_path / "m.safetensors"
-    save_model(tiny_gpt(), good)
-    with pytest.raises(ValueError, match=match):
-        load_model(rewrite_model(good, tmp_path / "bad.safetensors", edit))
-
-
-def test_load_model_rejects_other_kinds_and_garbage(tmp_path, adapter_file):
-    with pytest.raises(ValueError, match="holds a 'adapter' file, expected a 'model' file"):
-        load_model(adapter_file)
-    garbage = tmp_path / "g.safetensors"
-    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
-    with pytest.raises(ValueError, match="not a valid safetensors file"):
-        load_model(garbage)
-    with pytest.raises(FileNotFoundError, match="no model file at"):
-        load_model(tmp_path / "missing.safetensors")
-
-
 # --- no pickle -----------------------------------------------------------------------------------------------------
 
 PICKLERS = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 
 
 def test_no_module_of_lora_np_uses_pickle():
-    sources = sorted(Path(lora_np.__file__).parent.glob("*.py"))
+    sources = sorted(Path(lora_np.__file__).parent.rglob("*.py"))  # the experiments package too
     assert {p.name for p in sources} >= {"checkpoint.py", "lora.py", "nn.py", "model.py"}
     for path in sources:
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))

@@ -1,14 +1,20 @@
-"""The main job, end to end at the quick size: `python -m lora_np sweep --quick` and every subcommand."""
+"""The command line: the main job end to end at the quick size, every subcommand, and the bad-input catalogue
+(each bad argument is one line on stderr, exit code 2, no traceback, nothing trained and no file written)."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from lora_np import experiments
 from lora_np.__main__ import COMMANDS, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SWEEP_FIGURES = ["loss_curves.png", "memory_by_mode.png", "params_vs_rank.png", "step_time.png",
+                 "val_loss_vs_rank.png"]
 
 
 @pytest.fixture(scope="module")
@@ -20,35 +26,37 @@ def sweep_out(tmp_path_factory):
 
 def test_sweep_writes_results_with_every_rank(sweep_out):
     results = json.loads((sweep_out / "results" / "sweep.json").read_text())
+    assert results["experiment"] == "sweep"
     runs = {r["name"]: r for r in results["runs"]}
     ranks = results["config"]["ranks"]
     assert ranks == [1, 2, 4, 8, 16, 32, 64]
     for r in ranks:
         row = runs[f"lora-r{r}"]
-        assert row["rank"] == r and row["targets"] == "q,v"
+        assert row["rank"] == r and row["targets"] == "q,v" and row["lora"]["r"] == r
         assert row["final_val_loss"] > 0 and row["history"]["steps"]
         # q and v of every block: r·(d + d) each
         d, n_layer = results["config"]["model"]["n_embd"], results["config"]["model"]["n_layer"]
         assert row["trainable"] == n_layer * 2 * 2 * d * r
         assert row["adapter_bytes"] > 4 * row["trainable"]  # the tensors plus a small JSON header
         assert row["memory"]["measured"]["peak"] > 0
-    assert runs["full"]["trainable"] == runs["full"]["total"]
+    assert runs["full"]["trainable"] == runs["full"]["total"] and runs["full"]["lora"] is None
     assert any(r["modules_to_save"] for r in results["runs"])
     assert results["base"]["finetune_val_loss"] > 0 and results["unseen_chars"]
 
 
-def test_sweep_writes_valid_pngs(sweep_out):
-    names = sorted(p.name for p in (sweep_out / "figures").glob("*.png"))
-    assert names == ["loss_curves.png", "memory_by_mode.png", "params_vs_rank.png", "step_time.png",
-                     "val_loss_vs_rank.png"]
-    for name in names:
+def test_sweep_writes_only_results_and_figures(sweep_out):
+    """No adapter or other file appears where the user did not ask: --out holds results/ and figures/ only."""
+    assert sorted(p.name for p in sweep_out.iterdir()) == ["figures", "results"]
+    assert sorted(p.name for p in (sweep_out / "figures").iterdir()) == SWEEP_FIGURES
+    assert [p.name for p in (sweep_out / "results").iterdir()] == ["sweep.json"]
+    for name in SWEEP_FIGURES:
         data = (sweep_out / "figures" / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
 
 
 def test_figures_redraw_from_results(sweep_out, tmp_path):
     assert main(["figures", "--results", str(sweep_out / "results" / "sweep.json"), "--out", str(tmp_path)]) == 0
-    assert len(list(tmp_path.glob("*.png"))) == 5
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == SWEEP_FIGURES
 
 
 def test_finetune_save_adapter_then_generate(tmp_path, capsys):
@@ -56,9 +64,20 @@ def test_finetune_save_adapter_then_generate(tmp_path, capsys):
     assert main(["finetune", "--quick", "--no-progress", "--rank", "2", "--targets", "q,k,v,o",
                  "--save-adapter", str(adapter)]) == 0
     assert adapter.exists() and "adapter:" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # nothing else, no temporary file
     assert main(["generate", "--quick", "--no-progress", "--adapter", str(adapter), "--prompt", "def ",
                  "--max-new-tokens", "20"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+
+
+def test_save_adapter_never_touches_other_files(tmp_path):
+    """The old CLI wrote <folder>/lora-r2.safetensors and renamed it: a file of that name was lost."""
+    bystander = tmp_path / "lora-r2.safetensors"
+    bystander.write_bytes(b"keep me")
+    assert main(["finetune", "--quick", "--no-progress", "--rank", "2", "--save-adapter",
+                 str(tmp_path / "new.safetensors")]) == 0
+    assert bystander.read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora-r2.safetensors", "new.safetensors"]
 
 
 def test_finetune_on_any_text_file(tmp_path, capsys):
@@ -68,22 +87,20 @@ def test_finetune_on_any_text_file(tmp_path, capsys):
     assert "full: trainable" in capsys.readouterr().out
 
 
+def test_pretrain_on_a_corpus_without_the_sample_prompt(tmp_path, monkeypatch, capsys):
+    """"And God said" cannot be encoded from this corpus (no 'A', 'G'): the sample prompt comes from the corpus."""
+    monkeypatch.setenv("LORA_NP_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "lower.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200, encoding="utf-8")
+    assert main(["pretrain", "--quick", "--no-progress", "--pretrain-corpus", str(corpus), "--corpus",
+                 str(corpus)]) == 0
+    assert "sample:\nthe quick br" in capsys.readouterr().out
+
+
 def test_report_prints_parameters_and_memory(capsys):
     assert main(["report", "--quick", "--rank", "4", "--batch-size", "4"]) == 0
     out = capsys.readouterr().out
     assert "trainable" in out and "activations" in out and "optimizer" in out
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["finetune", "--quick", "--targets", "q,zz"], "unknown LoRA target"),
-    (["sweep", "--quick", "--targets", "nope"], "unknown LoRA target"),
-    (["finetune", "--quick", "--corpus", "/no/such/file.txt"], "file.txt"),
-    (["generate", "--quick", "--adapter", "/no/such/adapter.safetensors"], "adapter"),
-    (["finetune", "--quick", "--full", "--save-adapter", "x.safetensors"], "LoRA options"),
-])
-def test_bad_input_is_a_clear_error(argv, message, capsys):
-    assert main([*argv, "--no-progress"]) == 2
-    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["", *COMMANDS])
@@ -100,5 +117,118 @@ def test_targets_experiment_has_one_parameter_budget(tmp_path):
     assert [r["targets"] for r in runs] == ["q", "k", "v", "o", "q,k", "q,v", "q,k,v,o"]
     assert len({r["trainable"] for r in runs}) == 1  # the same budget for every choice of weights
     assert all(r["final_val_loss"] > 0 for r in runs)
+    assert [p.name for p in (tmp_path / "figures").iterdir()] == ["targets.png"]
     assert (tmp_path / "figures" / "targets.png").read_bytes().startswith(PNG_MAGIC)
-    assert main(["figures", "--results", str(tmp_path / "results" / "targets.json"), "--out", str(tmp_path)]) == 0
+    redraw = tmp_path / "redraw"
+    assert main(["figures", "--results", str(tmp_path / "results" / "targets.json"), "--out", str(redraw)]) == 0
+    assert [p.name for p in redraw.iterdir()] == ["targets.png"]
+
+
+# -- a failure after training never loses the trained model --------------------------------------------------------
+
+
+def test_a_cache_that_cannot_be_written_after_pretraining_keeps_the_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LORA_NP_CACHE", str(tmp_path / "cache"))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(experiments.runs, "save_model", disk_full)
+    out = tmp_path / "out"
+    assert main(["sweep", "--quick", "--no-progress", "--ranks", "1,2", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "warning: could not cache the base model" in captured.err and "No space left" in captured.err
+    assert (out / "results" / "sweep.json").exists()  # the sweep ran on the trained base model all the same
+    assert main(["pretrain", "--quick", "--no-progress"]) == 1  # pretrain's only product is the cache file
+    assert "sample:" in capsys.readouterr().out
+
+
+def test_pretrain_base_returns_the_model_when_the_cache_write_fails(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_NP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(experiments.runs, "save_model", lambda *a, **k: (_ for _ in ()).throw(PermissionError("ro")))
+    cfg = experiments.ExperimentConfig.quick()
+    model, info = experiments.pretrain_base(cfg, experiments.load_corpora(cfg), progress=False)
+    assert "ro" in info["cache_error"] and info["history"]["val_loss"] and model.parameters()
+
+
+# -- the bad-input catalogue, through a subprocess as a user runs it ---------------------------------------------
+
+LONG_NAME = "a" * 300 + ".safetensors"
+
+
+def _setup_files(tmp: Path) -> None:
+    (tmp / "folder").mkdir()
+    (tmp / "afile").write_text("not a folder\n")
+    (tmp / "notutf8.txt").write_bytes(b"\xff\xfe\x00bad" * 50)
+    (tmp / "short.txt").write_text("tiny\n")
+    (tmp / "results.json").write_text('{"runs": 3}')
+    (tmp / "notjson.json").write_text("{")
+    (tmp / "fake.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+
+
+# (arguments, environment, words the one-line message must hold). Every row runs in a fresh folder with an empty
+# cache: nothing may be trained (no cache file) and nothing written (the folder is as before).
+BAD_INPUT = {
+    "rank above n_embd": (["sweep", "--ranks", "1,100"], {}, "[100] exceed"),
+    "rank zero in a list": (["sweep", "--ranks", "1,0"], {}, "'1,0' is not a comma list of positive integers"),
+    "rank not a number": (["sweep", "--ranks", "1,x"], {}, "not a comma list"),
+    "repeated rank": (["sweep", "--ranks", "2,2"], {}, "repeated"),
+    "finetune rank 0": (["finetune", "--rank", "0"], {}, "'0' is not a positive integer"),
+    "finetune rank too big": (["finetune", "--rank", "65"], {}, "[65] exceed"),
+    "steps 0": (["finetune", "--steps", "0"], {}, "--steps: '0' is not a positive integer"),
+    "steps negative": (["sweep", "--steps", "-3"], {}, "--steps: '-3'"),
+    "unknown target": (["finetune", "--targets", "q,zz"], {}, "unknown LoRA target"),
+    "no target": (["sweep", "--targets", ","], {}, "unknown LoRA target"),
+    "alpha nan": (["finetune", "--alpha", "nan"], {}, "--alpha: 'nan' is not a finite number > 0"),
+    "alpha zero": (["sweep", "--alpha", "0"], {}, "--alpha: '0'"),
+    "alpha inf": (["report", "--alpha", "inf"], {}, "--alpha: 'inf'"),
+    "temperature 0": (["generate", "--temperature", "0"], {}, "--temperature: '0'"),
+    "top-k 0": (["generate", "--top-k", "0"], {}, "--top-k: '0'"),
+    "top-k above vocabulary": (["generate", "--top-k", "1000"], {}, "larger than the vocabulary"),
+    "seed negative": (["generate", "--seed", "-1"], {}, "--seed: '-1' is not a non-negative integer"),
+    "max-new-tokens 0": (["generate", "--max-new-tokens", "0"], {}, "--max-new-tokens"),
+    "prompt not in vocabulary": (["generate", "--prompt", "€ def"], {}, "characters the vocabulary lacks: '€'"),
+    "prompt empty": (["generate", "--prompt", ""], {}, "--prompt '' is empty"),
+    "adapter missing": (["generate", "--adapter", "nope.safetensors"], {}, "no adapter file at nope.safetensors"),
+    "adapter not safetensors": (["generate", "--adapter", "afile"], {}, "afile is not a valid safetensors"),
+    "adapter without metadata": (["generate", "--adapter", "fake.safetensors"], {}, "fake.safetensors"),
+    "save-adapter is a folder": (["finetune", "--save-adapter", "folder"], {}, "folder is a folder"),
+    "save-adapter under a file": (["finetune", "--save-adapter", "afile/a.safetensors"], {}, "afile is a file"),
+    "save-adapter name too long": (["finetune", "--save-adapter", LONG_NAME], {}, "longer than"),
+    "save-adapter with --full": (["finetune", "--full", "--save-adapter", "x.safetensors"], {}, "LoRA options"),
+    "out is a file": (["sweep", "--out", "afile"], {}, "--out afile is a file"),
+    "targets out is a file": (["targets", "--out", "afile"], {}, "--out afile is a file"),
+    "corpus missing": (["finetune", "--corpus", "nope.txt"], {}, "nope.txt"),
+    "corpus not UTF-8": (["pretrain", "--corpus", "notutf8.txt"], {}, "not valid UTF-8"),
+    "pretrain corpus too short": (["pretrain", "--pretrain-corpus", "short.txt"], {}, "short.txt"),
+    "corpus is a folder": (["sweep", "--corpus", "folder"], {}, "folder"),
+    "cache under a file": (["pretrain"], {"LORA_NP_CACHE": "afile/cache"}, "afile is a file"),
+    "unknown backend in env": (["report"], {"LORA_NP_BACKEND": "bogus"}, "LORA_NP_BACKEND='bogus'"),
+    "cupy without a GPU": (["finetune", "--backend", "cupy"], {}, "cupy"),
+    "unknown option": (["sweep", "--bogus"], {}, "unrecognized arguments: --bogus"),
+    "unknown backend flag": (["sweep", "--backend", "tpu"], {}, "invalid choice: 'tpu'"),
+    "batch size 0": (["report", "--batch-size", "0"], {}, "--batch-size: '0'"),
+    "figures: results missing": (["figures", "--results", "nope.json"], {}, "no such file"),
+    "figures: not JSON": (["figures", "--results", "notjson.json"], {}, "not a JSON file"),
+    "figures: not results": (["figures", "--results", "results.json"], {}, "not a results file"),
+    "figures: out is a file": (["figures", "--results", "results.json", "--out", "afile"], {}, "afile"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path):
+    args, env_extra, message = BAD_INPUT[case]
+    if case == "cupy without a GPU" and "cupy" in sys.modules:
+        pytest.skip("CuPy is importable here")
+    _setup_files(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    env = {**os.environ, "LORA_NP_CACHE": str(tmp_path / "cache"), "LORA_NP_QUICK": "1", **env_extra}
+    run = subprocess.run([sys.executable, "-m", "lora_np", *args, "--no-progress"] if args[0] != "figures" else
+                         [sys.executable, "-m", "lora_np", *args], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2, run.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in run.stderr, run.stderr
+    assert message in lines[0], lines[0]
+    assert run.stdout == ""  # no work started: no progress, no table
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no cache, no output file

@@ -3,59 +3,32 @@ W's gradient, merges and unmerges exactly, can represent any ΔW at full rank, a
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import re
 from collections import Counter
 
 import numpy as np
 import pytest
+from helpers import TINY, assert_untouched, perturb_adapters, snapshot, tiny_gpt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_np import engine, lora
 from lora_np.engine import Tensor
-from lora_np.lora import LoRALinear, apply_lora, count_parameters, lora_layers
-from lora_np.model import GPT, GPTConfig
+from lora_np.lora import LoRAConfig, LoRALinear, apply_lora, count_parameters, lora_layers
+from lora_np.model import GPT
 from lora_np.nn import Linear, Module
 from lora_np.optim import SGD, AdamW
 
-TINY = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
 C = TINY["n_embd"]
 SHAPES = {"q": (C, C), "k": (C, C), "v": (C, C), "o": (C, C), "up": (C, 4 * C), "down": (4 * C, C)}  # (d_in, d_out)
-
-
-def tiny_gpt(seed: int = 0, **overrides) -> GPT:
-    return GPT(GPTConfig(**{**TINY, "seed": seed, **overrides}))
 
 
 def batch(B: int = 3, T: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.integers(0, 11, (B, T)), rng.integers(0, 11, (B, T))
-
-
-def perturb_adapters(model: Module, seed: int = 0, std: float = 0.1) -> None:
-    """Give every B (and A) random values, as after some training, so that ΔW ≠ 0."""
-    rng = np.random.default_rng(seed)
-    for m in lora_layers(model).values():
-        m.A.data[...] = rng.standard_normal(m.A.shape) * std
-        m.B.data[...] = rng.standard_normal(m.B.shape) * std
-
-
-def structure(model: Module) -> dict:
-    """Everything apply_lora could change: module types, parameter names, ids, flags and values."""
-    return {
-        "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
-        "params": [(n, id(p), p.requires_grad, p.data.copy()) for n, p in model.named_parameters()],
-        "lora_config": getattr(model, "lora_config", None),
-        "merged": {n: m.merged for n, m in lora_layers(model).items()},
-    }
-
-
-def assert_same_structure(a: dict, b: dict) -> None:
-    assert a["modules"] == b["modules"]
-    assert [p[:3] for p in a["params"]] == [p[:3] for p in b["params"]]
-    for (name, *_, x), (*_, y) in zip(a["params"], b["params"]):
-        assert np.array_equal(x, y), name
-    assert a["lora_config"] == b["lora_config"] and a["merged"] == b["merged"]
 
 
 # --- at initialisation the adapted model IS the base model ------------------------------------------------------
@@ -65,7 +38,7 @@ def assert_same_structure(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("targets", ["q,v", "all-linear"])
 def test_outputs_identical_to_base_at_init(zero, targets):
     base, adapted = tiny_gpt(), tiny_gpt()
-    apply_lora(adapted, targets, r=4, alpha=8.0, zero=zero, dropout=0.1)
+    apply_lora(adapted, targets=targets, r=4, alpha=8.0, zero=zero, dropout=0.1)
     idx, tgt = batch()
     for mode in ("train", "eval"):  # LoRA dropout acts on the input of A; times B = 0 (or A = 0) it is still 0
         getattr(base, mode)(), getattr(adapted, mode)()
@@ -127,7 +100,7 @@ def test_lora_dropout_acts_on_the_input_of_a_only_in_training():
 def test_rslora_scaling_is_alpha_over_sqrt_r(r):
     assert LoRALinear(Linear(16, 16), r=r, alpha=8.0).scaling == 8.0 / r
     assert LoRALinear(Linear(16, 16), r=r, alpha=8.0, rslora=True).scaling == 8.0 / math.sqrt(r)
-    model = apply_lora(tiny_gpt(), "q", r=4, alpha=8.0, rslora=True)
+    model = apply_lora(tiny_gpt(), targets="q", r=4, alpha=8.0, rslora=True)
     assert all(m.scaling == 4.0 for m in lora_layers(model).values())
 
 
@@ -135,7 +108,7 @@ def test_rslora_scaling_is_alpha_over_sqrt_r(r):
 
 
 def test_after_apply_lora_only_a_and_b_are_trainable():
-    model = apply_lora(tiny_gpt(), "q,v", r=2, alpha=4.0)
+    model = apply_lora(tiny_gpt(), targets="q,v", r=2, alpha=4.0)
     layers = lora_layers(model)
     assert list(layers) == ["blocks.0.attn.q", "blocks.0.attn.v", "blocks.1.attn.q", "blocks.1.attn.v"]
     expected = [p for m in layers.values() for p in (m.A, m.B)]
@@ -145,14 +118,14 @@ def test_after_apply_lora_only_a_and_b_are_trainable():
 
 
 def test_modules_to_save_are_trained_fully():
-    model = apply_lora(tiny_gpt(), "q,v", r=2, alpha=4.0, modules_to_save=["lm_head", "wte"])
+    model = apply_lora(tiny_gpt(), targets="q,v", r=2, alpha=4.0, modules_to_save=["lm_head", "wte"])
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names[0] == "wte.weight" and names[-1] == "lm_head.weight" and len(names) == 2 + 8
-    assert model.lora_config.modules_to_save == ["lm_head", "wte"]
+    assert model.lora_config.modules_to_save == ("wte", "lm_head")  # model order, whatever the order given
 
 
 def test_one_adamw_step_changes_only_a_and_b():
-    model = apply_lora(tiny_gpt(), "all-linear", r=2, alpha=4.0)
+    model = apply_lora(tiny_gpt(), targets="all-linear", r=2, alpha=4.0)
     adapter_ids = lora.adapter_parameter_ids(model)
     before = {n: p.data.copy() for n, p in model.named_parameters()}
     opt = AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.1)
@@ -177,7 +150,7 @@ def test_gradient_at_step_one_flows_only_into_the_nonzero_factor(zero):
     # y = x W + s·(x A) B. With g = dL/dy:  dL/dA = s · xᵀ (g Bᵀ)  and  dL/dB = s · (x A)ᵀ g.
     # zero="B": B = 0, so g Bᵀ = 0 and dL/dA is EXACTLY 0 (a matmul with an all-zero matrix), while dL/dB ≠ 0:
     # only B moves on the first step, then A starts to move. zero="A": x A = 0, so dL/dB = 0 and dL/dA ≠ 0.
-    model = apply_lora(tiny_gpt(), "all-linear", r=2, alpha=4.0, zero=zero)
+    model = apply_lora(tiny_gpt(), targets="all-linear", r=2, alpha=4.0, zero=zero)
     idx, tgt = batch()
     model(idx, tgt)[1].backward()
     for name, m in lora_layers(model).items():
@@ -187,7 +160,7 @@ def test_gradient_at_step_one_flows_only_into_the_nonzero_factor(zero):
 
 
 def test_frozen_w_and_bias_get_no_gradient():
-    model = apply_lora(tiny_gpt(), "all-linear", r=2, alpha=4.0)
+    model = apply_lora(tiny_gpt(), targets="all-linear", r=2, alpha=4.0)
     idx, tgt = batch()
     model(idx, tgt)[1].backward()
     for name, m in lora_layers(model).items():
@@ -242,7 +215,7 @@ def test_whole_gpt_backward_matmuls_full_vs_lora(monkeypatch):
     assert len(full) == 16 * L + 2
     assert sum(s in base_shapes for s in full) == 6 * L + 1
 
-    model = apply_lora(tiny_gpt(), "all-linear", r=r, alpha=6.0)
+    model = apply_lora(tiny_gpt(), targets="all-linear", r=r, alpha=6.0)
     lora_shapes = backward_matmul_shapes(monkeypatch, model(idx, tgt)[1])
     assert not any(s in base_shapes for s in lora_shapes)  # no dW at all, not even lm_head's (frozen)
     # Each adapted layer: dx through W, dx and dA through A, d(xA) and dB through B = 5. Block 0's q, k, v read
@@ -263,7 +236,7 @@ def test_whole_gpt_backward_matmuls_full_vs_lora(monkeypatch):
 
 
 def adapted_model(dtype, seed: int = 0) -> GPT:
-    model = apply_lora(tiny_gpt(seed), "all-linear", r=3, alpha=6.0)
+    model = apply_lora(tiny_gpt(seed), targets="all-linear", r=3, alpha=6.0)
     model.to(dtype)
     perturb_adapters(model, seed)
     return model
@@ -435,7 +408,7 @@ BASE_TOTAL = 2000  # wte 88 + wpe 64 + 2 blocks × 872 + ln_f 16 + lm_head 88
 def test_count_parameters_matches_the_formula(targets, r, save):
     model = tiny_gpt()
     assert count_parameters(model).total == BASE_TOTAL == sum(p.size for p in model.parameters())
-    apply_lora(model, targets, r=r, alpha=1.0, modules_to_save=save)
+    apply_lora(model, targets=targets, r=r, alpha=1.0, modules_to_save=save)
     names = lora.resolve_targets(targets)
     lora_numbers = TINY["n_layer"] * sum(r * (SHAPES[t][0] + SHAPES[t][1]) for t in names)  # r·(d_in + d_out)
     extra = C * 11 if save else 0  # lm_head's W (C, V) trained fully
@@ -458,7 +431,7 @@ def test_square_layer_trains_2dr_numbers(d, r):
 
 
 def test_count_parameters_rows_name_the_modules():
-    counts = count_parameters(apply_lora(tiny_gpt(), "q", r=2, alpha=1.0))
+    counts = count_parameters(apply_lora(tiny_gpt(), targets="q", r=2, alpha=1.0))
     rows = {name: (t, f) for name, t, f in counts.rows}
     assert rows["blocks.0.attn.q"] == (2 * 2 * C, C * C + C)
     assert rows["blocks.0.attn.k"] == (0, C * C + C)
@@ -467,51 +440,194 @@ def test_count_parameters_rows_name_the_modules():
 
 
 def test_count_parameters_catches_wrongly_sized_factors():
-    model = apply_lora(tiny_gpt(), "q", r=2, alpha=1.0)
+    model = apply_lora(tiny_gpt(), targets="q", r=2, alpha=1.0)
     model.blocks[0].attn.q.B.data = np.zeros((3, C), np.float32)
     with pytest.raises(AssertionError, match="blocks.0.attn.q"):
         count_parameters(model)
 
 
-# --- apply_lora argument checks ----------------------------------------------------------------------------------
+# --- LoRAConfig: one validated description of a LoRA setup ------------------------------------------------------
+
+# Every field's bad values: (field, value, a piece of the message that names the culprit). The message must also
+# name the field (FIELD_IN_MESSAGE).
+CONFIG_ERRORS = [
+    ("r", 0, "got 0"), ("r", -1, "got -1"), ("r", 2.0, "got 2.0"), ("r", True, "got True"), ("r", "8", "got '8'"),
+    ("r", None, "got None"),
+    ("alpha", 0, "got 0"), ("alpha", -1, "got -1"), ("alpha", math.nan, "got nan"), ("alpha", math.inf, "got inf"),
+    ("alpha", -math.inf, "got -inf"), ("alpha", True, "got True"), ("alpha", "16", "got '16'"),
+    ("dropout", -0.1, "got -0.1"), ("dropout", 1.0, "got 1.0"), ("dropout", math.nan, "got nan"),
+    ("dropout", "x", "got 'x'"), ("dropout", True, "got True"),
+    ("rslora", 1, "got 1"), ("rslora", "yes", "got 'yes'"), ("rslora", None, "got None"),
+    ("zero", "both", "could never learn"), ("zero", "C", "got 'C'"), ("zero", "b", "got 'b'"),
+    ("seed", -1, "got -1"), ("seed", 1.5, "got 1.5"), ("seed", True, "got True"), ("seed", None, "got None"),
+    ("targets", "zz", "['zz']"), ("targets", "", "(none given)"), ("targets", 3, "got 3"),
+    ("targets", ["q", "nope"], "['nope']"), ("targets", None, "got None"), ("targets", [], "(none given)"),
+    ("modules_to_save", ["wte", "nope"], "['nope']"), ("modules_to_save", 7, "got 7"),
+    ("modules_to_save", "blocks", "['blocks']"),
+]
+FIELD_IN_MESSAGE = {"r": r"LoRAConfig\.r ", "alpha": r"LoRAConfig\.alpha ", "dropout": r"LoRAConfig\.dropout ",
+                    "rslora": r"LoRAConfig\.rslora ", "zero": r"LoRAConfig\.zero ", "seed": r"LoRAConfig\.seed ",
+                    "targets": r"LoRA target", "modules_to_save": r"modules_to_save"}
+
+
+@pytest.mark.parametrize("field, value, culprit", CONFIG_ERRORS, ids=[f"{f}={v!r}" for f, v, _ in CONFIG_ERRORS])
+def test_lora_config_refuses_every_bad_field(field, value, culprit):
+    with pytest.raises(ValueError) as refused:
+        LoRAConfig(**{field: value})
+    message = str(refused.value)
+    assert re.search(FIELD_IN_MESSAGE[field], message), message
+    assert culprit in message, message
+
+
+def test_lora_config_normalises_so_that_equal_setups_are_equal():
+    a = LoRAConfig(targets="v,q", alpha=4, modules_to_save="lm_head, wte")
+    b = LoRAConfig(targets=("q", "v"), alpha=4.0, modules_to_save=["wte", "lm_head"])
+    assert a == b and hash(a) == hash(b)
+    assert a.targets == ("q", "v") and a.modules_to_save == ("wte", "lm_head")  # tuples in model order
+    assert type(a.alpha) is float and type(LoRAConfig(dropout=0).dropout) is float
+    assert LoRAConfig(targets="all-linear").targets == lora.TARGETS
+    assert LoRAConfig(targets=" q , v ,") == LoRAConfig()  # the default targets: q, v (the paper's)
+    assert LoRAConfig(r=4) != LoRAConfig(r=8) and LoRAConfig(seed=1) != LoRAConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.r = 4  # a config that exists is valid: it cannot be changed into an invalid one
+
+
+def test_lora_config_scaling():
+    assert LoRAConfig(r=4, alpha=8).scaling == 2.0  # α / r
+    assert LoRAConfig(r=4, alpha=8, rslora=True).scaling == 4.0  # α / √r
+
+
+@pytest.mark.parametrize("config", [LoRAConfig(), LoRAConfig(r=3, alpha=5, targets="all-linear", dropout=0.1,
+                                                             rslora=True, zero="A", seed=9,
+                                                             modules_to_save=("lm_head", "ln_f"))])
+def test_lora_config_round_trips_through_json(config):
+    d = config.to_dict()
+    assert list(d) == [f.name for f in dataclasses.fields(LoRAConfig)]
+    assert LoRAConfig.from_dict(json.loads(json.dumps(d))) == config
+
+
+@pytest.mark.parametrize(
+    "d, match",
+    [
+        ([1, 2], "a LoRA config must be a JSON object, got list"),
+        ({**LoRAConfig().to_dict(), "rank": 2}, r"unknown keys \['rank'\], missing keys none"),
+        ({k: v for k, v in LoRAConfig().to_dict().items() if k != "seed"},
+         r"unknown keys none, missing keys \['seed'\]"),
+        ({**LoRAConfig().to_dict(), "seed": -1}, r"LoRAConfig\.seed must be a non-negative integer, got -1"),
+    ],
+)
+def test_lora_config_from_dict_refuses_bad_dicts(d, match):
+    with pytest.raises(ValueError, match=match):
+        LoRAConfig.from_dict(d)
+
+
+def test_apply_lora_takes_a_config_or_keywords_that_build_one():
+    config = LoRAConfig(targets="q,v", r=2, alpha=4.0, seed=3)
+    a = apply_lora(tiny_gpt(), config)
+    b = apply_lora(tiny_gpt(), targets="q,v", r=2, alpha=4.0, seed=3)
+    assert a.lora_config is config and b.lora_config == config
+    for (na, la), (nb, lb) in zip(lora_layers(a).items(), lora_layers(b).items()):
+        assert na == nb and la.config == config and np.array_equal(la.A.data, lb.A.data)
+
+
+# --- apply_lora: every refusal changes nothing -------------------------------------------------------------------
+
+
+class OneLayer(Module):
+    """A model with a single Linear named q, and none of GPT's top-level modules."""
+
+    def __init__(self) -> None:
+        self.q = Linear(8, 8, gen=np.random.default_rng(0))
+
+
+def with_lora() -> GPT:
+    model = apply_lora(tiny_gpt(), targets="q,v", r=2, alpha=4.0)
+    perturb_adapters(model)
+    return model
+
+
+# (the model, the call, the error, its message). Each row runs on the model as built and on the same model with
+# some parameters frozen beforehand: the flags, like the values, must be exactly as before.
+APPLY_ERRORS = {
+    "seed=-1": (tiny_gpt, lambda m: apply_lora(m, targets="q,v", r=2, alpha=4, seed=-1), ValueError,
+                r"LoRAConfig\.seed must be a non-negative integer, got -1"),
+    "alpha=nan": (tiny_gpt, lambda m: apply_lora(m, r=2, alpha=math.nan), ValueError,
+                  r"LoRAConfig\.alpha must be a finite number > 0, got nan"),
+    "r=0": (tiny_gpt, lambda m: apply_lora(m, r=0), ValueError, r"LoRAConfig\.r must be a positive integer, got 0"),
+    "zero='both'": (tiny_gpt, lambda m: apply_lora(m, r=2, zero="both"), ValueError, "could never learn"),
+    "unknown target": (tiny_gpt, lambda m: apply_lora(m, targets="q,x", r=2), ValueError,
+                       r"unknown LoRA target\(s\) \['x'\]; valid: \['q', 'k', 'v', 'o', 'up', 'down'\] or "
+                       r"'all-linear'"),
+    "unknown module to save": (tiny_gpt, lambda m: apply_lora(m, r=2, modules_to_save=["lm_head", "blocks"]),
+                               ValueError,
+                               r"unknown modules_to_save \['blocks'\]; valid: \['wte', 'wpe', 'lm_head', 'ln_f'\]"),
+    "unknown keyword": (tiny_gpt, lambda m: apply_lora(m, rank=2), TypeError,
+                        r"apply_lora: .*'rank'.*LoRAConfig fields"),
+    "a config and keywords": (tiny_gpt, lambda m: apply_lora(m, LoRAConfig(), r=2), TypeError,
+                              r"give a LoRAConfig or keyword arguments, not both \(got \['r'\]\)"),
+    "targets given positionally": (tiny_gpt, lambda m: apply_lora(m, "q,v", r=2, alpha=4), TypeError, "not both"),
+    "a string for the config": (tiny_gpt, lambda m: apply_lora(m, "q,v"), TypeError,
+                                r"expected a LoRAConfig, got str \(targets go in the config"),
+    "a dict for the config": (tiny_gpt, lambda m: apply_lora(m, {"r": 2}), TypeError,
+                              "expected a LoRAConfig, got dict"),
+    "r larger than the targets allow": (tiny_gpt, lambda m: apply_lora(m, targets="all-linear", r=9), ValueError,
+                                        r"LoRA rank r must be at most 8 \(min\(d_in, d_out\) of the targets"),
+    "modules_to_save not in the model": (OneLayer, lambda m: apply_lora(m, targets="q", r=2, modules_to_save=["wte"]),
+                                         ValueError, r"modules_to_save \['wte'\] are not modules of OneLayer"),
+    "targets not in the model": (OneLayer, lambda m: apply_lora(m, targets="v", r=2),
+                                 ValueError, r"no Linear layer named \['v'\] in OneLayer"),
+    "already has LoRA": (with_lora, lambda m: apply_lora(m, targets="all-linear", r=2), RuntimeError,
+                         "already has LoRA layers"),
+    "already has the same LoRA": (with_lora, lambda m: apply_lora(m, m.lora_config), RuntimeError,
+                                  "already has LoRA layers"),
+}
+
+
+@pytest.mark.parametrize("some_frozen", [False, True], ids=["as built", "some parameters frozen"])
+@pytest.mark.parametrize("case", APPLY_ERRORS)
+def test_apply_lora_refuses_and_leaves_values_and_flags_as_they_were(case, some_frozen):
+    make_model, call, error, match = APPLY_ERRORS[case]
+    model = make_model()
+    if some_frozen:
+        for p in model.parameters()[::2]:
+            p.requires_grad = not p.requires_grad
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        call(model)
+    assert_untouched(before, model)
 
 
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(targets="q,x"), ValueError, r"unknown LoRA target\(s\) \['x'\]; valid: \['q', 'k', 'v', 'o', 'up'"),
-        (dict(targets=["attn"]), ValueError, r"valid: \['q', 'k', 'v', 'o', 'up', 'down'\] or 'all-linear'"),
-        (dict(targets=""), ValueError, r"\(none given\)"),
-        (dict(r=0), ValueError, r"r must be an integer in \[1, 8\]"),
-        (dict(r=9), ValueError, r"r must be an integer in \[1, 8\]"),
-        (dict(r=2.0), ValueError, r"r must be an integer"),
-        (dict(zero="both"), ValueError, "can never learn"),
-        (dict(zero="C"), ValueError, "zero must be 'B'"),
-        (dict(alpha=0.0), ValueError, "alpha must be > 0"),
-        (dict(alpha=-1.0), ValueError, "alpha must be > 0"),
-        (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
-        (dict(dropout=-0.5), ValueError, r"dropout must be in \[0, 1\)"),
-        (dict(modules_to_save=["lm_head", "blocks"]), ValueError, r"unknown modules_to_save \['blocks'\]"),
-        (dict(modules_to_save=["ln_1"]), ValueError, r"valid: \['wte', 'wpe', 'lm_head', 'ln_f'\]"),
+        (dict(r=2, seed=-1), ValueError, r"seed must be a non-negative integer, got -1"),
+        (dict(r=2, alpha=math.nan), ValueError, r"LoRAConfig\.alpha"),
+        (dict(r=5), ValueError, r"r must be at most min\(d_in, d_out\) = 4, got 5"),
+        (dict(config=LoRAConfig(), r=2), TypeError, "not both"),
     ],
 )
-def test_apply_lora_errors_leave_the_model_untouched(kwargs, error, match):
-    model = tiny_gpt()
-    before = structure(model)
-    args = {"targets": "q,v", "r": 2, "alpha": 4.0, **kwargs}
+def test_lora_linear_refuses_and_leaves_the_base_layer_as_it_was(kwargs, error, match):
+    base = Linear(4, 6, gen=np.random.default_rng(0))
+    before = snapshot(base)
     with pytest.raises(error, match=match):
-        apply_lora(model, **args)
-    assert_same_structure(before, structure(model))
-    assert not lora_layers(model) and model.trainable_parameters() == model.parameters()
+        LoRALinear(base, **kwargs)
+    assert_untouched(before, base)
+    assert base.weight.requires_grad and base.bias.requires_grad
 
 
-def test_apply_lora_twice_is_an_error_and_changes_nothing():
-    model = apply_lora(tiny_gpt(), "q,v", r=2, alpha=4.0)
-    perturb_adapters(model)
-    before = structure(model)
-    with pytest.raises(RuntimeError, match="already has LoRA layers"):
-        apply_lora(model, "all-linear", r=2, alpha=4.0)
-    assert_same_structure(before, structure(model))
+def test_prepare_finetuning_full_or_lora():
+    model = tiny_gpt()
+    for p in model.parameters()[::2]:
+        p.requires_grad = False
+    assert lora.prepare_finetuning(model, None) is model
+    assert model.trainable_parameters() == model.parameters()  # full fine-tuning: everything trains
+    config = LoRAConfig(r=2, alpha=4.0)
+    adapted = lora.prepare_finetuning(tiny_gpt(), config)
+    assert adapted.lora_config is config and len(lora_layers(adapted)) == 4
+    before = snapshot(adapted)
+    with pytest.raises(RuntimeError, match="full fine-tuning of a model with LoRA layers"):
+        lora.prepare_finetuning(adapted, None)
+    assert_untouched(before, adapted)
 
 
 def test_resolve_targets():
@@ -522,9 +638,9 @@ def test_resolve_targets():
 
 def test_apply_lora_records_config_and_float64_factors():
     model = tiny_gpt().to(np.float64)
-    apply_lora(model, "v,q", r=2, alpha=4.0, rslora=True, seed=5)
+    apply_lora(model, targets="v,q", r=2, alpha=4.0, rslora=True, seed=5)
     cfg = model.lora_config
-    assert (cfg.targets, cfg.r, cfg.alpha, cfg.rslora, cfg.seed) == (["q", "v"], 2, 4.0, True, 5)
+    assert (cfg.targets, cfg.r, cfg.alpha, cfg.rslora, cfg.seed) == (("q", "v"), 2, 4.0, True, 5)
     assert all(m.A.dtype == np.float64 and m.B.dtype == np.float64 for m in lora_layers(model).values())
     a = [m.A.data for m in lora_layers(model).values()]
     assert not np.array_equal(a[0], a[1])  # each layer gets its own random A
@@ -566,7 +682,7 @@ def test_lora_fine_tuning_learns_a_new_pattern_with_w_frozen():
     before_ft = model(x_new, y_new)[1].item()
     assert before_ft > 2.0  # ... and is bad at the new pattern
 
-    apply_lora(model, "all-linear", r=4, alpha=8.0)
+    apply_lora(model, targets="all-linear", r=4, alpha=8.0)
     frozen = {n: p.data.copy() for n, p in model.named_parameters() if not p.requires_grad}
     ft = train(model, pattern_batches(new, seed=1), steps=100)
     after_ft = model(x_new, y_new)[1].item()

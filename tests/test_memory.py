@@ -20,48 +20,45 @@ import numpy as np
 import pytest
 
 from lora_np import memory
-from lora_np.lora import count_parameters
-from lora_np.model import GPTConfig
+from lora_np.lora import LoRAConfig, count_parameters, prepare_finetuning
+from lora_np.model import GPT, GPTConfig
 
 KIB = 1024
 SMALL = GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=64)
 
-CASES = [  # (config, mode, batch, block_size, LoRA options)
-    (SMALL, "full", 4, None, {}),
-    (SMALL, "lora", 4, None, {}),
-    (SMALL, "lora", 4, None, {"lora_targets": "all-linear", "lora_r": 4}),
-    (SMALL, "lora", 4, 16, {"modules_to_save": ("wte", "lm_head")}),
-    (SMALL, "lora", 4, None, {"lora_targets": ("v",)}),
-    (GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False), "lora", 3, 8,
-     {"lora_targets": "k,o,down", "lora_r": 4, "modules_to_save": ("wpe", "ln_f")}),
-    (GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=1, n_embd=32), "full", 3, None, {}),
-    (GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1), "lora", 3, None,
-     {"lora_dropout": 0.2, "modules_to_save": ("wte",)}),
+CASES = [  # (config, LoRA setup or None for full fine-tuning, batch, block_size)
+    (SMALL, None, 4, None),
+    (SMALL, LoRAConfig(), 4, None),
+    (SMALL, LoRAConfig(targets="all-linear", r=4), 4, None),
+    (SMALL, LoRAConfig(modules_to_save=("wte", "lm_head")), 4, 16),
+    (SMALL, LoRAConfig(targets=("v",)), 4, None),
+    (GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False),
+     LoRAConfig(targets="k,o,down", r=4, modules_to_save=("wpe", "ln_f")), 3, 8),
+    (GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=1, n_embd=32), None, 3, None),
+    (GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1),
+     LoRAConfig(dropout=0.2, modules_to_save=("wte",)), 3, None),
 ]
-
-
-def _ledger(cfg, mode, B, T, opts):
-    return memory.analytic_ledger(cfg, mode, B, T, **opts)
 
 
 @pytest.fixture(scope="module")
 def measured():
     """compare() for every case, computed once (each is a real training step under tracemalloc)."""
-    return [memory.compare(cfg, mode, B, T, **opts) for cfg, mode, B, T, opts in CASES]
+    return [memory.compare(cfg, lora, B, T) for cfg, lora, B, T in CASES]
 
 
 @pytest.mark.parametrize("i", range(len(CASES)))
 def test_parameter_bytes_are_exact(i, measured):
-    cfg, mode, B, T, opts = CASES[i]
+    cfg, lora, B, T = CASES[i]
     ledger, m = measured[i]
+    assert ledger.mode == ("full" if lora is None else "lora")
     assert (m.weights, m.gradients, m.optimizer) == (ledger.weights, ledger.gradients, ledger.optimizer)
     assert m.optimizer == 2 * m.gradients  # AdamW: m and v per trainable number
-    lora_opts = {k: v for k, v in opts.items() if k != "lora_dropout"}
-    model, _ = memory.build(cfg, mode, **opts)
+    model = prepare_finetuning(GPT(cfg), lora)
     counts = count_parameters(model)
-    assert memory.count_trainable(cfg, mode, **lora_opts) == (counts.total, counts.trainable)
+    assert memory.count_trainable(cfg, lora) == (counts.total, counts.trainable)
     assert ledger.weights == sum(p.data.nbytes for p in model.parameters())
     assert ledger.gradients == sum(p.data.nbytes for p in model.trainable_parameters())
+    assert memory.ledger_of(model, B, T) == memory.analytic_ledger(cfg, lora, B, T)
 
 
 @pytest.mark.parametrize("i", range(len(CASES)))
@@ -73,7 +70,7 @@ def test_activations_match_tracemalloc(i, measured):
 def test_activation_gap_does_not_grow_with_the_batch():
     gaps = []
     for B in (2, 6):
-        ledger, m = memory.compare(SMALL, "lora", B)
+        ledger, m = memory.compare(SMALL, LoRAConfig(), B)
         gaps.append(m.activations - ledger.activations)
     assert abs(gaps[1] - gaps[0]) < 4 * KIB  # the Python objects of the graph do not depend on the batch
 
@@ -108,31 +105,43 @@ def _full_activations(cfg: GPTConfig, B: int, T: int, f: int = 4) -> int:
 @pytest.mark.parametrize("cfg,B,T", [(SMALL, 4, 32), (SMALL, 3, 7),
                                      (GPTConfig(vocab_size=11, block_size=64, n_layer=5, n_head=8, n_embd=48), 2, 64)])
 def test_full_activations_closed_form(cfg, B, T):
-    assert memory.analytic_ledger(cfg, "full", B, T).activations == _full_activations(cfg, B, T)
+    assert memory.analytic_ledger(cfg, None, B, T).activations == _full_activations(cfg, B, T)
 
 
 def test_lora_adds_per_adapted_layer():
     """One more block, with LoRA on all six linears, costs a full block plus N·r per layer (h = x @ A)."""
     B, T, r, f = 2, 16, 4, 4
     cfgs = [GPTConfig(vocab_size=40, block_size=T, n_layer=L, n_head=2, n_embd=32) for L in (2, 3)]
-    acts = [memory.analytic_ledger(c, "lora", B, lora_r=r, lora_targets="all-linear").activations for c in cfgs]
+    acts = [memory.analytic_ledger(c, LoRAConfig(targets="all-linear", r=r), B).activations for c in cfgs]
     N = B * T
     full_block = _full_activations(cfgs[1], B, T) - _full_activations(cfgs[0], B, T)
     adapters = 6 * N * r * f  # h = x @ A in each of the six adapted layers
     assert acts[1] - acts[0] == full_block + adapters
 
 
-def test_bad_arguments():
-    with pytest.raises(ValueError, match="mode"):
-        memory.analytic_ledger(SMALL, "half", 4)
-    with pytest.raises(ValueError, match="block_size"):
-        memory.analytic_ledger(SMALL, "full", 4, block_size=SMALL.block_size + 1)
-    with pytest.raises(ValueError, match="target"):
-        memory.analytic_ledger(SMALL, "lora", 4, lora_targets=("w",))
+@pytest.mark.parametrize(
+    "lora, batch_size, block_size, match",
+    [
+        (None, 4, SMALL.block_size + 1, "block_size"),
+        (None, 0, None, "batch_size"),
+        (LoRAConfig(), 4, 0, "block_size"),
+        (LoRAConfig(r=SMALL.n_embd + 1), 4, None, r"LoRA rank r must be at most 64 \(n_embd\), got 65"),
+    ],
+)
+def test_bad_arguments(lora, batch_size, block_size, match):
+    with pytest.raises(ValueError, match=match):
+        memory.analytic_ledger(SMALL, lora, batch_size, block_size)
+
+
+def test_ledger_of_a_model_that_is_neither_full_nor_lora_fine_tuning():
+    model = GPT(SMALL)
+    model.wte.weight.requires_grad = False
+    with pytest.raises(ValueError, match="must train every parameter"):
+        memory.ledger_of(model, 2)
 
 
 def test_measure_model_and_tables():
-    model, _ = memory.build(SMALL, "lora", lora_r=2)
+    model = prepare_finetuning(GPT(SMALL), LoRAConfig(r=2))
     ids = np.random.default_rng(0).integers(0, SMALL.vocab_size, size=2000)
     mem = memory.measure_model(model, ids, batch_size=2)
     json.dumps(mem)  # goes into results files as it is
@@ -142,7 +151,7 @@ def test_measure_model_and_tables():
     assert mem["measured"]["peak"] == mem["measured"]["total"] > mem["measured"]["traced_peak"]
     text = memory.format_comparison(mem)
     assert "activations" in text and "scratch" in text
-    assert "MiB" in memory.analytic_ledger(SMALL, "full", 2).table()
+    assert "MiB" in memory.analytic_ledger(SMALL, None, 2).table()
 
 
 def test_gpt3_numbers():

@@ -7,17 +7,12 @@ import math
 
 import numpy as np
 import pytest
+from helpers import TINY, tiny_gpt
 
 from lora_np import lora
 from lora_np.gradcheck import gradcheck
 from lora_np.model import GPT, GPTConfig
 from lora_np.optim import AdamW
-
-TINY = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
-
-
-def tiny_gpt(seed: int = 0, **overrides) -> GPT:
-    return GPT(GPTConfig(**{**TINY, "seed": seed, **overrides}))
 
 
 def batch(B: int = 3, T: int = 8, V: int = 11, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -41,16 +36,22 @@ def test_config_n_embd_must_divide_by_n_head():
 
 
 @pytest.mark.parametrize("field", ["vocab_size", "block_size", "n_layer", "n_head", "n_embd"])
-@pytest.mark.parametrize("value", [0, -1])
+@pytest.mark.parametrize("value", [0, -1, 2.0, True, "8"])
 def test_config_sizes_must_be_positive(field, value):
     with pytest.raises(ValueError, match=f"GPTConfig.{field} must be a positive integer"):
         GPTConfig(**{**TINY, field: value})
 
 
-@pytest.mark.parametrize("p", [-0.1, 1.0, 2.0])
+@pytest.mark.parametrize("p", [-0.1, 1.0, 2.0, math.nan, True, "0.1"])
 def test_config_dropout_must_be_in_0_1(p):
-    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"GPTConfig\.dropout must be a number in \[0, 1\), got "):
         GPTConfig(**TINY, dropout=p)
+
+
+@pytest.mark.parametrize("field, value", [("bias", 1), ("bias", "yes"), ("seed", -1), ("seed", True), ("seed", 1.5)])
+def test_config_bias_and_seed_are_checked(field, value):
+    with pytest.raises(ValueError, match=rf"GPTConfig\.{field} must be .*, got {value!r}"):
+        GPTConfig(**TINY, **{field: value})
 
 
 # --- forward -----------------------------------------------------------------------------------------------------
@@ -214,7 +215,7 @@ def test_whole_model_gradcheck_float64():
 
 def test_whole_model_gradcheck_with_lora():
     model = GPT(GPTConfig(**GRADCHECK_CFG))
-    lora.apply_lora(model, "all-linear", r=2, alpha=3.0)
+    lora.apply_lora(model, lora.LoRAConfig(targets="all-linear", r=2, alpha=3.0))
     model.to(np.float64)
     randomise(model.parameters(), seed=2)  # B ≠ 0 too, so the gradient of A is not trivially zero
     idx, tgt = batch(2, 4, V=7, seed=3)

