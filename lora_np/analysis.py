@@ -70,8 +70,8 @@ from . import backend
 np = backend.np  # host NumPy: the analyses are small dense SVDs, done on the CPU whatever the training backend
 
 
-def _host_matrix(x: Any, name: str) -> Any:
-    """``x`` as a float64 host matrix, with its shape and values checked."""
+def _host_matrix(x: Any, name: str) -> tuple[Any, float]:
+    """``x`` as a float64 host matrix (shape and values checked), and the rounding level eps of its own dtype."""
     dtype = getattr(x, "dtype", None)
     a = np.asarray(backend.to_numpy(x), dtype=np.float64)
     if a.ndim != 2 or 0 in a.shape:
@@ -119,8 +119,8 @@ def subspace_similarity(X: Any, Y: Any, max_i: int | None = None, max_j: int | N
     min(d, n). Returns a float64 array (max_i, max_j) with entries in [0, 1].
 
     φ depends on X only through its singular vectors and their order: X @ Q (Q orthogonal) and c·X give the
-    same φ. Any invertible X @ R keeps the column space, so the full-span row i = rank(X) stays the same, but it
-    reorders the directions inside, so the other rows change.
+    same φ (c ≠ 0). Any invertible X @ R keeps the column space, so the full-span row i = rank(X) stays the same,
+    but it can reorder the directions inside, so the other rows can change.
     """
     ux, _ = _top_singular_pairs(X, max_i, "X", "max_i")  # (d, max_i)
     uy, _ = _top_singular_pairs(Y, max_j, "Y", "max_j")  # (d, max_j)
