@@ -104,6 +104,14 @@ def _top_singular_pairs(x: Any, k: int | None, name: str, arg: str) -> tuple[Any
     return u[:, :k], vt[:k].T
 
 
+def numerical_rank(x: Any) -> int:
+    """How many singular directions of ``x`` stand above the rounding of its own dtype (σ_k > σ₁·max(shape)·eps,
+    NumPy's matrix_rank rule). The largest k that ``amplification`` and ``subspace_similarity`` accept: a LoRA
+    ΔW of rank r briefly trained from B = 0 can have fewer than r directions above float32 rounding."""
+    a, eps = _host_matrix(x, "x")
+    return _numerical_rank(np.linalg.svd(a, compute_uv=False), a.shape, eps)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # §7.2: subspace similarity
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_np.analysis import amplification, effective_rank, singular_spectrum, subspace_similarity
+from lora_np.analysis import amplification, effective_rank, numerical_rank, singular_spectrum, subspace_similarity
 
 
 def gaussian(*shape: int, seed: int = 0) -> np.ndarray:
@@ -215,6 +215,10 @@ def test_a_float32_lora_update_has_only_r_directions():
     assert amplification(A @ B, W, 4).k == 4
     with pytest.raises(ValueError, match="numerical rank 4"):
         amplification(A @ B, W, 5)
+    assert numerical_rank(A @ B) == 4
+    # the same values cast to float64 look full rank: judged by float64's eps, float32's rounding is signal. So
+    # pass ΔW in the dtype it was computed in (LoRALinear.delta_weight() keeps the model's dtype).
+    assert numerical_rank((A @ B).astype(np.float64)) == 48
 
 
 # --- the spectrum and the effective rank ------------------------------------------------------------------------
@@ -250,7 +254,7 @@ def test_effective_rank_of_a_known_rank_matrix(d_in, d_out, r, seed):
 
 
 def test_zero_update():
-    assert effective_rank(np.zeros((4, 3))) == 0
+    assert effective_rank(np.zeros((4, 3))) == 0 and numerical_rank(np.zeros((4, 3))) == 0
     assert not singular_spectrum(np.zeros((4, 3))).any()
 
 
