@@ -123,7 +123,8 @@ def count_trainable(config: GPTConfig, lora: LoRAConfig | None) -> tuple[int, in
     C, V, bias = config.n_embd, config.vocab_size, config.bias
     linears = {"q": (C, C), "k": (C, C), "v": (C, C), "o": (C, C), "up": (C, 4 * C), "down": (4 * C, C)}
     layer_norm = C + (C if bias else 0)  # weight, and bias when config.bias
-    top = {"wte": V * C, "wpe": config.block_size * C, "ln_f": layer_norm, "lm_head": C * V}  # lm_head: no bias
+    lm_head = 0 if config.tie_weights else C * V  # no bias; tied: the logits use wte's table, counted once
+    top = {"wte": V * C, "wpe": config.block_size * C, "ln_f": layer_norm, "lm_head": lm_head}
     per_block = 2 * layer_norm + sum(d_in * d_out + (d_out if bias else 0) for d_in, d_out in linears.values())
     base = sum(top.values()) + config.n_layer * per_block
     if lora is None:
@@ -265,7 +266,7 @@ def _replay_forward(cfg: GPTConfig, lora: LoRAConfig | None, B: int, T: int, f: 
         u = rp.op([u], N * 4 * C * f, captures=[N * 4 * C * f] * 2)  # gelu: keeps x² and tanh(u)
         x = rp.op([x, dropout(linear(u, f"{b}.down", 4 * C, C), N * C, p)], N * C * f)  # x + mlp
     h = layer_norm(x, "ln_f")
-    logits = linear(h, "lm_head", C, V)  # (N, C) @ (C, V) -> (N, V)
+    logits = linear(h, "wte" if cfg.tie_weights else "lm_head", C, V)  # (N, C) @ (C, V) -> (N, V); tied: wte.T
     rp.op([logits], f, captures=[N * V * f, N * BOOL_BYTES, N * INT_BYTES])  # cross_entropy: logp, valid, safe_t
     return rp.kept_bytes()
 

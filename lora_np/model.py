@@ -2,7 +2,8 @@
 
 Pre-LayerNorm blocks, learned position embeddings, causal self-attention with SEPARATE q, k, v, o projections
 (GPT-2 fuses q, k, v into one matrix; keeping them apart lets LoRA adapt each alone, as in Hu et al. Table 5),
-a 4x tanh-GELU MLP (``up`` then ``down``), a final LayerNorm and an untied LM head. Shapes: B batch, T time,
+a 4x tanh-GELU MLP (``up`` then ``down``), a final LayerNorm and an untied LM head (tied to ``wte`` with
+``tie_weights=True``, as GPT-2 itself: see ``gpt2.py``). Shapes: B batch, T time,
 C = n_embd channels, nh heads, hs = C / nh head size, V vocabulary.
 """
 
@@ -28,6 +29,8 @@ class GPTConfig:
     dropout: float = 0.0  # after attention, MLP and embeddings; 0 for short runs on small data
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
     seed: int = 0  # weight initialisation (and dropout masks)
+    layer_norm_eps: float = 1e-5  # added to the variance in every LayerNorm (GPT-2's layer_norm_epsilon)
+    tie_weights: bool = False  # True: no lm_head, the logits use wte's table transposed (GPT-2 does this)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -42,6 +45,11 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.bias must be True or False, got {self.bias!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"GPTConfig.seed must be a non-negative integer, got {self.seed!r}")
+        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
+                or not 0 < self.layer_norm_eps < 1:
+            raise ValueError(f"GPTConfig.layer_norm_eps must be in (0, 1), got {self.layer_norm_eps!r}")
+        if not isinstance(self.tie_weights, bool):
+            raise ValueError(f"GPTConfig.tie_weights must be True or False, got {self.tie_weights!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,9 +94,9 @@ class MLP(Module):
 
 class Block(Module):
     def __init__(self, cfg: GPTConfig, gen: Any) -> None:
-        self.ln1 = LayerNorm(cfg.n_embd, cfg.bias)
+        self.ln1 = LayerNorm(cfg.n_embd, cfg.bias, cfg.layer_norm_eps)
         self.attn = CausalSelfAttention(cfg, gen)
-        self.ln2 = LayerNorm(cfg.n_embd, cfg.bias)
+        self.ln2 = LayerNorm(cfg.n_embd, cfg.bias, cfg.layer_norm_eps)
         self.mlp = MLP(cfg, gen)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -104,8 +112,10 @@ class GPT(Module):
         self.wpe = Embedding(cfg.block_size, cfg.n_embd, gen=gen)  # position embeddings (block_size, C)
         self.drop = Dropout(cfg.dropout, seed=int(gen.integers(2**31)))
         self.blocks = [Block(cfg, gen) for _ in range(cfg.n_layer)]
-        self.ln_f = LayerNorm(cfg.n_embd, cfg.bias)
-        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False, gen=gen)  # untied: frozen or trained alone
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.bias, cfg.layer_norm_eps)
+        # Untied (default): the head is its own (C, V) matrix, frozen or trained alone. Tied: no head at all, the
+        # logits use wte's (V, C) table transposed, so one matrix both reads and writes tokens (and gets both grads).
+        self.lm_head = None if cfg.tie_weights else Linear(cfg.n_embd, cfg.vocab_size, bias=False, gen=gen)
 
     def forward(self, idx: Any, targets: Any = None) -> tuple[Tensor, Tensor | None]:
         """idx (B, T) integer token ids -> logits (B, T, V); with targets (B, T), also the mean cross-entropy."""
@@ -119,7 +129,11 @@ class GPT(Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C) + (T, C) -> (B, T, C)
         for block in self.blocks:
             x = block(x)  # (B, T, C)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, C) @ (C, V) -> (B, T, V)
+        x = self.ln_f(x)  # (B, T, C)
+        if self.lm_head is None:  # tied: wte's (V, C) table transposed is the (C, V) head
+            logits = F.linear(x, self.wte.weight.T)  # (B, T, C) @ (C, V) -> (B, T, V)
+        else:
+            logits = self.lm_head(x)  # (B, T, C) @ (C, V) -> (B, T, V)
         loss = F.cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
 

@@ -41,6 +41,16 @@ def test_gelu_is_the_tanh_formula(backend, rand):
     np.testing.assert_allclose(host(F.gelu(x)), exact, atol=1e-3)
 
 
+def test_gelu_erf_is_x_times_the_normal_cdf(backend):
+    a = np.linspace(-8.0, 8.0, 4001)  # the whole range where GELU is neither 0 nor x to float precision
+    exact = 0.5 * a * (1 + np.vectorize(math.erf)(a / math.sqrt(2)))
+    got = host(F.gelu_erf(dev(backend, a)))
+    assert np.abs(got - exact).max() < 3e-8  # measured 1.4e-8 (erfc with fractional error < 1.2e-7)
+    assert np.abs(got - host(F.gelu(dev(backend, a)))).max() > 1e-4  # and it is not the tanh approximation
+    x32 = Tensor(backend.to_device(a.astype(np.float32)))
+    assert F.gelu_erf(x32).dtype == np.float32  # float32 in, float32 out
+
+
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_softmax(backend, rand, axis):
     x = rand(3, 4)

@@ -148,6 +148,8 @@ CASES = BINARY_CASES + [
     ("stack-axis-1",              lambda a, b, c: stack([a, b, c], axis=-1),    [(2, 3), (2, 3), (2, 3)]),
     # -- functionals --
     ("gelu",                      F.gelu,                                       [(3, 4)]),
+    ("gelu_erf",                  F.gelu_erf,                                   [(3, 4)]),
+    ("gelu_erf-tails",            lambda x: F.gelu_erf(x * 4.0),                [(3, 4)]),  # |x| up to ~10
     ("linear-bias",               F.linear,                                     [(2, 3, 4), (4, 5), (5,)]),
     ("linear-no-bias",            F.linear,                                     [(3, 4), (4, 5)]),
     ("linear-frozen-weight",      F.linear,                                     [(2, 3, 4), (4, 5), (5,)],

