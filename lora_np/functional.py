@@ -24,17 +24,17 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """
     if x.shape[-1] != weight.shape[0]:
         raise ValueError(f"linear: input of shape {x.shape} for a weight of shape {weight.shape} (d_in mismatch)")
-    out = engine._mm(x.data, weight.data)  # through engine._mm, which tests count
+    out = engine.matmul(x.data, weight.data)  # through engine.matmul, which count_matmuls sees
     out = out + bias.data if bias is not None else out
     parents = (x, weight) if bias is None else (x, weight, bias)
 
     def backward(g):  # y = xW + b:  dx = g Wᵀ,  dW = xᵀ g (summed over all rows),  db = Σ g
-        gx = engine._mm(g, weight.data.T) if x.requires_grad else None
-        gw = engine._mm(x.data.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1])) if weight.requires_grad else None
+        gx = engine.matmul(g, weight.data.T) if x.requires_grad else None
+        gw = engine.matmul(x.data.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1])) if weight.requires_grad else None
         gb = g.reshape(-1, g.shape[-1]).sum(axis=0) if bias is not None and bias.requires_grad else None
         return (gx, gw, gb)[: len(parents)]
 
-    return Tensor._make(out, parents, "linear", backward)
+    return Tensor.from_op(out, parents, "linear", backward)
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -47,7 +47,7 @@ def gelu(x: Tensor) -> Tensor:
         du = GELU_C * (1.0 + 3 * 0.044715 * x2)
         return (g * (0.5 * (1.0 + t) + 0.5 * x.data * (1.0 - t * t) * du),)
 
-    return Tensor._make(out, (x,), "gelu", backward)
+    return Tensor.from_op(out, (x,), "gelu", backward)
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
@@ -59,7 +59,7 @@ def softmax(x: Tensor, axis: int = -1) -> Tensor:
     def backward(g):  # Jacobian diag(y) - y yᵀ applied to g:  y ⊙ (g - ⟨g, y⟩)
         return (y * (g - (g * y).sum(axis=axis, keepdims=True)),)
 
-    return Tensor._make(y, (x,), "softmax", backward)
+    return Tensor.from_op(y, (x,), "softmax", backward)
 
 
 def _log_softmax(z: Any, axis: int) -> Any:
@@ -75,7 +75,7 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     def backward(g):  # d/dx (x - logΣeˣ) = I - softmax:  g - softmax · Σg
         return (g - backend.xp.exp(y) * g.sum(axis=axis, keepdims=True),)
 
-    return Tensor._make(y, (x,), "log_softmax", backward)
+    return Tensor.from_op(y, (x,), "log_softmax", backward)
 
 
 def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
@@ -107,7 +107,7 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Ten
         dz *= (valid.reshape(-1, 1) * (g / n)).astype(dz.dtype)
         return (dz.reshape(logits.shape),)
 
-    return Tensor._make(nll.sum() / n, (logits,), "cross_entropy", backward)
+    return Tensor.from_op(nll.sum() / n, (logits,), "cross_entropy", backward)
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
@@ -131,7 +131,7 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
         gb = g.sum(axis=lead) if bias is not None and bias.requires_grad else None
         return tuple(gr for gr, p in zip((gx, gw, gb), (x, weight, bias)) if p is not None)
 
-    return Tensor._make(out, parents, "layer_norm", backward)
+    return Tensor.from_op(out, parents, "layer_norm", backward)
 
 
 def dropout(x: Tensor, p: float, training: bool, gen: Any = None) -> Tensor:
@@ -144,7 +144,7 @@ def dropout(x: Tensor, p: float, training: bool, gen: Any = None) -> Tensor:
     gen = gen if gen is not None else backend.rng(None)
     keep = backend.to_device(gen.random(x.shape) >= p)  # drawn on the host: same seed, same mask on any backend
     scale = (keep / (1.0 - p)).astype(x.dtype)
-    return Tensor._make(x.data * scale, (x,), "dropout", lambda g: (g * scale,))
+    return Tensor.from_op(x.data * scale, (x,), "dropout", lambda g: (g * scale,))
 
 
 def embedding(ids: Any, weight: Tensor) -> Tensor:
@@ -162,7 +162,7 @@ def embedding(ids: Any, weight: Tensor) -> Tensor:
         backend.scatter_add(gw, ids.reshape(-1), g.reshape(-1, weight.shape[1]))
         return (gw,)
 
-    return Tensor._make(weight.data[ids], (weight,), "embedding", backward)
+    return Tensor.from_op(weight.data[ids], (weight,), "embedding", backward)
 
 
 __all__ = ["cross_entropy", "dropout", "embedding", "gelu", "layer_norm", "linear", "log_softmax", "softmax"]

@@ -127,25 +127,25 @@ def lora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, s:
     keep three (..., d_out) arrays per layer (h @ B, its scaled copy, and x @ W + b for the sum).
     """
     xd = x.data if keep is None else x.data * keep.astype(x.dtype)  # (..., d_in)
-    h = engine._mm(xd, A.data)  # (..., d_in) @ (d_in, r) -> (..., r): down to rank r
-    y = engine._mm(x.data, W.data) + s * engine._mm(h, B.data)  # (..., d_out) + s·(..., r) @ (r, d_out)
+    h = engine.matmul(xd, A.data)  # (..., d_in) @ (d_in, r) -> (..., r): down to rank r
+    y = engine.matmul(x.data, W.data) + s * engine.matmul(h, B.data)  # (..., d_out) + s·(..., r) @ (r, d_out)
     y = y + b.data if b is not None else y
     parents = (x, W, A, B) if b is None else (x, W, A, B, b)
 
     def backward(g):  # g = dL/dy (..., d_out); rows of the batch fold into one (N, ·) matrix for the weights
         rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731  (..., k) -> (N, k)
-        gh = s * engine._mm(g, B.data.T)  # dL/dh = s·g Bᵀ (..., r)
-        gA = engine._mm(rows(xd).T, rows(gh)) if A.requires_grad else None  # dL/dA = xᵀ (s·g Bᵀ): 0 while B = 0
-        gB = s * engine._mm(rows(h).T, rows(g)) if B.requires_grad else None  # dL/dB = s·(xA)ᵀ g
-        gW = engine._mm(rows(x.data).T, rows(g)) if W.requires_grad else None  # skipped: W is frozen
+        gh = s * engine.matmul(g, B.data.T)  # dL/dh = s·g Bᵀ (..., r)
+        gA = engine.matmul(rows(xd).T, rows(gh)) if A.requires_grad else None  # dL/dA = xᵀ (s·g Bᵀ): 0 while B = 0
+        gB = s * engine.matmul(rows(h).T, rows(g)) if B.requires_grad else None  # dL/dB = s·(xA)ᵀ g
+        gW = engine.matmul(rows(x.data).T, rows(g)) if W.requires_grad else None  # skipped: W is frozen
         gx = None
         if x.requires_grad:  # through W and through the low-rank path
-            gxa = engine._mm(gh, A.data.T)
-            gx = engine._mm(g, W.data.T) + (gxa if keep is None else gxa * keep)
+            gxa = engine.matmul(gh, A.data.T)
+            gx = engine.matmul(g, W.data.T) + (gxa if keep is None else gxa * keep)
         gb = rows(g).sum(axis=0) if b is not None and b.requires_grad else None
         return (gx, gW, gA, gB, gb)[: len(parents)]
 
-    return Tensor._make(y, parents, "lora_linear", backward)
+    return Tensor.from_op(y, parents, "lora_linear", backward)
 
 
 @dataclass

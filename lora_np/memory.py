@@ -18,7 +18,7 @@ so every input they saw is kept, and the adapter adds its own products on top.
 
 How the activations are counted
 -------------------------------
-The engine's rule (``Tensor._make`` in engine.py): an op joins the graph when one of its inputs requires a
+The engine's rule (``Tensor.from_op`` in engine.py): an op joins the graph when one of its inputs requires a
 gradient. A graph node holds its input Tensors (``_parents``, and its ``backward`` closure) and whatever arrays
 the closure captured, until backward returns. So every INPUT of a graph op stays alive, and so does every array
 its closure captured; an op outside the graph keeps nothing. This engine keeps parents even where backward does

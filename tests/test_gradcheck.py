@@ -206,7 +206,7 @@ def wrong_at(element):
     def fn(x):
         onehot = backend.xp.zeros(x.shape)
         onehot[element] = 1.0
-        return Tensor._make(x.data, (x,), "bad", lambda g: (g * (1.0 + onehot),))
+        return Tensor.from_op(x.data, (x,), "bad", lambda g: (g * (1.0 + onehot),))
 
     return fn
 
@@ -219,7 +219,7 @@ def test_a_wrong_backward_fails_naming_the_input_and_element(rand):
 
 def test_a_wrong_backward_everywhere_fails(rand):
     with pytest.raises(GradcheckError, match=r"at input 0, element \(\d+, \d+\): analytic"):
-        gradcheck(lambda x: Tensor._make(x.data, (x,), "bad", lambda g: (2 * g,)), rand(3, 4))
+        gradcheck(lambda x: Tensor.from_op(x.data, (x,), "bad", lambda g: (2 * g,)), rand(3, 4))
 
 
 def test_gradcheck_error_is_an_assertion_error():
@@ -263,7 +263,7 @@ def test_non_contiguous_input_is_really_nudged():
     assert not x.data.flags.c_contiguous
     assert gradcheck(lambda t: t * t, x).max_error < 1e-8
     with pytest.raises(GradcheckError):
-        gradcheck(lambda t: Tensor._make(t.data * 1.0, (t,), "bad", lambda g: (g * 0.0,)), x)  # a zero backward
+        gradcheck(lambda t: Tensor.from_op(t.data * 1.0, (t,), "bad", lambda g: (g * 0.0,)), x)  # a zero backward
 
 
 def test_frozen_inputs_are_not_checked(rand):

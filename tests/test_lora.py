@@ -197,19 +197,10 @@ def test_frozen_w_and_bias_get_no_gradient():
 
 
 def backward_matmul_shapes(monkeypatch: pytest.MonkeyPatch, loss: Tensor) -> list[tuple[int, ...]]:
-    """The result shape of every matrix product that ``loss.backward()`` computes (engine._mm counts them all)."""
-    shapes: list[tuple[int, ...]] = []
-    real = engine._mm
-
-    def counting(a, b):
-        out = real(a, b)
-        shapes.append(out.shape)
-        return out
-
-    with monkeypatch.context() as mp:
-        mp.setattr(engine, "_mm", counting)
+    """The result shape of every matrix product that ``loss.backward()`` computes (engine.count_matmuls sees all)."""
+    with engine.count_matmuls() as matmuls:
         loss.backward()
-    return shapes
+    return [out for _, _, out, *_ in matmuls.products]
 
 
 @pytest.mark.parametrize("x_requires_grad", [True, False])
