@@ -20,8 +20,9 @@ How the activations are counted
 -------------------------------
 The engine's rule (``Tensor.from_op`` in engine.py): an op joins the graph when one of its inputs requires a
 gradient. A graph node holds its input Tensors (``_parents``, and its ``backward`` closure) and whatever arrays
-the closure captured, until backward returns. So every INPUT of a graph op stays alive, and so does every array
-its closure captured; an op outside the graph keeps nothing. This engine keeps parents even where backward does
+the closure captured, until backward has passed it (backward frees the graph as it goes). So every INPUT of a
+graph op stays alive through the forward pass, and so does every array its closure captured; an op outside the
+graph keeps nothing. This engine keeps parents even where backward does
 not need their values (both inputs of an addition, for instance): PyTorch keeps only what backward reads.
 
 ``_replay_forward`` replays ``GPT.forward`` line by line on sizes only, applying that rule; it is exact for any
@@ -33,24 +34,24 @@ a test checks the replay against it):
     per block:
       ln1          2·N·C + N         output, xhat (and rstd, N): layer_norm's closure keeps xhat and rstd
       q, k, v      3·N·C             F.linear's outputs (the fused op keeps its input, not x@W before the bias)
-      scores       4·B·H·T²          q@kᵀ, × 1/√hs, masked_fill, softmax (which keeps its output)
-      mask         T² bytes          the causal mask (bool), captured by masked_fill's ``where``
-      att @ v      2·N·C             the product, and the copy that reshape makes of its transpose
+      attention    B·H·T² + 2·N·C    F.causal_attention keeps the attention weights; its output, and the copy
+                                     that reshape makes of its transpose
       o            N·C
       residual     N·C               x + attn
       ln2          2·N·C + N
       up           4·N·C
-      gelu         3·4·N·C           output, and x² and tanh(u), which its closure keeps
+      gelu         2·4·N·C           output, and tanh(u), which its closure keeps
       down         N·C
       residual     N·C               x + mlp
-      = 29·N·C + 2·N + 4·B·H·T²  floats, + T² bytes
+      = 25·N·C + 2·N + B·H·T²  floats
     head         2·N·C + N           ln_f;  + N·V logits + N·V log-probs (cross_entropy keeps them)
                                      + 9·N bytes: the valid mask (bool) and the clamped targets (int64)
 
 LoRA, in every block whose input requires a gradient, keeps per adapted layer (d_in, d_out) the same as
 above plus N·r: ``lora.lora_linear`` is one fused op whose closure keeps the thin h = x@A (N, r) besides x. In
 block 0 the input does not require a gradient (the embeddings are frozen), so ln1 and the un-adapted projections
-there keep less. Dropout with p > 0 adds its float mask (``scale``) and output wherever it is in the graph.
+there keep less. Dropout with p > 0 adds its float mask (``scale``) and output wherever it is in the graph; with attention dropout
+the attention is composed from separate ops (model.py), which keep 4·B·H·T² floats and the T² bytes of the mask.
 
 So LoRA does not save activations: the frozen layers still pass gradients down to the adapters below them, so
 their inputs are kept. Its saving is 3 × the frozen weights' size (gradient, m, v): small next to the
@@ -252,21 +253,24 @@ def _replay_forward(cfg: GPTConfig, mode: str, B: int, T: int, r: int, targets: 
         h = layer_norm(x, f"{b}.ln1")
         q, k, v = (linear(h, f"{b}.{t}", C, C) for t in ("q", "k", "v"))
         q, k, v = (rp.op([rp.op([a], 0, view=True)], 0, view=True) for a in (q, k, v))  # reshape, transpose: views
-        kT = rp.op([k], 0, view=True)  # k.transpose(0, 1, 3, 2): (B, nh, hs, T), a view
-        att = rp.op([q, kT], score)  # q @ kT: (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
-        att = rp.op([att], score)  # × 1/√hs
-        mask = rp.leaf(False, T * T * BOOL_BYTES)  # triu(ones((T, T), bool)): new each forward
-        att = rp.op([att, mask], score)  # masked_fill -> where(mask, -inf, att); the closure keeps the mask
-        att = rp.op([att], score)  # softmax: keeps its output y (the input of att @ v keeps it anyway)
-        att = dropout(att, B * H * T * T, p)
-        y = rp.op([att, v], N * C * f)  # att @ v: (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+        if p > 0:  # model.py's composed path: dropout on the attention weights needs them as a tensor
+            kT = rp.op([k], 0, view=True)  # k.transpose(0, 1, 3, 2): (B, nh, hs, T), a view
+            att = rp.op([q, kT], score)  # q @ kT: (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
+            att = rp.op([att], score)  # × 1/√hs
+            mask = rp.leaf(False, T * T * BOOL_BYTES)  # triu(ones((T, T), bool)): new each forward
+            att = rp.op([att, mask], score)  # masked_fill -> where(mask, -inf, att); the closure keeps the mask
+            att = rp.op([att], score)  # softmax: keeps its output y (the input of att @ v keeps it anyway)
+            att = dropout(att, B * H * T * T, p)
+            y = rp.op([att, v], N * C * f)  # att @ v: (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+        else:  # F.causal_attention: one op that keeps only the attention weights (B, nh, T, T)
+            y = rp.op([q, k, v], N * C * f, captures=[score])
         y = rp.op([y], 0, view=True)  # transpose(0, 2, 1, 3): a view
         copies = H > 1 and T > 1  # reshape of that transposed view copies, unless it happens to be contiguous
         y = rp.op([y], N * C * f, view=not copies)  # reshape (B, T, nh, hs) -> (B, T, C)
         x = rp.op([x, dropout(linear(y, f"{b}.o", C, C), N * C, p)], N * C * f)  # x + attn
         h = layer_norm(x, f"{b}.ln2")
         u = linear(h, f"{b}.up", C, 4 * C)
-        u = rp.op([u], N * 4 * C * f, captures=[N * 4 * C * f] * 2)  # gelu: keeps x² and tanh(u)
+        u = rp.op([u], N * 4 * C * f, captures=[N * 4 * C * f])  # gelu: keeps tanh(u)
         x = rp.op([x, dropout(linear(u, f"{b}.down", 4 * C, C), N * C, p)], N * C * f)  # x + mlp
     h = layer_norm(x, "ln_f")
     logits = linear(h, "lm_head", C, V)  # (N, C) @ (C, V) -> (N, V)
@@ -290,7 +294,9 @@ class Measured:
     of backward (gradients of intermediate nodes waiting to be used, each op's temporaries) and of the update.
     peak (= total): the most the step held at once, weights and optimizer state (allocated before it) included.
 
-    The ledger does not predict scratch. Where it peaks was traced on small models: in GELU's backward (the
+    Backward frees the graph as it goes, so in full fine-tuning early activations are gone before the last weight
+    gradients exist, and ``scratch`` can come out negative: it is what the peak holds beyond "all activations and
+    all gradients at once", the ledger's assumption. The ledger does not predict scratch. Where it peaks was traced on small models: in GELU's backward (the
     incoming gradient and about five temporaries of shape (B, T, 4C)), or in softmax's backward when the
     (B, nh, T, T) attention matrix is the bigger array. In full fine-tuning some gradients do not exist yet at that
     moment, so ``scratch`` (traced_peak − activations − all gradients) comes out a little smaller than under LoRA.

@@ -60,11 +60,15 @@ class CausalSelfAttention(Module):
         q = self.q(x).reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B, T, C) -> (B, nh, T, hs)
         k = self.k(x).reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B, T, C) -> (B, nh, T, hs)
         v = self.v(x).reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B, T, C) -> (B, nh, T, hs)
-        att = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hs))  # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
-        future = backend.xp.triu(backend.xp.ones((T, T), dtype=bool), k=1)  # (T, T): True above the diagonal
-        att = att.masked_fill(future, -math.inf)  # (B, nh, T, T): position t attends to positions <= t only
-        att = self.attn_drop(F.softmax(att, axis=-1))  # (B, nh, T, T), rows sum to 1
-        y = att @ v  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+        if self.attn_drop.p > 0 and self.training:  # dropout on the weights needs them as a tensor: composed ops
+            att = q @ k.transpose(0, 1, 3, 2)  # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
+            att = att * (1.0 / math.sqrt(hs))  # (B, nh, T, T), scaled so the softmax is not saturated at init
+            future = backend.xp.triu(backend.xp.ones((T, T), dtype=bool), k=1)  # (T, T): True above the diagonal
+            att = att.masked_fill(future, -math.inf)  # (B, nh, T, T): position t attends to positions <= t only
+            att = self.attn_drop(F.softmax(att, axis=-1))  # (B, nh, T, T), rows sum to 1
+            y = att @ v  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+        else:  # the same computation as one op that keeps only the attention weights for its backward
+            y = F.causal_attention(q, k, v)  # softmax(q kᵀ / √hs, future masked) v: (B, nh, T, hs)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C)
         return self.resid_drop(self.o(y))  # (B, T, C)
 

@@ -171,6 +171,9 @@ CASES = BINARY_CASES + [
     ("dropout-train-fixed-mask",  lambda x: F.dropout(x, 0.3, True, backend.rng(0)), [(4, 5)]),
     ("embedding-repeated-ids",    lambda w: F.embedding(ix([[1, 1, 3], [0, 1, 3]]), w), [(5, 4)]),
     ("attention-composite",       attention,                                    [(2, 3, 4)] * 3),
+    ("causal_attention-4d",       F.causal_attention,                           [(2, 2, 4, 3)] * 3),
+    ("causal_attention-3d",       F.causal_attention,                           [(2, 5, 3)] * 3),
+    ("causal_attention-frozen-k", F.causal_attention,                           [(1, 2, 4, 3)] * 3, {"frozen": (1,)}),
 ]  # fmt: skip
 
 # Every op of the engine, by the prefix its rows' names start with (a new op without a row fails the test below).

@@ -6,8 +6,9 @@ Tolerances, and why:
   Python objects of the graph (Tensors, closures): 0 <= measured - analytic <= 128 KiB for these 2-layer models
   (40-85 KiB is what it is). That gap must not grow with the batch: every array that does is counted.
 - total: the measured step's peak also holds backward's transient arrays ("scratch": pending gradients and each
-  op's temporaries, mostly GELU's backward), which the ledger does not model. For SMALL below the measured total
-  is 1.17x (full) and 1.27x (LoRA on q, v) the analytic total; the test allows analytic <= measured <= 1.35x
+  op's temporaries, mostly GELU's backward), which the ledger does not model, while backward frees activations as
+  it goes, before the last gradients exist, which the ledger does not model either. For SMALL below the measured
+  total is 0.98x (full) and 1.11x (LoRA on q, v) the analytic total; the test allows 0.9x <= measured <= 1.35x
   analytic. The ratio depends on the shape: scratch is a few (B, T, 4C) arrays, activations grow with n_layer
   (a 1-layer model reaches ~1.5x, the 4-layer bench configuration ~1.1x).
 """
@@ -81,8 +82,8 @@ def test_activation_gap_does_not_grow_with_the_batch():
 @pytest.mark.parametrize("i", [0, 1])
 def test_measured_total_within_tolerance(i, measured):
     ledger, m = measured[i]
-    assert ledger.total <= m.total <= 1.35 * ledger.total
-    assert m.scratch > 0
+    assert 0.9 * ledger.total <= m.total <= 1.35 * ledger.total
+    assert m.traced_peak > m.activations  # the peak holds at least what the forward pass kept
 
 
 def test_lora_shrinks_gradients_and_optimizer_not_activations(measured):
@@ -100,7 +101,7 @@ def _full_activations(cfg: GPTConfig, B: int, T: int, f: int = 4) -> int:
     """The closed form of the module docstring, for full fine-tuning (n_head > 1, T > 1, no dropout)."""
     N, C, H, V = B * T, cfg.n_embd, cfg.n_head, cfg.vocab_size
     embeddings = (2 * N * C + T * C) * f + 8 * T
-    block = (29 * N * C + 2 * N + 4 * B * H * T * T) * f + T * T
+    block = (25 * N * C + 2 * N + B * H * T * T) * f
     head = (2 * N * C + N + 2 * N * V) * f + 9 * N
     return embeddings + cfg.n_layer * block + head
 
