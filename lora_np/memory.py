@@ -50,8 +50,9 @@ a test checks the replay against it):
 LoRA, in every block whose input requires a gradient, keeps per adapted layer (d_in, d_out) the same as
 above plus N·r: ``lora.lora_linear`` is one fused op whose closure keeps the thin h = x@A (N, r) besides x. In
 block 0 the input does not require a gradient (the embeddings are frozen), so ln1 and the un-adapted projections
-there keep less. Dropout with p > 0 adds its float mask (``scale``) and output wherever it is in the graph; with attention dropout
-the attention is composed from separate ops (model.py), which keep 4·B·H·T² floats and the T² bytes of the mask.
+there keep less. Dropout with p > 0 adds its float mask (``scale``) and output wherever it is in the graph; with attention
+dropout the attention is composed from separate ops (model.py), which keep 4·B·H·T² floats and the T² bytes of
+the mask.
 
 So LoRA does not save activations: the frozen layers still pass gradients down to the adapters below them, so
 their inputs are kept. Its saving is 3 × the frozen weights' size (gradient, m, v): small next to the
@@ -294,9 +295,9 @@ class Measured:
     of backward (gradients of intermediate nodes waiting to be used, each op's temporaries) and of the update.
     peak (= total): the most the step held at once, weights and optimizer state (allocated before it) included.
 
-    Backward frees the graph as it goes, so in full fine-tuning early activations are gone before the last weight
-    gradients exist, and ``scratch`` can come out negative: it is what the peak holds beyond "all activations and
-    all gradients at once", the ledger's assumption. The ledger does not predict scratch. Where it peaks was traced on small models: in GELU's backward (the
+    Backward frees the graph as it goes, so in full fine-tuning early activations are gone before the last
+    weight gradients exist, and ``scratch`` can come out negative: it is what the peak holds beyond "all
+    activations and all gradients at once", the ledger's assumption. The ledger does not predict scratch. Where it peaks was traced on small models: in GELU's backward (the
     incoming gradient and about five temporaries of shape (B, T, 4C)), or in softmax's backward when the
     (B, nh, T, T) attention matrix is the bigger array. In full fine-tuning some gradients do not exist yet at that
     moment, so ``scratch`` (traced_peak − activations − all gradients) comes out a little smaller than under LoRA.
