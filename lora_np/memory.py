@@ -50,8 +50,8 @@ a test checks the replay against it):
 LoRA, in every block whose input requires a gradient, keeps per adapted layer (d_in, d_out) the same as
 above plus N·r: ``lora.lora_linear`` is one fused op whose closure keeps the thin h = x@A (N, r) besides x. In
 block 0 the input does not require a gradient (the embeddings are frozen), so ln1 and the un-adapted projections
-there keep less. Dropout with p > 0 adds its float mask (``scale``) and output wherever it is in the graph; with attention
-dropout the attention is composed from separate ops (model.py), which keep 4·B·H·T² floats and the T² bytes of
+there keep less. Dropout with p > 0 adds its float mask (``scale``) and output wherever it is in the graph; with
+attention dropout the attention is composed from separate ops (model.py), which keep 4·B·H·T² floats and the T² bytes of
 the mask.
 
 So LoRA does not save activations: the frozen layers still pass gradients down to the adapters below them, so
@@ -290,17 +290,13 @@ class Measured:
     optimizer's state after the step (AdamW allocates m and v lazily, so ``measure_step`` runs warm-up steps first).
     activations: what ``tracemalloc`` sees alive right after the forward pass and the loss, above the baseline
     before the step: the graph's arrays plus its Python objects.
-    traced_peak: the most ``tracemalloc`` saw allocated at any moment of the step, above the same baseline. It holds
-    the activations (the graph lives until backward returns), the gradients, and ``scratch``: the transient arrays
-    of backward (gradients of intermediate nodes waiting to be used, each op's temporaries) and of the update.
+    traced_peak: the most ``tracemalloc`` saw allocated at any moment of the step, above the same baseline: the
+    activations still alive then (backward frees the graph as it goes), the gradients formed so far, and the
+    transient arrays of backward (pending gradients of intermediate nodes, each op's temporaries) and of the update.
+    scratch = traced_peak − activations − gradients: what the peak holds beyond "all activations and all gradients
+    at once", the ledger's assumption. Because early activations are freed before the last weight gradients
+    exist, it can come out negative in full fine-tuning. The ledger does not predict it.
     peak (= total): the most the step held at once, weights and optimizer state (allocated before it) included.
-
-    Backward frees the graph as it goes, so in full fine-tuning early activations are gone before the last
-    weight gradients exist, and ``scratch`` can come out negative: it is what the peak holds beyond "all
-    activations and all gradients at once", the ledger's assumption. The ledger does not predict scratch. Where it peaks was traced on small models: in GELU's backward (the
-    incoming gradient and about five temporaries of shape (B, T, 4C)), or in softmax's backward when the
-    (B, nh, T, T) attention matrix is the bigger array. In full fine-tuning some gradients do not exist yet at that
-    moment, so ``scratch`` (traced_peak − activations − all gradients) comes out a little smaller than under LoRA.
     """
 
     weights: int
