@@ -48,7 +48,9 @@ def step_flops(cfg: GPTConfig, B: int, T: int, mode: str, r: int) -> dict[str, f
     """Matmul FLOPs of one training step (2·m·k·n per (m, k) @ (k, n) product), LoRA on all six linears.
 
     The engine computes a product's input gradient g @ Bᵀ only if the input requires a gradient, and its weight
-    gradient Aᵀ @ g only if the weight trains (engine.py, ``__matmul__``); everything below follows from that.
+    gradient Aᵀ @ g only if the weight trains (engine.py, ``__matmul__``); everything below follows from that and
+    from ``lora.fused_linear``: an adapted layer runs x @ (W + s·A@B) (merging costs d_in·r·d_out) and x @ A, and
+    its backward dx = g @ (W + s·A@B)ᵀ, dh = s·g @ Bᵀ, dA = xᵀ dh, dB = s·hᵀ g.
     """
     N, C, V, L = B * T, cfg.n_embd, cfg.vocab_size, cfg.n_layer
     linears = 2 * N * 12 * C * C  # q, k, v, o (C x C each) and up, down (C x 4C each), per block
@@ -59,13 +61,14 @@ def step_flops(cfg: GPTConfig, B: int, T: int, mode: str, r: int) -> dict[str, f
     if mode == "full":  # every product computes both gradients: backward = 2 × forward
         out.update(forward=forward, backward=2 * forward)
     else:
-        adapters = 2 * N * r * (4 * 2 * C + 2 * 5 * C)  # x @ A and h @ B: q, k, v, o (C + C), up, down (C + 4C)
+        thin = 2 * N * r * 9 * C  # one rank-r product per layer, N rows: d_in or d_out is C (q, k, v, o, up, down)
+        merges = 2 * r * 12 * C * C  # s·A@B for the six layers: d_in·r·d_out each
         qkv_block0 = 3 * 2 * N * C * C  # block 0's q, k, v see the frozen embeddings: no input gradient at all
         backward = (L * linears - qkv_block0  # input gradients of the frozen linears, never their weight gradients
                     + 2 * L * attention  # attention has no weights: both operands get gradients
                     + head  # the input gradient of the frozen head
-                    + 2 * L * adapters - 3 * 2 * N * C * r)  # dA, dB, d(x@A) and dx, but no dx for block 0's q, k, v
-        out.update(forward=forward + L * adapters, backward=backward)
+                    + 3 * L * thin)  # dh, dA and dB of every adapter
+        out.update(forward=forward + L * (thin + merges), backward=backward)
     out["step"] = out["forward"] + out["backward"]
     return out
 

@@ -101,29 +101,38 @@ def _softmax_backward(y: Any, g: Any, axis: int) -> Any:
     return gy
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q kᵀ / √hs + causal mask) v in one op: (B, nh, T, hs) each -> (B, nh, T, hs).
+def causal_attention(qkv: Tensor, n_head: int) -> Tensor:
+    """Multi-head causal self-attention from the projections [q | k | v] (B, T, 3C) to the merged heads (B, T, C):
+    softmax(q kᵀ / √hs, future masked) v per head, as one op.
 
-    Position t attends to positions <= t only. Fused so that the graph keeps one (B, nh, T, T) array, the
-    attention weights, instead of four (scores, scaled, masked, softmax), and the mask is one in-place add.
+    Fused so that the graph keeps one (B, nh, T, T) array, the attention weights, instead of four (scores, scaled,
+    masked, softmax), and the heads are split and merged inside (views; one copy for the output).
     """
-    T, hs = q.shape[-2], q.shape[-1]
+    B, T, C3 = qkv.shape
+    if C3 % (3 * n_head):
+        raise ValueError(f"causal_attention: last axis {C3} is not 3 x n_head ({n_head}) x head size")
+    C = C3 // 3
+    hs = C // n_head
     scale = 1.0 / math.sqrt(hs)
-    att = engine.matmul(q.data, k.data.swapaxes(-1, -2))  # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
-    att *= scale
+    q, k, v = qkv.data.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs), views
+    att = engine.matmul(q, k.swapaxes(-1, -2))  # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
+    att *= scale  # 1/√hs keeps the softmax from saturating (Vaswani et al. §3.2.1)
     att += _causal_bias(T, att.dtype)  # (B, nh, T, T) + (T, T): -inf above the diagonal, the future
     att = _softmax(att, axis=-1)  # (B, nh, T, T), rows sum to 1
-    y = engine.matmul(att, v.data)  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+    y = engine.matmul(att, v)  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+    y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C), one copy
 
-    def backward(g):  # g (B, nh, T, hs)
-        gv = engine.matmul(att.swapaxes(-1, -2), g) if v.requires_grad else None  # attᵀ g: (B, nh, T, hs)
-        gs = _softmax_backward(att, engine.matmul(g, v.data.swapaxes(-1, -2)), -1)  # through softmax: (B, nh, T, T)
+    def backward(g):  # g (B, T, C)
+        g = g.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs), a view
+        gqkv = backend.xp.empty((3, B, n_head, T, hs), dtype=g.dtype)  # [dq, dk, dv], filled below
+        gqkv[2] = engine.matmul(att.swapaxes(-1, -2), g)  # dv = attᵀ g: (B, nh, T, T) @ (B, nh, T, hs)
+        gs = _softmax_backward(att, engine.matmul(g, v.swapaxes(-1, -2)), -1)  # through softmax: (B, nh, T, T)
         gs *= scale  # masked entries have att = 0, so they get no gradient
-        gq = engine.matmul(gs, k.data) if q.requires_grad else None  # (B, nh, T, T) @ (B, nh, T, hs)
-        gk = engine.matmul(gs.swapaxes(-1, -2), q.data) if k.requires_grad else None  # sᵀ q: (B, nh, T, hs)
-        return gq, gk, gv
+        gqkv[0] = engine.matmul(gs, k)  # dq = ds k: (B, nh, T, T) @ (B, nh, T, hs)
+        gqkv[1] = engine.matmul(gs.swapaxes(-1, -2), q)  # dk = dsᵀ q: (B, nh, T, T) @ (B, nh, T, hs)
+        return (gqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, C3),)  # (3, B, nh, T, hs) -> (B, T, 3, nh, hs)
 
-    return Tensor.from_op(y, (q, k, v), "causal_attention", backward)
+    return Tensor.from_op(y, (qkv,), "causal_attention", backward)
 
 
 def _causal_bias(T: int, dtype: Any) -> Any:

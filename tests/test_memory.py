@@ -101,7 +101,7 @@ def _full_activations(cfg: GPTConfig, B: int, T: int, f: int = 4) -> int:
     """The closed form of the module docstring, for full fine-tuning (n_head > 1, T > 1, no dropout)."""
     N, C, H, V = B * T, cfg.n_embd, cfg.n_head, cfg.vocab_size
     embeddings = (2 * N * C + T * C) * f + 8 * T
-    block = (25 * N * C + 2 * N + B * H * T * T) * f
+    block = (24 * N * C + 2 * N + B * H * T * T + 3 * C * C) * f
     head = (2 * N * C + N + 2 * N * V) * f + 9 * N
     return embeddings + cfg.n_layer * block + head
 
@@ -113,13 +113,15 @@ def test_full_activations_closed_form(cfg, B, T):
 
 
 def test_lora_adds_per_adapted_layer():
-    """One more block, with LoRA on all six linears, costs a full block plus N·r per layer (h = x @ A)."""
+    """One more block, with LoRA on all six linears, costs a full block plus N·r per layer (h = x @ A) and the merged
+    W + s·A@B of o, up and down (q, k, v keep their concatenated W in full fine-tuning too)."""
     B, T, r, f = 2, 16, 4, 4
     cfgs = [GPTConfig(vocab_size=40, block_size=T, n_layer=L, n_head=2, n_embd=32) for L in (2, 3)]
     acts = [memory.analytic_ledger(c, "lora", B, lora_r=r, lora_targets="all-linear").activations for c in cfgs]
     N = B * T
     full_block = _full_activations(cfgs[1], B, T) - _full_activations(cfgs[0], B, T)
-    adapters = 6 * N * r * f  # h = x @ A in each of the six adapted layers
+    C = cfgs[0].n_embd
+    adapters = (6 * N * r + 9 * C * C) * f  # h = x @ A in each of the six adapted layers; C² + 4C² + 4C²
     assert acts[1] - acts[0] == full_block + adapters
 
 
