@@ -6,9 +6,10 @@
 
 A step is zero_grad + forward + loss + backward + AdamW update on fixed random token ids. Per mode it reports the
 median, min and max of the timed steps (after warm-up steps), tokens/s, the analytic matmul FLOPs of the step
-(checked against a count of every matmul the engine really does), the float32 1024x1024 matmul FLOP/s of the
-same array library measured in the same run, MFU (FLOPs / step time / matmul FLOP/s), the LoRA/full step-time
-ratio, and the memory ledger of one step (analytic next to tracemalloc-measured; numpy backend only).
+(checked against ``engine.count_matmuls``, which sees every product the engine really does), the float32
+1024x1024 matmul FLOP/s of the same array library measured in the same run, MFU (FLOPs / step time / matmul
+FLOP/s), the LoRA/full step-time ratio, and the memory ledger of one step (analytic next to
+tracemalloc-measured; numpy backend only).
 
 The two modes' timed steps alternate (full, LoRA, full, LoRA, ...), so that a machine that gets busier or
 quieter during the run shifts both alike and their ratio stays fair.
@@ -17,12 +18,14 @@ quieter during the run shifts both alike and their ratio stays fair.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -52,7 +55,9 @@ def step_flops(cfg: GPTConfig, B: int, T: int, mode: str, r: int) -> dict[str, f
     """Matmul FLOPs of one training step (2·m·k·n per (m, k) @ (k, n) product), LoRA on all six linears.
 
     The engine computes a product's input gradient g @ Bᵀ only if the input requires a gradient, and its weight
-    gradient Aᵀ @ g only if the weight trains (engine.py, ``__matmul__``); everything below follows from that.
+    gradient Aᵀ @ g only if the weight trains (engine.py, ``__matmul__``); everything below follows from that and
+    from ``lora.fused_linear``: an adapted layer runs x @ (W + s·A@B) (merging costs d_in·r·d_out) and x @ A, and
+    its backward dx = g @ (W + s·A@B)ᵀ, dh = s·g @ Bᵀ, dA = xᵀ dh, dB = s·hᵀ g.
     """
     N, C, V, L = B * T, cfg.n_embd, cfg.vocab_size, cfg.n_layer
     linears = 2 * N * 12 * C * C  # q, k, v, o (C x C each) and up, down (C x 4C each), per block
@@ -63,48 +68,43 @@ def step_flops(cfg: GPTConfig, B: int, T: int, mode: str, r: int) -> dict[str, f
     if mode == "full":  # every product computes both gradients: backward = 2 × forward
         out.update(forward=forward, backward=2 * forward)
     else:
-        adapters = 2 * N * r * (4 * 2 * C + 2 * 5 * C)  # x @ A and h @ B: q, k, v, o (C + C), up, down (C + 4C)
+        thin = 2 * N * r * 9 * C  # one rank-r product per layer, N rows: d_in or d_out is C (q, k, v, o, up, down)
+        merges = 2 * r * 12 * C * C  # s·A@B for the six layers: d_in·r·d_out each
         qkv_block0 = 3 * 2 * N * C * C  # block 0's q, k, v see the frozen embeddings: no input gradient at all
         backward = (L * linears - qkv_block0  # input gradients of the frozen linears, never their weight gradients
                     + 2 * L * attention  # attention has no weights: both operands get gradients
                     + head  # the input gradient of the frozen head
-                    + 2 * L * adapters - 3 * 2 * N * C * r)  # dA, dB, d(x@A) and dx, but no dx for block 0's q, k, v
-        out.update(forward=forward + L * adapters, backward=backward)
+                    + 3 * L * thin)  # dh, dA and dB of every adapter
+        out.update(forward=forward + L * (thin + merges), backward=backward)
     out["step"] = out["forward"] + out["backward"]
     return out
 
 
 def profile_matmuls(model: Any, opt: Any, x: Any, y: Any, r: int, steps: int = 3) -> dict[str, Any]:
-    """Run ``steps`` training steps with ``engine._mm`` wrapped, to count the FLOPs of every product the engine
-    really does (2·k per output element) and to time them by kind: the (B, nh, T, ·) attention products, the
-    products with a rank-r side (x @ A, h @ B and their gradients; LoRA only) and the dense ones (x @ W, the
-    head, and their gradients). Returns FLOPs per step and, per kind, seconds/calls/GFLOP per step."""
-    original, kinds = engine._mm, {}
+    """Run ``steps`` training steps inside ``engine.count_matmuls``, to count the FLOPs of every product the engine
+    really does and to time them by kind: the (B, nh, T, ·) attention products, the products with a rank-r side
+    (x @ A, h @ B and their gradients; LoRA only) and the dense ones (x @ W, the head, and their gradients).
+    Returns FLOPs per step and, per kind, seconds/calls/GFLOP per step."""
+    kinds: dict[str, dict[str, Any]] = {}
     totals: list[int] = []
-
-    def timed_mm(a: Any, b: Any) -> Any:
-        t0 = time.perf_counter()
-        out = original(a, b)
-        _sync()
-        dt, flop = time.perf_counter() - t0, 2 * out.size * a.shape[-1]  # each output: a k-long dot product
-        kind = "attention" if a.ndim == 4 else "rank-r" if r in (a.shape[-2], a.shape[-1], b.shape[-1]) else "dense"
-        k = kinds.setdefault(kind, {"seconds": 0.0, "calls": 0, "flops": 0})
-        k["seconds"], k["calls"], k["flops"] = k["seconds"] + dt, k["calls"] + 1, k["flops"] + flop
-        totals[-1] += flop
-        return out
-
-    engine._mm = timed_mm
-    try:
-        for _ in range(steps):
-            totals.append(0)
+    for _ in range(steps):
+        with engine.count_matmuls(sync=_sync) as counted:
             _step(model, opt, x, y)
-    finally:
-        engine._mm = original
+        totals.append(counted.flops)
+        for a, b, _, flop, dt in counted.products:
+            kind = "attention" if len(a) == 4 else "rank-r" if _is_rank_r(a, b, r) else "dense"
+            k = kinds.setdefault(kind, {"seconds": 0.0, "calls": 0, "flops": 0})
+            k["seconds"], k["calls"], k["flops"] = k["seconds"] + dt, k["calls"] + 1, k["flops"] + flop
     if len(set(totals)) != 1:
         raise AssertionError(f"the steps did different matmul FLOPs: {totals}")
     per_step = {kind: {"seconds": k["seconds"] / steps, "calls": k["calls"] // steps, "flops": k["flops"] // steps,
                        "flop_per_s": k["flops"] / k["seconds"]} for kind, k in sorted(kinds.items())}
     return {"flops_per_step": totals[0], "steps": steps, "by_kind": per_step}
+
+
+def _is_rank_r(a: tuple[int, ...], b: tuple[int, ...], r: int) -> bool:
+    """A product with a thin side: one of its three dimensions is r (or a multiple up to 3r for fused q, k, v)."""
+    return any(d in (r, 2 * r, 3 * r) for d in (a[-2], a[-1], b[-1]))
 
 
 def _step(model: Any, opt: Any, x: Any, y: Any) -> None:
@@ -151,7 +151,29 @@ def machine() -> dict[str, Any]:
         blas = "unknown"
     return {"nproc": os.cpu_count(), "cpu": cpu, "numpy": numpy.__version__, "blas": blas,
             "python": platform.python_version(), "platform": platform.platform(), "backend": backend.get_backend(),
-            "threads_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS") if k in os.environ}}
+            "threads_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS") if k in os.environ},
+            "blas_threads": blas_threads()}
+
+
+def blas_threads() -> int | None:
+    """The threads BLAS uses now, from threadpoolctl (an optional benchmark dependency); None without it."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    return max((p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"), default=None)
+
+
+@contextlib.contextmanager
+def limit_blas_threads(n: int | None) -> Iterator[None]:
+    """Pin BLAS to ``n`` threads for the block (threadpoolctl); ``None`` leaves the library's default."""
+    if n is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits  # asked for explicitly: a missing package is an error here
+
+    with threadpool_limits(limits=n, user_api="blas"):
+        yield
 
 
 def _loadavg() -> list[float] | None:
@@ -227,7 +249,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def report(result: dict[str, Any]) -> str:
     m, gf = result["machine"], 1e9
     mm = result["matmul_1024_float32_flops"]
-    lines = [f"{m['cpu']}, {m['nproc']} cores, numpy {m['numpy']} ({m['blas']}), backend {m['backend']}",
+    lines = [f"{m['cpu']}, {m['nproc']} cores, numpy {m['numpy']} ({m['blas']}, {m['blas_threads']} BLAS threads), "
+             f"backend {m['backend']}",
              f"matmul 1024x1024 float32: {mm['median'] / gf:.1f} GFLOP/s median of {mm['reps']} "
              f"(best {mm['best'] / gf:.1f}, worst {mm['worst'] / gf:.1f}); MFU is against the median",
              f"batch {result['batch_size']} x {result['config']['block_size']} tokens, "
@@ -271,10 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON results file (default benchmarks/results/bench_step.json, "
                                                "or bench_step_quick.json with --quick)")
     p.add_argument("--quick", action="store_true", help="a tiny configuration, for smoke runs")
+    p.add_argument("--threads", type=int, default=None, help="pin BLAS to this many threads (needs threadpoolctl)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
-    result = run(args)
+    with limit_blas_threads(args.threads):
+        result = run(args)
     out = Path(args.out or Path(__file__).parent / "results" / f"bench_step{'_quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

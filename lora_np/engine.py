@@ -12,12 +12,29 @@ gradients of the inputs. Two rules make it the engine LoRA needs:
 
 Shapes follow NumPy broadcasting; every binary op reduces its gradients back to the input's shape through the
 one helper ``unbroadcast``.
+
+``backward()`` frees the graph as it goes (each node drops its closure and its inputs once it has passed its
+gradient on), so activations die as early as possible; ``backward(retain_graph=True)`` keeps it for a second pass.
+
+How to write a new op (the ops below, ``functional.py`` and ``lora.lora_linear`` all follow it)::
+
+    def cube(x: Tensor) -> Tensor:
+        out = x.data ** 3                                   # the forward value, a plain array
+        def backward(g):                                    # g = dL/d(out), same shape as out
+            return (g * 3 * x.data**2 if x.requires_grad else None,)    # one gradient (or None) per parent
+        return Tensor.from_op(out, (x,), "cube", backward)  # joins the graph only if some parent needs a gradient
+
+Every matrix product goes through ``engine.matmul(a, b)`` (on arrays), so that ``count_matmuls()`` sees it: the
+tests, ``benchmarks/bench_step.py`` and the notebooks count the products (and their FLOPs) of a step that way.
+Add a gradcheck row for the new op in ``tests/test_gradcheck.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import backend
@@ -50,9 +67,46 @@ def unbroadcast(grad: Any, shape: tuple[int, ...]) -> Any:
     return grad.sum(axis=stretched, keepdims=True) if stretched else grad
 
 
-def _mm(a: Any, b: Any) -> Any:
-    """Every matrix product of the engine goes through here (tests count the calls)."""
-    return a @ b
+@dataclass(eq=False)  # compared by identity: two counters that saw the same products are still two counters
+class MatmulCount:
+    """What ``count_matmuls`` saw: the number of products, their FLOPs (2·k per output element) and, per product,
+    (shape of a, shape of b, shape of the result, FLOPs, seconds)."""
+
+    calls: int = 0
+    flops: int = 0
+    products: list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int, float]] = field(default_factory=list)
+
+
+_counters: list[tuple[MatmulCount, Callable[[], None] | None]] = []  # the active count_matmuls blocks
+
+
+@contextlib.contextmanager
+def count_matmuls(sync: Callable[[], None] | None = None) -> Iterator[MatmulCount]:
+    """Count every ``matmul`` inside the block (nested blocks each count). ``sync`` (e.g. a GPU stream sync) is
+    called after each product so that its seconds are the product's own; without it they are host time."""
+    counter = MatmulCount()
+    _counters.append((counter, sync))
+    try:
+        yield counter
+    finally:
+        _counters.remove((counter, sync))
+
+
+def matmul(a: Any, b: Any) -> Any:
+    """``a @ b`` on arrays. Every matrix product of lora_np goes through here, so that ``count_matmuls`` sees it."""
+    if not _counters:
+        return a @ b
+    t0 = time.perf_counter()
+    out = a @ b
+    for _, sync in _counters:
+        if sync is not None:
+            sync()
+    seconds, flops = time.perf_counter() - t0, 2 * out.size * a.shape[-1]  # each output: a k-long dot product
+    for counter, _ in _counters:
+        counter.calls += 1
+        counter.flops += flops
+        counter.products.append((a.shape, b.shape, out.shape, flops, seconds))
+    return out
 
 
 def _as_array(data: Any, dtype: Any = None) -> Any:
@@ -121,17 +175,22 @@ class Tensor:
         self.grad = None
 
     @staticmethod
-    def _make(data: Any, parents: tuple[Tensor, ...], op: str, backward: Callable[[Any], Sequence[Any]]) -> Tensor:
-        """The output of an op. It joins the graph only if some input needs a gradient (and grad is enabled)."""
+    def from_op(data: Any, parents: tuple[Tensor, ...], op_name: str,
+                backward: Callable[[Any], Sequence[Any]]) -> Tensor:
+        """The output of an op: ``data`` computed from ``parents``, and ``backward(g)`` that returns one gradient
+        (or None) per parent. It joins the graph only if some parent needs a gradient (and grad is enabled)."""
         out = Tensor(data)
         if _grad_enabled and any(p.requires_grad for p in parents):
-            out.requires_grad, out._parents, out._op, out._backward = True, parents, op, backward
+            out.requires_grad, out._parents, out._op, out._backward = True, parents, op_name, backward
         return out
 
     # -- backward ----------------------------------------------------------------------------------------------
-    def backward(self, grad: Any = None) -> None:
+    def backward(self, grad: Any = None, retain_graph: bool = False) -> None:
         """Backpropagate from this tensor: accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that
-        requires a gradient. A non-scalar tensor needs ``grad`` (the gradient of some scalar w.r.t. it)."""
+        requires a gradient. A non-scalar tensor needs ``grad`` (the gradient of some scalar w.r.t. it).
+
+        The graph is freed on the way (every node lets go of its inputs and closure once used), so the arrays
+        the forward pass kept die as soon as backward is past them; ``retain_graph=True`` keeps it."""
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad (no input requires_grad)")
         if grad is None:
@@ -161,7 +220,9 @@ class Tensor:
             stack.extend((p, False) for p in node._parents if p.requires_grad and id(p) not in seen)
 
         grads: dict[int, Any] = {id(self): grad}
-        for node in reversed(order):  # every consumer of a node comes before it in this order
+        owned: set[int] = set()  # nodes whose pending gradient is an array made here (safe to add into in place)
+        while order:  # popping (not iterating) lets each node go as soon as it is done: memory is freed early
+            node = order.pop()  # every consumer of a node comes before it in this order
             g = grads.pop(id(node), None)
             if g is None:
                 continue
@@ -172,11 +233,21 @@ class Tensor:
                     node.grad += g
             if node._backward is None:
                 continue
-            for parent, pg in zip(node._parents, node._backward(g)):
+            parents, parent_grads = node._parents, node._backward(g)
+            if not retain_graph:  # drop the closure (and the arrays it captured) and the links to the inputs
+                node._parents, node._backward = (), _freed_graph
+            del g
+            for parent, pg in zip(parents, parent_grads):
                 if pg is None or not parent.requires_grad:
                     continue
                 prev = grads.get(id(parent))
-                grads[id(parent)] = pg if prev is None else prev + pg
+                if prev is None:
+                    grads[id(parent)] = pg
+                elif id(parent) in owned:
+                    prev += pg  # in place: this buffer is ours (pg itself may be shared, e.g. by both sides of +)
+                else:
+                    grads[id(parent)], _ = prev + pg, owned.add(id(parent))
+            del parents, parent_grads
 
     # -- elementwise arithmetic --------------------------------------------------------------------------------
     def _lift(self, other: Any) -> Tensor:
@@ -203,7 +274,7 @@ class Tensor:
         def backward(g):  # d(a+b)/da = d(a+b)/db = 1
             return unbroadcast(g, a.shape), unbroadcast(g, b.shape)
 
-        return Tensor._make(a.data + b.data, (a, b), "add", backward)
+        return Tensor.from_op(a.data + b.data, (a, b), "add", backward)
 
     def __mul__(self, other: Any) -> Tensor:
         a, b = self, self._lift(other)
@@ -214,7 +285,7 @@ class Tensor:
             gb = unbroadcast(g * a.data, b.shape) if b.requires_grad else None
             return ga, gb
 
-        return Tensor._make(a.data * b.data, (a, b), "mul", backward)
+        return Tensor.from_op(a.data * b.data, (a, b), "mul", backward)
 
     def __truediv__(self, other: Any) -> Tensor:
         a, b = self, self._lift(other)
@@ -225,7 +296,7 @@ class Tensor:
             gb = unbroadcast(-g * a.data / (b.data * b.data), b.shape) if b.requires_grad else None
             return ga, gb
 
-        return Tensor._make(a.data / b.data, (a, b), "div", backward)
+        return Tensor.from_op(a.data / b.data, (a, b), "div", backward)
 
     def __pow__(self, p: float) -> Tensor:
         if isinstance(p, Tensor) or not backend.np.isscalar(p):
@@ -235,10 +306,10 @@ class Tensor:
         def backward(g):  # d(a^p)/da = p a^(p-1)
             return (g * p * a.data ** (p - 1),)
 
-        return Tensor._make(a.data**p, (a,), f"pow{p}", backward)
+        return Tensor.from_op(a.data**p, (a,), f"pow{p}", backward)
 
     def __neg__(self) -> Tensor:
-        return Tensor._make(-self.data, (self,), "neg", lambda g: (-g,))
+        return Tensor.from_op(-self.data, (self,), "neg", lambda g: (-g,))
 
     def __sub__(self, other: Any) -> Tensor:
         a, b = self, self._lift(other)
@@ -247,7 +318,7 @@ class Tensor:
         def backward(g):  # d(a-b)/da = 1, d(a-b)/db = -1
             return unbroadcast(g, a.shape), (-unbroadcast(g, b.shape) if b.requires_grad else None)
 
-        return Tensor._make(a.data - b.data, (a, b), "sub", backward)
+        return Tensor.from_op(a.data - b.data, (a, b), "sub", backward)
 
     def __radd__(self, other: Any) -> Tensor:
         return self + other
@@ -274,16 +345,16 @@ class Tensor:
             raise TypeError("matmul: operands live on different backends (numpy and cupy); move one first")
 
         def backward(g):  # C = A @ B:  dA = dC @ Bᵀ,  dB = Aᵀ @ dC
-            ga = unbroadcast(_mm(g, b.data.swapaxes(-1, -2)), a.shape) if a.requires_grad else None
+            ga = unbroadcast(matmul(g, b.data.swapaxes(-1, -2)), a.shape) if a.requires_grad else None
             gb = None
             if b.requires_grad:
                 if b.ndim == 2:  # a weight shared by all rows: fold the batch into one big (k, N) @ (N, m) product
-                    gb = _mm(a.data.reshape(-1, a.shape[-1]).T, g.reshape(-1, g.shape[-1]))
+                    gb = matmul(a.data.reshape(-1, a.shape[-1]).T, g.reshape(-1, g.shape[-1]))
                 else:
-                    gb = unbroadcast(_mm(a.data.swapaxes(-1, -2), g), b.shape)
+                    gb = unbroadcast(matmul(a.data.swapaxes(-1, -2), g), b.shape)
             return ga, gb
 
-        return Tensor._make(_mm(a.data, b.data), (a, b), "matmul", backward)
+        return Tensor.from_op(matmul(a.data, b.data), (a, b), "matmul", backward)
 
     # -- reductions --------------------------------------------------------------------------------------------
     def sum(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
@@ -294,7 +365,7 @@ class Tensor:
                 g = backend.xp.expand_dims(g, axis)
             return (backend.xp.broadcast_to(g, a.shape),)
 
-        return Tensor._make(a.data.sum(axis=axis, keepdims=keepdims), (a,), "sum", backward)
+        return Tensor.from_op(a.data.sum(axis=axis, keepdims=keepdims), (a,), "sum", backward)
 
     def mean(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
         axes = range(self.ndim) if axis is None else (axis,) if isinstance(axis, int) else axis
@@ -310,7 +381,7 @@ class Tensor:
             mask = a.data == out
             return (mask * (g / mask.sum(axis=axis, keepdims=True)),)
 
-        return Tensor._make(out if keepdims else out.reshape(a.data.max(axis=axis).shape), (a,), "max", backward)
+        return Tensor.from_op(out if keepdims else out.reshape(a.data.max(axis=axis).shape), (a,), "max", backward)
 
     # -- shape ops ---------------------------------------------------------------------------------------------
     def reshape(self, *shape: Any) -> Tensor:
@@ -320,7 +391,7 @@ class Tensor:
             out = a.data.reshape(shape)
         except ValueError:
             raise ValueError(f"reshape: cannot reshape {a.shape} ({a.size} elements) into {tuple(shape)}") from None
-        return Tensor._make(out, (a,), "reshape", lambda g: (g.reshape(a.shape),))
+        return Tensor.from_op(out, (a,), "reshape", lambda g: (g.reshape(a.shape),))
 
     def transpose(self, *axes: int) -> Tensor:
         """Permute axes: with all of them, like numpy; with two ints, swap just those two (like torch, also for a
@@ -334,7 +405,7 @@ class Tensor:
         if sorted(x % a.ndim for x in axes) != list(range(a.ndim)):
             raise ValueError(f"transpose: axes {axes} are not a permutation for shape {a.shape}")
         inverse = tuple(backend.np.argsort([x % a.ndim for x in axes]))
-        return Tensor._make(a.data.transpose(axes), (a,), "transpose", lambda g: (g.transpose(inverse),))
+        return Tensor.from_op(a.data.transpose(axes), (a,), "transpose", lambda g: (g.transpose(inverse),))
 
     permute = transpose
     T = property(lambda self: self.transpose())
@@ -351,28 +422,33 @@ class Tensor:
                 backend.scatter_add(ga, index, g)
             return (ga,)
 
-        return Tensor._make(a.data[index], (a,), "getitem", backward)
+        return Tensor.from_op(a.data[index], (a,), "getitem", backward)
 
     # -- elementwise functions ---------------------------------------------------------------------------------
     def exp(self) -> Tensor:
         out = backend.xp.exp(self.data)
-        return Tensor._make(out, (self,), "exp", lambda g: (g * out,))  # d(eˣ)/dx = eˣ
+        return Tensor.from_op(out, (self,), "exp", lambda g: (g * out,))  # d(eˣ)/dx = eˣ
 
     def log(self) -> Tensor:
         a = self
-        return Tensor._make(backend.xp.log(a.data), (a,), "log", lambda g: (g / a.data,))  # d(ln x)/dx = 1/x
+        return Tensor.from_op(backend.xp.log(a.data), (a,), "log", lambda g: (g / a.data,))  # d(ln x)/dx = 1/x
 
     def tanh(self) -> Tensor:
         out = backend.xp.tanh(self.data)
-        return Tensor._make(out, (self,), "tanh", lambda g: (g * (1 - out * out),))  # 1 - tanh²
+        return Tensor.from_op(out, (self,), "tanh", lambda g: (g * (1 - out * out),))  # 1 - tanh²
 
     def relu(self) -> Tensor:
         a = self
-        return Tensor._make(backend.xp.maximum(a.data, 0), (a,), "relu", lambda g: (g * (a.data > 0),))
+        return Tensor.from_op(backend.xp.maximum(a.data, 0), (a,), "relu", lambda g: (g * (a.data > 0),))
 
     def masked_fill(self, mask: Any, value: float) -> Tensor:
         """Elements where ``mask`` is True become ``value`` (e.g. -inf above the causal diagonal)."""
         return where(mask, self._lift(value), self)
+
+
+def _freed_graph(g: Any) -> Sequence[Any]:
+    raise RuntimeError("backward() through a graph a second time: the first backward() freed it; call it with "
+                       "retain_graph=True to keep the graph for another pass")
 
 
 def _is_basic_index(index: Any) -> bool:
@@ -393,7 +469,7 @@ def where(cond: Any, x: Any, y: Any) -> Tensor:
         gy = unbroadcast(backend.xp.where(cond, 0, g), y.shape) if y.requires_grad else None
         return gx, gy
 
-    return Tensor._make(out, (x, y), "where", backward)
+    return Tensor.from_op(out, (x, y), "where", backward)
 
 
 def concat(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
@@ -405,7 +481,7 @@ def concat(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
     except ValueError:
         raise ValueError(f"concat: shapes {shapes} do not match outside axis {axis}") from None
     cuts = backend.np.cumsum([s[axis] for s in shapes])[:-1].tolist()
-    return Tensor._make(out, tensors, "concat", lambda g: backend.xp.split(g, cuts, axis=axis))
+    return Tensor.from_op(out, tensors, "concat", lambda g: backend.xp.split(g, cuts, axis=axis))
 
 
 def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:

@@ -18,10 +18,11 @@ so every input they saw is kept, and the adapter adds its own products on top.
 
 How the activations are counted
 -------------------------------
-The engine's rule (``Tensor._make`` in engine.py): an op joins the graph when one of its inputs requires a
+The engine's rule (``Tensor.from_op`` in engine.py): an op joins the graph when one of its inputs requires a
 gradient. A graph node holds its input Tensors (``_parents``, and its ``backward`` closure) and whatever arrays
-the closure captured, until backward returns. So every INPUT of a graph op stays alive, and so does every array
-its closure captured; an op outside the graph keeps nothing. This engine keeps parents even where backward does
+the closure captured, until backward has passed it (backward frees the graph as it goes). So every INPUT of a
+graph op stays alive through the forward pass, and so does every array its closure captured; an op outside the
+graph keeps nothing. This engine keeps parents even where backward does
 not need their values (both inputs of an addition, for instance): PyTorch keeps only what backward reads.
 
 ``_replay_forward`` replays ``GPT.forward`` line by line on sizes only, applying that rule; it is exact for any
@@ -32,25 +33,27 @@ a test checks the replay against it):
     embeddings   2·N·C + T·C         wte(idx) and wpe(pos) gathered, their sum; + 8·T bytes for pos (int64)
     per block:
       ln1          2·N·C + N         output, xhat (and rstd, N): layer_norm's closure keeps xhat and rstd
-      q, k, v      3·N·C             F.linear's outputs (the fused op keeps its input, not x@W before the bias)
-      scores       4·B·H·T²          q@kᵀ, × 1/√hs, masked_fill, softmax (which keeps its output)
-      mask         T² bytes          the causal mask (bool), captured by masked_fill's ``where``
-      att @ v      2·N·C             the product, and the copy that reshape makes of its transpose
+      q, k, v      3·N·C + 3·C²      lora.fused_linear: [x W_q | x W_k | x W_v] from one product; it keeps the
+                                     concatenated (C, 3C) weights for dx = g [W_q W_k W_v]ᵀ
+      attention    B·H·T² + N·C      F.causal_attention keeps the attention weights; its output (B, T, C)
       o            N·C
       residual     N·C               x + attn
       ln2          2·N·C + N
       up           4·N·C
-      gelu         3·4·N·C           output, and x² and tanh(u), which its closure keeps
+      gelu         2·4·N·C           output, and tanh(u), which its closure keeps
       down         N·C
       residual     N·C               x + mlp
-      = 29·N·C + 2·N + 4·B·H·T²  floats, + T² bytes
+      = 24·N·C + 2·N + B·H·T² + 3·C²  floats
     head         2·N·C + N           ln_f;  + N·V logits + N·V log-probs (cross_entropy keeps them)
                                      + 9·N bytes: the valid mask (bool) and the clamped targets (int64)
 
 LoRA, in every block whose input requires a gradient, keeps per adapted layer (d_in, d_out) the same as
-above plus N·r: ``lora.lora_linear`` is one fused op whose closure keeps the thin h = x@A (N, r) besides x. In
-block 0 the input does not require a gradient (the embeddings are frozen), so ln1 and the un-adapted projections
-there keep less. Dropout with p > 0 adds its float mask (``scale``) and output wherever it is in the graph.
+above plus N·r: ``lora.fused_linear`` is one fused op whose closure keeps the thin h = x@A (N, r) besides x, and
+the merged W + s·A@B (d_in, d_out) of a layer computed alone (o, up, down) for dx. In block 0 the input does not
+require a gradient (the embeddings are frozen), so ln1 and the projections there keep less. Dropout with p > 0
+adds its float mask (``scale``) and output wherever it is in the graph (LoRA dropout: the mask (N, d_in), and W
+is not merged); with attention dropout the attention is composed from separate ops (model.py), which keep
+4·B·H·T² + N·C floats and the T² bytes of the mask.
 
 So LoRA does not save activations: the frozen layers still pass gradients down to the adapters below them, so
 their inputs are kept. Its saving is 3 × the frozen weights' size (gradient, m, v): small next to the
@@ -232,12 +235,19 @@ def _replay_forward(cfg: GPTConfig, lora: LoRAConfig | None, B: int, T: int, f: 
     def layer_norm(x: _Array, name: str) -> _Array:  # F.layer_norm: output (N, C); keeps xhat (N, C), rstd (N, 1)
         return rp.op([x, param(name)], N * C * f, captures=[N * C * f, N * f])
 
-    def linear(x: _Array, name: str, d_in: int, d_out: int) -> _Array:  # nn.Linear or LoRALinear
-        if full or name.split(".")[-1] not in targets:
-            return rp.op([x, param(name)], N * d_out * f)  # F.linear: x @ W + b in one op, (N, d_in) -> (N, d_out)
-        # lora.lora_linear: one op; its closure keeps h = x @ A (N, r) and, with dropout, the mask and x ⊙ mask
-        captures = [N * r * f] + ([N * d_in * f, N * d_in * f] if p_lora > 0 else [])
-        return rp.op([x, param(name), rp.leaf(True)], N * d_out * f, captures=captures)
+    def linears(x: _Array, names: Sequence[str], d_in: int, d_out: int) -> _Array:
+        """Linear or LoRALinear layers that read x: F.linear for one plain layer, else lora.fused_linear."""
+        adapted = [n for n in names if not full and n.split(".")[-1] in targets]
+        if len(names) == 1 and not adapted:  # F.linear: x @ W + b in one op, (N, d_in) -> (N, d_out); keeps x
+            return rp.op([x, param(names[0])], N * d_out * f)
+        # lora.fused_linear keeps x, h = x @ A (N, r) per adapter and, with LoRA dropout, the mask (N, d_in);
+        # and, where x needs a gradient, the weights it multiplied by unless they are a parameter itself: the
+        # merged W + s·A@B (without dropout) or the concatenation of several layers' W
+        captures = [N * r * f] * len(adapted) + [N * d_in * f] * (len(adapted) if p_lora > 0 else 0)
+        if x.grad and (len(names) > 1 or p_lora == 0):
+            captures.append(d_in * d_out * len(names) * f)
+        return rp.op([x] + [param(n) for n in names] + [rp.leaf(True) for _ in adapted], N * d_out * len(names) * f,
+                     captures=captures)
 
     ids, pos = rp.leaf(False), rp.leaf(False, T * INT_BYTES)  # the batch (not counted); pos = xp.arange(T)
     tok = rp.op([ids, param("wte")], N * C * f)  # wte(idx): (B, T) -> (B, T, C), a gather; keeps ids
@@ -247,26 +257,30 @@ def _replay_forward(cfg: GPTConfig, lora: LoRAConfig | None, B: int, T: int, f: 
     for i in range(cfg.n_layer):
         b = f"blocks.{i}"
         h = layer_norm(x, f"{b}.ln1")
-        q, k, v = (linear(h, f"{b}.{t}", C, C) for t in ("q", "k", "v"))
-        q, k, v = (rp.op([rp.op([a], 0, view=True)], 0, view=True) for a in (q, k, v))  # reshape, transpose: views
-        kT = rp.op([k], 0, view=True)  # k.transpose(0, 1, 3, 2): (B, nh, hs, T), a view
-        att = rp.op([q, kT], score)  # q @ kT: (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
-        att = rp.op([att], score)  # × 1/√hs
-        mask = rp.leaf(False, T * T * BOOL_BYTES)  # triu(ones((T, T), bool)): new each forward
-        att = rp.op([att, mask], score)  # masked_fill -> where(mask, -inf, att); the closure keeps the mask
-        att = rp.op([att], score)  # softmax: keeps its output y (the input of att @ v keeps it anyway)
-        att = dropout(att, B * H * T * T, p)
-        y = rp.op([att, v], N * C * f)  # att @ v: (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
-        y = rp.op([y], 0, view=True)  # transpose(0, 2, 1, 3): a view
-        copies = H > 1 and T > 1  # reshape of that transposed view copies, unless it happens to be contiguous
-        y = rp.op([y], N * C * f, view=not copies)  # reshape (B, T, nh, hs) -> (B, T, C)
-        x = rp.op([x, dropout(linear(y, f"{b}.o", C, C), N * C, p)], N * C * f)  # x + attn
+        qkv = linears(h, [f"{b}.{t}" for t in ("q", "k", "v")], C, C)  # (N, 3C), one op
+        if p > 0:  # model.py's composed path: dropout on the attention weights needs them as a tensor
+            # split into q, k, v (getitem), then reshape and transpose: views
+            q, k, v = (rp.op([rp.op([rp.op([qkv], 0, view=True)], 0, view=True)], 0, view=True) for _ in range(3))
+            kT = rp.op([k], 0, view=True)  # k.transpose(0, 1, 3, 2): (B, nh, hs, T), a view
+            att = rp.op([q, kT], score)  # q @ kT: (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
+            att = rp.op([att], score)  # × 1/√hs
+            mask = rp.leaf(False, T * T * BOOL_BYTES)  # triu(ones((T, T), bool)): new each forward
+            att = rp.op([att, mask], score)  # masked_fill -> where(mask, -inf, att); the closure keeps the mask
+            att = rp.op([att], score)  # softmax: keeps its output y (the input of att @ v keeps it anyway)
+            att = dropout(att, B * H * T * T, p)
+            y = rp.op([att, v], N * C * f)  # att @ v: (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+            y = rp.op([y], 0, view=True)  # transpose(0, 2, 1, 3): a view
+            copies = H > 1 and T > 1  # reshape of that transposed view copies, unless it happens to be contiguous
+            y = rp.op([y], N * C * f, view=not copies)  # reshape (B, T, nh, hs) -> (B, T, C)
+        else:  # F.causal_attention: one op, (N, 3C) -> (N, C); keeps only the attention weights (B, nh, T, T)
+            y = rp.op([qkv], N * C * f, captures=[score])
+        x = rp.op([x, dropout(linears(y, [f"{b}.o"], C, C), N * C, p)], N * C * f)  # x + attn
         h = layer_norm(x, f"{b}.ln2")
-        u = linear(h, f"{b}.up", C, 4 * C)
-        u = rp.op([u], N * 4 * C * f, captures=[N * 4 * C * f] * 2)  # gelu: keeps x² and tanh(u)
-        x = rp.op([x, dropout(linear(u, f"{b}.down", 4 * C, C), N * C, p)], N * C * f)  # x + mlp
+        u = linears(h, [f"{b}.up"], C, 4 * C)
+        u = rp.op([u], N * 4 * C * f, captures=[N * 4 * C * f])  # gelu: keeps tanh(u)
+        x = rp.op([x, dropout(linears(u, [f"{b}.down"], 4 * C, C), N * C, p)], N * C * f)  # x + mlp
     h = layer_norm(x, "ln_f")
-    logits = linear(h, "wte" if cfg.tie_weights else "lm_head", C, V)  # (N, C) @ (C, V) -> (N, V); tied: wte.T
+    logits = linears(h, ["wte" if cfg.tie_weights else "lm_head"], C, V)  # (N, C) @ (C, V) -> (N, V); tied: wte.T
     rp.op([logits], f, captures=[N * V * f, N * BOOL_BYTES, N * INT_BYTES])  # cross_entropy: logp, valid, safe_t
     return rp.kept_bytes()
 
@@ -282,15 +296,13 @@ class Measured:
     optimizer's state after the step (AdamW allocates m and v lazily, so ``measure_step`` runs warm-up steps first).
     activations: what ``tracemalloc`` sees alive right after the forward pass and the loss, above the baseline
     before the step: the graph's arrays plus its Python objects.
-    traced_peak: the most ``tracemalloc`` saw allocated at any moment of the step, above the same baseline. It holds
-    the activations (the graph lives until backward returns), the gradients, and ``scratch``: the transient arrays
-    of backward (gradients of intermediate nodes waiting to be used, each op's temporaries) and of the update.
+    traced_peak: the most ``tracemalloc`` saw allocated at any moment of the step, above the same baseline: the
+    activations still alive then (backward frees the graph as it goes), the gradients formed so far, and the
+    transient arrays of backward (pending gradients of intermediate nodes, each op's temporaries) and of the update.
+    scratch = traced_peak − activations − gradients: what the peak holds beyond "all activations and all gradients
+    at once", the ledger's assumption. Because early activations are freed before the last weight gradients
+    exist, it can come out negative in full fine-tuning. The ledger does not predict it.
     peak (= total): the most the step held at once, weights and optimizer state (allocated before it) included.
-
-    The ledger does not predict scratch. Where it peaks was traced on small models: in GELU's backward (the
-    incoming gradient and about five temporaries of shape (B, T, 4C)), or in softmax's backward when the
-    (B, nh, T, T) attention matrix is the bigger array. In full fine-tuning some gradients do not exist yet at that
-    moment, so ``scratch`` (traced_peak − activations − all gradients) comes out a little smaller than under LoRA.
     """
 
     weights: int

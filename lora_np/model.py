@@ -15,7 +15,8 @@ from typing import Any
 
 from . import backend
 from . import functional as F
-from .engine import Tensor
+from .engine import Tensor, split
+from .lora import shared_input_linear
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module
 
 
@@ -69,15 +70,19 @@ class CausalSelfAttention(Module):
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
-        q = self.q(x).reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B, T, C) -> (B, nh, T, hs)
-        k = self.k(x).reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B, T, C) -> (B, nh, T, hs)
-        v = self.v(x).reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B, T, C) -> (B, nh, T, hs)
-        att = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hs))  # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
-        future = backend.xp.triu(backend.xp.ones((T, T), dtype=bool), k=1)  # (T, T): True above the diagonal
-        att = att.masked_fill(future, -math.inf)  # (B, nh, T, T): position t attends to positions <= t only
-        att = self.attn_drop(F.softmax(att, axis=-1))  # (B, nh, T, T), rows sum to 1
-        y = att @ v  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
-        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C)
+        # q, k and v read the same x: one op computes [x W_q | x W_k | x W_v] (LoRA included) with one product
+        qkv = shared_input_linear(x, [self.q, self.k, self.v])  # (B, T, C) -> (B, T, 3C)
+        if not (self.attn_drop.p > 0 and self.training):
+            y = F.causal_attention(qkv, nh)  # (B, T, 3C) -> (B, T, C): the steps below, as one op
+        else:  # dropout on the attention weights needs them as a tensor: the same computation from separate ops
+            q, k, v = (t.reshape(B, T, nh, hs).transpose(0, 2, 1, 3) for t in split(qkv, 3))  # (B, nh, T, hs) each
+            att = q @ k.transpose(0, 1, 3, 2)  # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
+            att = att * (1.0 / math.sqrt(hs))  # (B, nh, T, T), scaled so the softmax is not saturated at init
+            future = backend.xp.triu(backend.xp.ones((T, T), dtype=bool), k=1)  # (T, T): True above the diagonal
+            att = att.masked_fill(future, -math.inf)  # (B, nh, T, T): position t attends to positions <= t only
+            att = self.attn_drop(F.softmax(att, axis=-1))  # (B, nh, T, T), rows sum to 1
+            y = att @ v  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+            y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C)
         return self.resid_drop(self.o(y))  # (B, T, C)
 
 

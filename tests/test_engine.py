@@ -244,8 +244,8 @@ def test_diamond_graph(backend, rand):
 def test_gradients_accumulate_until_reset(backend, rand):
     x = rand(2, 3)
     y = (x * x).sum()
-    y.backward()
-    y.backward()  # += : twice the gradient
+    y.backward(retain_graph=True)  # keep the graph for the next pass
+    y.backward(retain_graph=True)  # += : twice the gradient
     np.testing.assert_allclose(host(x.grad), 4 * host(x), rtol=1e-12)
 
     x.zero_grad()
@@ -261,7 +261,7 @@ def test_gradients_accumulate_until_reset(backend, rand):
 def test_sum_gradients_accumulate_into_a_writable_array(backend, rand):
     x = rand(2, 3)
     y = x.sum()  # its backward hands out a read-only broadcast view of the gradient
-    y.backward()
+    y.backward(retain_graph=True)
     y.backward()
     np.testing.assert_array_equal(host(x.grad), np.full((2, 3), 2.0))
 
@@ -308,20 +308,6 @@ def test_detach_cuts_the_graph(backend, rand):
 # -- frozen inputs: no gradient, and no compute spent on one ---------------------------------------------------
 
 
-@pytest.fixture
-def matmuls(monkeypatch) -> list[tuple]:
-    """Counts the matrix products of the engine: every one goes through ``engine._mm``."""
-    calls: list[tuple] = []
-    real = engine._mm
-
-    def counting(a, b):
-        calls.append((a.shape, b.shape))
-        return real(a, b)
-
-    monkeypatch.setattr(engine, "_mm", counting)
-    return calls
-
-
 @pytest.mark.parametrize("x_shape", [(4, 3), (2, 4, 3)], ids=["2d", "batched"])
 @pytest.mark.parametrize(
     "x_trainable, w_trainable, n_matmuls",
@@ -329,20 +315,45 @@ def matmuls(monkeypatch) -> list[tuple]:
     ids=["W-frozen", "both-trainable", "x-frozen"],
 )
 def test_backward_spends_matmuls_only_on_inputs_that_need_a_gradient(
-    backend, rand, matmuls, x_shape, x_trainable, w_trainable, n_matmuls
+    backend, rand, x_shape, x_trainable, w_trainable, n_matmuls
 ):
     x, W = rand(*x_shape, requires_grad=x_trainable), rand(3, 5, requires_grad=w_trainable)
     g = rand(*x_shape[:-1], 5, requires_grad=False)
     y = x @ W
-    matmuls.clear()  # count the backward only
-    y.backward(g.data)
-    assert len(matmuls) == n_matmuls  # dx = g Wᵀ only if x needs it, dW = xᵀ g only if W does (LoRA's saving)
+    with engine.count_matmuls() as matmuls:  # count the backward only
+        y.backward(g.data)
+    # dx = g Wᵀ only if x needs it, dW = xᵀ g only if W does (LoRA's saving)
+    assert matmuls.calls == len(matmuls.products) == n_matmuls
     assert (x.grad is not None) == x_trainable and (W.grad is not None) == w_trainable
     if x_trainable:
         np.testing.assert_allclose(host(x.grad), host(g) @ host(W).T, rtol=1e-12)
     if w_trainable:
         xs, gs = host(x).reshape(-1, 3), host(g).reshape(-1, 5)
         np.testing.assert_allclose(host(W.grad), xs.T @ gs, rtol=1e-12)
+
+
+def test_backward_frees_the_graph_unless_asked_to_keep_it(backend, rand):
+    x = rand(2, 3)
+    h = x * 2.0
+    y = (h * h).sum()
+    y.backward()
+    assert h._parents == () and y._parents == ()  # the links (and the arrays they held) are gone
+    with pytest.raises(RuntimeError, match="second time.*retain_graph=True"):
+        y.backward()
+    np.testing.assert_allclose(host(x.grad), 8 * host(x), rtol=1e-12)  # the first pass counted once
+
+
+def test_count_matmuls_counts_calls_flops_and_shapes(backend, rand):
+    a, b = rand(2, 3, 4), rand(4, 5)
+    with engine.count_matmuls() as outer:
+        with engine.count_matmuls() as inner:
+            engine.matmul(a.data, b.data)
+        a @ b
+    assert (inner.calls, inner.flops) == (1, 2 * 2 * 3 * 5 * 4)  # 2·k FLOPs per output element
+    assert (outer.calls, outer.flops) == (2, 2 * inner.flops)  # nested blocks both count
+    assert outer.products[0][:4] == ((2, 3, 4), (4, 5), (2, 3, 5), inner.flops) and outer.products[0][4] >= 0
+    a @ b
+    assert outer.calls == 2 and not engine._counters  # nothing counts outside a block
 
 
 def test_frozen_matmul_records_no_graph(backend, rand):

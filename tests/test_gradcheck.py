@@ -18,11 +18,20 @@ import lora_np.functional as F
 from lora_np import backend
 from lora_np.engine import Tensor, concat, split, stack, where
 from lora_np.gradcheck import GradcheckError, GradcheckResult, gradcheck
+from lora_np.lora import fused_linear
 
 
 def ix(a):
     """An index, mask or target array on the active backend (built when the case runs, not at import)."""
     return backend.to_device(np.asarray(a))
+
+
+def plain(W, b=None):
+    return (W, b, None, None, 0.0, None)  # a part of lora.fused_linear without an adapter
+
+
+def keep_235():
+    return ix((np.random.default_rng(5).random((2, 3, 5)) > 0.3) / 0.7)  # LoRA dropout mask for x (2, 3, 5)
 
 
 def weigh(parts, axis):
@@ -173,6 +182,24 @@ CASES = BINARY_CASES + [
     ("dropout-train-fixed-mask",  lambda x: F.dropout(x, 0.3, True, backend.rng(0)), [(4, 5)]),
     ("embedding-repeated-ids",    lambda w: F.embedding(ix([[1, 1, 3], [0, 1, 3]]), w), [(5, 4)]),
     ("attention-composite",       attention,                                    [(2, 3, 4)] * 3),
+    # -- lora.fused_linear: parts (W, b, A, B, s, keep) that share x, as q, k, v do --
+    ("fused_linear-three-plain",  lambda x, W1, W2, W3, b1, b3: fused_linear(
+        x, [plain(W1, b1), plain(W2), plain(W3, b3)]),
+     [(2, 3, 5), (5, 4), (5, 2), (5, 3), (4,), (3,)]),
+    ("fused_linear-three-lora",   lambda x, W1, W2, W3, A1, A2, A3, B1, B2, B3: fused_linear(
+        x, [(W1, None, A1, B1, 1.5, None), (W2, None, A2, B2, 0.5, None), (W3, None, A3, B3, 2.0, None)]),
+     [(2, 3, 5), (5, 4), (5, 4), (5, 3), (5, 2), (5, 2), (5, 1), (2, 4), (2, 4), (1, 3)], {"frozen": (1, 2, 3)}),
+    ("fused_linear-lora-W-trains", lambda x, W1, W2, A1, B1, A2, B2, b2: fused_linear(
+        x, [(W1, None, A1, B1, 1.5, None), (W2, b2, A2, B2, 0.5, None)]),
+     [(2, 3, 5), (5, 4), (5, 3), (5, 2), (2, 4), (5, 2), (2, 3), (3,)]),
+    ("fused_linear-dropout-and-plain", lambda x, W1, A1, B1, b1, W2: fused_linear(
+        x, [(W1, b1, A1, B1, 1.5, keep_235()), plain(W2)]),
+     [(2, 3, 5), (5, 4), (5, 2), (2, 4), (4,), (5, 3)], {"frozen": (1, 5)}),
+    ("fused_linear-x-frozen",     lambda x, W1, A1, B1, W2, A2, B2: fused_linear(
+        x, [(W1, None, A1, B1, 1.5, None), (W2, None, A2, B2, 0.5, keep_235())]),
+     [(2, 3, 5), (5, 4), (5, 2), (2, 4), (5, 3), (5, 1), (1, 3)], {"frozen": (0, 1, 4)}),
+    ("causal_attention-2-heads",  lambda qkv: F.causal_attention(qkv, 2),      [(2, 4, 12)]),
+    ("causal_attention-1-head",   lambda qkv: F.causal_attention(qkv, 1),      [(1, 5, 9)]),
 ]  # fmt: skip
 
 # Every op of the engine, by the prefix its rows' names start with (a new op without a row fails the test below).
@@ -208,7 +235,7 @@ def wrong_at(element):
     def fn(x):
         onehot = backend.xp.zeros(x.shape)
         onehot[element] = 1.0
-        return Tensor._make(x.data, (x,), "bad", lambda g: (g * (1.0 + onehot),))
+        return Tensor.from_op(x.data, (x,), "bad", lambda g: (g * (1.0 + onehot),))
 
     return fn
 
@@ -221,7 +248,7 @@ def test_a_wrong_backward_fails_naming_the_input_and_element(rand):
 
 def test_a_wrong_backward_everywhere_fails(rand):
     with pytest.raises(GradcheckError, match=r"at input 0, element \(\d+, \d+\): analytic"):
-        gradcheck(lambda x: Tensor._make(x.data, (x,), "bad", lambda g: (2 * g,)), rand(3, 4))
+        gradcheck(lambda x: Tensor.from_op(x.data, (x,), "bad", lambda g: (2 * g,)), rand(3, 4))
 
 
 def test_gradcheck_error_is_an_assertion_error():
@@ -265,7 +292,7 @@ def test_non_contiguous_input_is_really_nudged():
     assert not x.data.flags.c_contiguous
     assert gradcheck(lambda t: t * t, x).max_error < 1e-8
     with pytest.raises(GradcheckError):
-        gradcheck(lambda t: Tensor._make(t.data * 1.0, (t,), "bad", lambda g: (g * 0.0,)), x)  # a zero backward
+        gradcheck(lambda t: Tensor.from_op(t.data * 1.0, (t,), "bad", lambda g: (g * 0.0,)), x)  # a zero backward
 
 
 def test_frozen_inputs_are_not_checked(rand):

@@ -170,19 +170,10 @@ def test_frozen_w_and_bias_get_no_gradient():
 
 
 def backward_matmul_shapes(monkeypatch: pytest.MonkeyPatch, loss: Tensor) -> list[tuple[int, ...]]:
-    """The result shape of every matrix product that ``loss.backward()`` computes (engine._mm counts them all)."""
-    shapes: list[tuple[int, ...]] = []
-    real = engine._mm
-
-    def counting(a, b):
-        out = real(a, b)
-        shapes.append(out.shape)
-        return out
-
-    with monkeypatch.context() as mp:
-        mp.setattr(engine, "_mm", counting)
+    """The result shape of every matrix product that ``loss.backward()`` computes (engine.count_matmuls sees all)."""
+    with engine.count_matmuls() as matmuls:
         loss.backward()
-    return shapes
+    return [out for _, _, out, *_ in matmuls.products]
 
 
 @pytest.mark.parametrize("x_requires_grad", [True, False])
@@ -199,8 +190,9 @@ def test_no_weight_gradient_matmul_for_frozen_w(monkeypatch, x_requires_grad):
     layer = LoRALinear(Linear(d_in, d_out), r=r, alpha=4.0)
     shapes = backward_matmul_shapes(monkeypatch, (layer(x) * Tensor(g)).sum())
     assert (d_in, d_out) not in shapes  # no product the size of W: W's gradient is never formed
-    # dA (d_in, r), dB (r, d_out), d(xA) (2, 3, r); and, if x needs it, dx through W and through A.
-    assert Counter(shapes) == Counter([(d_in, r), (r, d_out), (2, 3, r)] + [(2, 3, d_in)] * (2 * x_requires_grad))
+    # dA (d_in, r), dB (r, d_out), dh = s·g Bᵀ (N, r); and, if x needs it, dx = g (W + s·AB)ᵀ, through W and the
+    # adapter at once (lora.fused_linear merges the adapter on the fly). The N = 6 rows of x are one axis.
+    assert Counter(shapes) == Counter([(d_in, r), (r, d_out), (6, r)] + [(6, d_in)] * x_requires_grad)
     assert layer.weight.grad is None and layer.A.grad.shape == (d_in, r)
 
 
@@ -210,26 +202,28 @@ def test_whole_gpt_backward_matmuls_full_vs_lora(monkeypatch):
     base_shapes = {s for s in SHAPES.values()} | {(C, 11)}  # every W of the model, lm_head's included
 
     full = backward_matmul_shapes(monkeypatch, tiny_gpt()(idx, tgt)[1])
-    # Full training: every Linear computes dx and dW (2 each, 6 per block, plus lm_head), attention's q@kᵀ and
-    # att@v two each: 16 per block + 2.
-    assert len(full) == 16 * L + 2
-    assert sum(s in base_shapes for s in full) == 6 * L + 1
+    # Full training: q, k, v share one product for dx and one for their dW (C, 3C); o, up, down compute dx and dW
+    # (2 each); attention's q@kᵀ and att@v two each: 12 per block, plus lm_head's 2.
+    assert len(full) == 12 * L + 2
+    assert sum(s in base_shapes | {(C, 3 * C)} for s in full) == 4 * L + 1
 
     model = apply_lora(tiny_gpt(), targets="all-linear", r=r, alpha=6.0)
     lora_shapes = backward_matmul_shapes(monkeypatch, model(idx, tgt)[1])
-    assert not any(s in base_shapes for s in lora_shapes)  # no dW at all, not even lm_head's (frozen)
-    # Each adapted layer: dx through W, dx and dA through A, d(xA) and dB through B = 5. Block 0's q, k, v read
-    # frozen embeddings (nothing upstream trains), so they skip both dx: 3. Attention as before: 4 per block.
-    # lm_head: dx only. Total 28 + 34·(L-1) + 1.
-    assert len(lora_shapes) == 28 + 34 * (L - 1) + 1
+    assert not any(s in base_shapes | {(C, 3 * C)} for s in lora_shapes)  # no dW at all, not lm_head's (frozen)
+    # q, k, v: dx (one product), dh per adapter (3), dA (one product), dB per adapter (3) = 8; o, up, down: dx, dh,
+    # dA, dB = 4 each. Block 0's q, k, v read frozen embeddings (nothing upstream trains), so they skip dx: 7.
+    # Attention as before: 4 per block. lm_head: dx only. Total 23 + 24·(L-1) + 1.
+    assert len(lora_shapes) == 23 + 24 * (L - 1) + 1
 
-    # The same LoRA model with W unfrozen spends exactly one extra matmul per adapted layer: dW.
+    # The same LoRA model with W unfrozen spends exactly one extra matmul per fused layer group: dW, (C, 3C) for
+    # q, k, v together and W's shape for o, up and down.
     model.zero_grad()
     for m in lora_layers(model).values():
         m.weight.requires_grad = True
     unfrozen = backward_matmul_shapes(monkeypatch, model(idx, tgt)[1])
-    assert len(unfrozen) - len(lora_shapes) == len(lora_layers(model)) == 6 * L
-    assert Counter(unfrozen) - Counter(lora_shapes) == Counter(m.weight.shape for m in lora_layers(model).values())
+    alone = [m.weight.shape for n, m in lora_layers(model).items() if n.split(".")[-1] in ("o", "up", "down")]
+    assert Counter(unfrozen) - Counter(lora_shapes) == Counter([(C, 3 * C)] * L + alone)
+    assert len(unfrozen) - len(lora_shapes) == 4 * L
 
 
 # --- merging -----------------------------------------------------------------------------------------------------

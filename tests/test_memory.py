@@ -6,8 +6,9 @@ Tolerances, and why:
   Python objects of the graph (Tensors, closures): 0 <= measured - analytic <= 128 KiB for these 2-layer models
   (40-85 KiB is what it is). That gap must not grow with the batch: every array that does is counted.
 - total: the measured step's peak also holds backward's transient arrays ("scratch": pending gradients and each
-  op's temporaries, mostly GELU's backward), which the ledger does not model. For SMALL below the measured total
-  is 1.17x (full) and 1.27x (LoRA on q, v) the analytic total; the test allows analytic <= measured <= 1.35x
+  op's temporaries, mostly GELU's backward), which the ledger does not model, while backward frees activations as
+  it goes, before the last gradients exist, which the ledger does not model either. For SMALL below the measured
+  total is 0.98x (full) and 1.11x (LoRA on q, v) the analytic total; the test allows 0.9x <= measured <= 1.35x
   analytic. The ratio depends on the shape: scratch is a few (B, T, 4C) arrays, activations grow with n_layer
   (a 1-layer model reaches ~1.5x, the 4-layer bench configuration ~1.1x).
 """
@@ -78,8 +79,8 @@ def test_activation_gap_does_not_grow_with_the_batch():
 @pytest.mark.parametrize("i", [0, 1])
 def test_measured_total_within_tolerance(i, measured):
     ledger, m = measured[i]
-    assert ledger.total <= m.total <= 1.35 * ledger.total
-    assert m.scratch > 0
+    assert 0.9 * ledger.total <= m.total <= 1.35 * ledger.total
+    assert m.traced_peak > m.activations  # the peak holds at least what the forward pass kept
 
 
 def test_lora_shrinks_gradients_and_optimizer_not_activations(measured):
@@ -97,7 +98,7 @@ def _full_activations(cfg: GPTConfig, B: int, T: int, f: int = 4) -> int:
     """The closed form of the module docstring, for full fine-tuning (n_head > 1, T > 1, no dropout)."""
     N, C, H, V = B * T, cfg.n_embd, cfg.n_head, cfg.vocab_size
     embeddings = (2 * N * C + T * C) * f + 8 * T
-    block = (29 * N * C + 2 * N + 4 * B * H * T * T) * f + T * T
+    block = (24 * N * C + 2 * N + B * H * T * T + 3 * C * C) * f
     head = (2 * N * C + N + 2 * N * V) * f + 9 * N
     return embeddings + cfg.n_layer * block + head
 
@@ -109,13 +110,15 @@ def test_full_activations_closed_form(cfg, B, T):
 
 
 def test_lora_adds_per_adapted_layer():
-    """One more block, with LoRA on all six linears, costs a full block plus N·r per layer (h = x @ A)."""
+    """One more block, with LoRA on all six linears, costs a full block plus N·r per layer (h = x @ A) and the merged
+    W + s·A@B of o, up and down (q, k, v keep their concatenated W in full fine-tuning too)."""
     B, T, r, f = 2, 16, 4, 4
     cfgs = [GPTConfig(vocab_size=40, block_size=T, n_layer=L, n_head=2, n_embd=32) for L in (2, 3)]
     acts = [memory.analytic_ledger(c, LoRAConfig(targets="all-linear", r=r), B).activations for c in cfgs]
     N = B * T
     full_block = _full_activations(cfgs[1], B, T) - _full_activations(cfgs[0], B, T)
-    adapters = 6 * N * r * f  # h = x @ A in each of the six adapted layers
+    C = cfgs[0].n_embd
+    adapters = (6 * N * r + 9 * C * C) * f  # h = x @ A in each of the six adapted layers; C² + 4C² + 4C²
     assert acts[1] - acts[0] == full_block + adapters
 
 
