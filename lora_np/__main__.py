@@ -24,7 +24,9 @@ from typing import Any
 
 from . import backend, memory
 from .checkpoint import load_adapter, read_adapter_config, save_adapter, write_atomic
+from .data import CharTokenizer
 from .experiments import (
+    Corpora,
     ExperimentConfig,
     RunSpec,
     base_model_path,
@@ -166,9 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 # -- checks that need more than one argument ----------------------------------------------------------------------
 
 
-def _experiment(args: argparse.Namespace):
+def _experiment(args: argparse.Namespace) -> ExperimentConfig:
     """The ExperimentConfig the arguments describe (validated: a bad combination is a ValueError)."""
-
     changes: dict[str, Any] = {}
     if args.corpus:
         changes["finetune_corpus"] = args.corpus
@@ -224,24 +225,22 @@ def check_writable_file(path: Path, what: str) -> None:
         raise UsageError(f"{what} {path} is a folder; give a file name")
 
 
-def check_encodable(tok: Any, text: str, what: str) -> None:
+def check_encodable(tok: CharTokenizer, text: str, what: str) -> None:
     missing = sorted(set(text) - set(tok.chars))
     if not text or missing:
         raise UsageError(f"{what} {text!r} " + (f"has characters the vocabulary lacks: {''.join(missing)!r}"
                                                  if missing else "is empty"))
 
 
-def check_base_cache(cfg: Any, corpora: Any, force: bool = False) -> None:
+def check_base_cache(cfg: ExperimentConfig, corpora: Corpora, force: bool = False) -> None:
     """If the base model must be trained, its cache folder must be writable (checked before training)."""
-
     path = base_model_path(cfg, corpora)
     if force or not path.exists():
         check_writable_file(path, "base-model cache file ($LORA_NP_CACHE)")
 
 
-def _prepare(args: argparse.Namespace) -> tuple[Any, Any]:
+def _prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, Corpora]:
     """The validated config and its corpora, the cache checked: everything a training command needs first."""
-
     cfg = _experiment(args)
     corpora = load_corpora(cfg)
     check_encodable(corpora.tokenizer, cfg.samples_prompt, "sample prompt")

@@ -268,10 +268,9 @@ def machine_info() -> dict[str, Any]:
 
 
 def run_experiment(cfg: ExperimentConfig, specs: list[RunSpec], name: str, progress: bool = True,
-                   measure_memory: bool = True, on_run: Any = None) -> dict[str, Any]:
+                   measure_memory: bool = True) -> dict[str, Any]:
     """Base model (cached), then every fine-tuning run of ``specs`` -> the results dict (JSON-ready through
-    ``to_json``): config, machine, base model, one row per run, seconds. ``on_run(model, spec, row)`` is called
-    after each run with the trained model (e.g. to save its adapter); nothing else leaves this function."""
+    ``to_json``): config, machine, base model, one row per run, seconds. The trained models are not kept."""
     start = time.perf_counter()
     corpora = load_corpora(cfg)
     base, base_info = pretrain_base(cfg, corpora, progress)
@@ -288,9 +287,7 @@ def run_experiment(cfg: ExperimentConfig, specs: list[RunSpec], name: str, progr
         "runs": [],
     }
     for spec in tqdm(specs, desc=name, disable=not progress):
-        model, row = finetune_run(base, spec, cfg, corpora, progress, measure_memory)
-        if on_run is not None:
-            on_run(model, spec, row)
+        _, row = finetune_run(base, spec, cfg, corpora, progress, measure_memory)
         results["runs"].append(row)
     results["seconds"] = time.perf_counter() - start
     return to_json(results)
