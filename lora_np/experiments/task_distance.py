@@ -484,8 +484,8 @@ def measured_claims(results: dict[str, Any]) -> list[str]:
     rsl = ", ".join(f"r={r}: {rs['test_loss']['lora'][r]:.3f} vs {rs['test_loss']['rslora'][r]:.3f}"
                     for r in rs["test_loss"]["lora"])
     return [f"recovered share of full fine-tuning's gain, q, v, by rank: {table6}", sec41,
-            f"φ(1, 1), r = 8 vs 64: {phi} (random: 64/{d} = {64 / d:.2f} in expectation)",
-            f"φ(1, 1), two seeds of r = 64: {seeds} (random: {64 / d:.2f})",
+            f"φ(1, 1), r = 8 vs 64: {phi} (two random subspaces: 1/{d} = {1 / d:.3f} in expectation)",
+            f"φ(1, 1), two seeds of r = 64: {seeds} (random: {1 / d:.3f})",
             f"W_q of the last block, ‖UᵀWV‖_F ΔW/W/random: {table7}",
             f"{rs['task']}, lr {rs['lr']:g}, test loss α/r vs α/√r: {rsl}"]
 
