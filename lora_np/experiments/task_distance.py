@@ -439,7 +439,8 @@ def markdown_table(results: dict[str, Any]) -> str:
 # The paper's claims next to ours: (claim, what the paper reports, how to read ours from the results)
 PAPER_CLAIMS = (
     ("Table 6/18: r = 1–8 on q, v rivals full fine-tuning",
-     "GPT-3 on WikiSQL / MultiNLI: r = 1 reaches 73.4 / 91.3, r = 8 73.8 / 91.6 (Table 6), full fine-tuning 73.8 / 89.5 (Table 4)"),
+     "GPT-3 on WikiSQL / MultiNLI: r = 1 reaches 73.4 / 91.3, r = 8 73.8 / 91.6 (Table 6), "
+     "full fine-tuning 73.8 / 89.5 (Table 4)"),
     ("§4.1: LoRA at full rank on every weight roughly recovers full fine-tuning",
      "'training LoRA ... roughly recovers the expressiveness of full fine-tuning' as r grows to the weights' rank"),
     ("Fig. 3: the top direction of A at r = 8 is shared with r = 64",
