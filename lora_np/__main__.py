@@ -34,10 +34,12 @@ from .experiments import (
     load_corpora,
     model_config,
     pretrain_base,
+    run_study,
     run_sweep,
     run_targets,
     sample_text,
 )
+from .experiments.task_distance import TASKS, StudyConfig, load_study_data, markdown_table, paper_table, task_config
 from .figures import draw, drawable
 from .lora import LoRAConfig, count_parameters, prepare_finetuning
 from .model import GPT
@@ -130,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("targets", help="which weights to adapt at a fixed parameter budget (Hu et al. Table 5)")
     _common(p, "fine-tuning corpus: 'python-docs' (default) or a text file")
+    _steps_opt(p)
+    _out_opt(p)
+
+    p = sub.add_parser("study", help="why low rank works, and when not: three tasks at increasing distance from "
+                       "one base, learning rates chosen on validation, the paper's §7 analyses (issue 8)")
+    p.add_argument("--quick", action="store_true", default=os.environ.get("LORA_NP_QUICK", "") not in ("", "0"),
+                   help="tiny model and few steps (seconds); also set by LORA_NP_QUICK=1")
+    p.add_argument("--backend", choices=("numpy", "cupy"), help="array backend (default: numpy or $LORA_NP_BACKEND)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _steps_opt(p)
     _out_opt(p)
 
@@ -331,6 +342,28 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def cmd_study(args: argparse.Namespace) -> Callable[[], int]:
+
+    cfg = StudyConfig.quick() if args.quick else StudyConfig()
+    if args.steps:
+        ft = cfg.experiment.finetune
+        cfg = replace(cfg, experiment=replace(cfg.experiment, finetune=replace(
+            ft, max_steps=args.steps, warmup_steps=min(ft.warmup_steps, args.steps))))
+    out = _out_dir(args)
+    for sub in ("", "results", "figures"):
+        check_writable_dir(out / sub, "--out")
+    data = load_study_data(cfg)  # the texts, the vocabulary and every task's characters, checked now
+    for task in TASKS:
+        check_encodable(data.tokenizer, task_config(cfg, task, data.tokenizer).samples_prompt, f"{task} sample prompt")
+    check_base_cache(cfg.experiment, data.corpora("near"))
+
+    def work() -> int:
+        results = run_study(cfg, progress=not args.no_progress, data=data)
+        print(markdown_table(results) + "\n\n" + paper_table(results))
+        return _write(results, out, "study", results["base"])
+    return work
+
+
 def cmd_pretrain(args: argparse.Namespace) -> Callable[[], int]:
 
     cfg = _experiment(args)
@@ -435,8 +468,8 @@ def cmd_figures(args: argparse.Namespace) -> Callable[[], int]:
     return work
 
 
-COMMANDS = {"sweep": cmd_sweep, "targets": cmd_targets, "pretrain": cmd_pretrain, "finetune": cmd_finetune,
-            "generate": cmd_generate, "report": cmd_report, "figures": cmd_figures}
+COMMANDS = {"sweep": cmd_sweep, "targets": cmd_targets, "study": cmd_study, "pretrain": cmd_pretrain,
+            "finetune": cmd_finetune, "generate": cmd_generate, "report": cmd_report, "figures": cmd_figures}
 
 if __name__ == "__main__":
     sys.exit(main())

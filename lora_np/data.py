@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 from pydoc_data.topics import topics as pydoc_topics  # the standard library's reference docs
@@ -172,6 +173,43 @@ def load_python_docs() -> str:
     so the train/val split) is the same on every run.
     """
     return "\n\n".join(pydoc_topics[key] for key in sorted(pydoc_topics))
+
+
+STDLIB_SKIP = ("test", "tests", "idlelib", "site-packages", "dist-packages", "pydoc_data", "__pycache__")
+
+
+def load_stdlib_sources(max_chars: int = 1_500_000) -> str:
+    """Python code: the standard library's own ``.py`` files, read offline from ``sysconfig``'s stdlib folder.
+
+    Deterministic: files in sorted order of their relative path, each taken whole, up to the first file that
+    would pass ``max_chars`` (the cap keeps code a chosen share of a pretraining mix). Folders in ``STDLIB_SKIP``
+    are left out: the test suites and IDLE (bulk, not typical code), installed packages (not the standard library) and
+    ``pydoc_data`` (the reference docs: a fine-tuning task of the task-distance study, never pretraining text).
+    Only lines made of printable ASCII (space to ``~``) are kept, so the code adds about 30 characters to the
+    Bible's 65, each seen many times, and no rare symbol that occurs once. The text depends on the Python version
+    (its standard library): the base model's cache key holds a hash of the text, never a version number."""
+    max_chars = _positive_int("max_chars", max_chars)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in STDLIB_SKIP]  # pruned: never walked into
+        files += [Path(folder, n) for n in names if n.endswith(".py")]
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
+    parts: list[str] = []
+    total = 0
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):  # a file in another encoding or unreadable: not part of the corpus
+            continue
+        text = "\n".join(line for line in text.splitlines() if all(" " <= c <= "~" for c in line)) + "\n"
+        if total + len(text) > max_chars:
+            break
+        parts.append(text)
+        total += len(text)
+    if not parts:
+        raise RuntimeError(f"no standard-library source found under {root}")
+    return "".join(parts)
 
 
 def load_text_file(path: str | os.PathLike[str]) -> str:

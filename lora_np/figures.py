@@ -182,8 +182,174 @@ def targets(results: dict[str, Any], out: Path) -> Path:
     return _save(fig, out / "targets.png")
 
 
+# -- the task-distance study (``python -m lora_np study``) ---------------------------------------------------------
+
+TASK_COLORS = {"near": "tab:green", "middle": "tab:orange", "far": "tab:red"}
+
+
+def _ranks_of(recovered: dict[str, Any], prefix: str) -> list[tuple[int, Any]]:
+    return sorted((int(m[len(prefix):]), v) for m, v in recovered.items() if m.startswith(prefix))
+
+
+@matplotlib.rc_context(STYLE)
+def task_distance(results: dict[str, Any], out: Path) -> Path:
+    """The headline: the share of full fine-tuning's gain that LoRA recovers (test split), by rank, one line per
+    task; LoRA on q, v solid, LoRA on every linear dashed."""
+    fig, ax = _figure(1, (8, 5))
+    ranks: set[int] = set()
+    for task, t in results["tasks"].items():
+        color = TASK_COLORS.get(task)
+        for prefix, style, what in (("lora-qv-r", "o-", "q, v"), ("lora-all-r", "s--", "all linear")):
+            pts = [(r, v) for r, v in _ranks_of(t["recovered"], prefix) if v is not None]
+            if pts:
+                ranks |= {r for r, _ in pts}
+                ax.plot(*zip(*pts), style, color=color, label=f"{task}, LoRA on {what} (base test loss "
+                        f"{t['base_test_loss']:.2f})" if prefix == "lora-qv-r" else f"{task}, LoRA on {what}")
+    ax.axhline(1, color="k", lw=1, ls=":", label="full fine-tuning")
+    ax.axhline(0, color="gray", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(ranks), [str(r) for r in sorted(ranks)])
+    ax.set(xlabel="rank r", ylabel="(base − LoRA) / (base − full), test loss",
+           title="share of full fine-tuning's gain LoRA recovers")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
+    return _save(fig, out / "task_distance.png")
+
+
+@matplotlib.rc_context(STYLE)
+def lr_grid(results: dict[str, Any], out: Path) -> Path:
+    """Final validation loss of every run of the learning-rate grids, one panel per task; the chosen learning
+    rate of each method (lowest validation loss) is the filled marker."""
+    tasks = list(results["tasks"])
+    fig, axes = _figure(len(tasks), (5 * len(tasks), 4.5), squeeze=False)
+    cmap = matplotlib.colormaps["viridis"]
+    for ax, task in zip(axes[0], tasks):
+        rows = [r for r in results["runs"] if r.get("task") == task and r.get("part") == "grid"]
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        for i, m in enumerate(methods):
+            pts = sorted((r["lr"], r["final_val_loss"], r["chosen"]) for r in rows if r["method"] == m)
+            color = "k" if m == "full" else cmap(i / max(len(methods) - 1, 1))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=color, lw=1, label=m)
+            ax.plot([p[0] for p in pts if p[2]], [p[1] for p in pts if p[2]], "o", color=color)
+            ax.plot([p[0] for p in pts if not p[2]], [p[1] for p in pts if not p[2]], "o", mfc="none", color=color)
+        ax.set(xscale="log", xlabel="peak learning rate", title=f"{task}: validation loss (filled: chosen)")
+    axes[0][0].set_ylabel("final validation loss (nats/char)")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
+    return _save(fig, out / "lr_grid.png")
+
+
+@matplotlib.rc_context(STYLE)
+def full_rank(results: dict[str, Any], out: Path) -> Path:
+    """§4.1: LoRA at full rank on every linear, embeddings and head trained too, against full fine-tuning."""
+    fr = results["full_rank"]
+    t = results["tasks"][fr["task"]]
+    bars = [("base", fr["base_test_loss"], 0)] + [
+        (m, t["test_loss"][m], t["trainable"][m]) for m in ("lora-qv-r8", "lora-all-r8") if m in t["test_loss"]] + [
+        (f"LoRA r={fr['lora']['r']}, all linear\n+ {', '.join(fr['lora']['modules_to_save'])}", fr["test_loss"],
+         fr["trainable"]), ("full fine-tuning", fr["full_test_loss"], fr["full_trainable"])]
+    fig, ax = _figure(1, (9, 4.5))
+    b = ax.bar(range(len(bars)), [v for _, v, _ in bars], color=["gray", "tab:blue", "tab:blue", "tab:purple", "k"][
+        -len(bars):] if len(bars) == 5 else "tab:blue")
+    ax.bar_label(b, [f"{v:.3f}\n{n:,} trained" if n else f"{v:.3f}" for _, v, n in bars], fontsize=8)
+    ax.set_xticks(range(len(bars)), [n for n, _, _ in bars], fontsize=8)
+    ax.set_ylim(0.9 * min(v for _, v, _ in bars), 1.05 * max(v for _, v, _ in bars))
+    ax.set(ylabel="test loss (nats/char)", title=f"{fr['task']}: LoRA at full rank against full fine-tuning (§4.1)")
+    return _save(fig, out / "full_rank.png")
+
+
+@matplotlib.rc_context(STYLE)
+def rslora(results: dict[str, Any], out: Path) -> Path:
+    """rsLoRA (α/√r) against LoRA (α/r) on q, v across ranks, at one learning rate."""
+    rs = results["rslora"]
+    fig, ax = _figure()
+    for kind, label, style in (("lora", "LoRA, s = α/r", "o-"), ("rslora", "rsLoRA, s = α/√r", "s-")):
+        pts = sorted((int(r), v) for r, v in rs["test_loss"][kind].items())
+        ax.plot(*zip(*pts), style, label=label)
+    ax.axhline(rs["full_test_loss"], color="k", ls="--", label="full fine-tuning (its own best lr)")
+    ax.axhline(rs["base_test_loss"], color="gray", lw=1, label="base model")
+    ranks = sorted(int(r) for r in rs["test_loss"]["lora"])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.set(xlabel="rank r", ylabel="test loss (nats/char)",
+           title=f"{rs['task']}: rsLoRA vs LoRA on q, v, lr {rs['lr']:g}, α = {rs['alpha']:g}")
+    ax.legend(fontsize=9)
+    return _save(fig, out / "rslora.png")
+
+
+@matplotlib.rc_context(STYLE)
+def subspace_similarity(results: dict[str, Any], out: Path) -> Path:
+    """§7.2, Fig. 3 and 4: φ(i, j) between A of r = 8 and r = 64, and between two seeds of r = 64, on W_q and W_v
+    of the last block, per task; the last two columns are random Gaussian matrices of the same shapes."""
+    tasks = list(results["tasks"])
+    cols = [("q", "r8_vs_r64", "A r=8 vs r=64, W_q"), ("v", "r8_vs_r64", "A r=8 vs r=64, W_v"),
+            ("q", "r64_seeds", "r=64 two seeds, W_q"), ("v", "r64_seeds", "r=64 two seeds, W_v"),
+            ("q", "random_8_vs_64", "random (d,8) vs (d,64)"), ("q", "random_64_vs_64", "random (d,64) vs (d,64)")]
+    fig, axes = _figure(len(cols), (3.1 * len(cols), 2.9 * len(tasks)), squeeze=False)
+    fig.clear()
+    axes = fig.subplots(len(tasks), len(cols), squeeze=False)
+    for row, task in zip(axes, tasks):
+        phi = results["tasks"][task]["analysis"]["phi"]
+        for ax, (w, key, title) in zip(row, cols):
+            m = phi[w][key]
+            im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", extent=(0.5, len(m[0]) + 0.5, len(m) + 0.5, 0.5))
+            ax.set_title(f"{task}: {title}", fontsize=8)
+            ax.set_xlabel("j", fontsize=8)
+            ax.set_ylabel("i", fontsize=8)
+            ax.grid(False)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="φ(i, j)")
+    fig.savefig(_mkdir(out) / "subspace_similarity.png")  # colorbar over all axes: no tight_layout
+    return out / "subspace_similarity.png"
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@matplotlib.rc_context(STYLE)
+def amplification(results: dict[str, Any], out: Path) -> Path:
+    """§7.3, Table 7: ‖UᵀWV‖_F with U, V the top-k directions of ΔW, of W and of a random matrix (W = W_q of the
+    last block, k = r), and the amplification factor ‖ΔW‖_F / ‖UᵀWV‖_F, per task and rank."""
+    groups = [(task, key, a) for task, t in results["tasks"].items()
+              for key, a in t["analysis"]["amplification"].items() if a]
+    fig, ax = _figure(1, (max(8, 1.6 * len(groups)), 4.8))
+    for i, (_, _, a) in enumerate(groups):
+        for j, (field, color, label) in enumerate((("w_on_delta_w", "tab:blue", "U, V of ΔW"),
+                                                   ("w_on_w", "tab:gray", "U, V of W"),
+                                                   ("w_on_random", "tab:olive", "U, V random"))):
+            ax.bar(i + (j - 1) * 0.27, a[field], 0.25, color=color, label=label if i == 0 else None)
+        ax.text(i, a["w_on_w"] * 1.15, f"factor {a['factor']:.1f}\nk = {a['k']}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(groups)), [f"{task}\n{key}" for task, key, _ in groups], fontsize=9)
+    ax.set(yscale="log", ylabel="‖UᵀW_qV‖_F", title="how ΔW_q relates to W_q (Table 7): W projected on k directions")
+    ax.legend(fontsize=9)
+    return _save(fig, out / "amplification.png")
+
+
+@matplotlib.rc_context(STYLE)
+def spectrum(results: dict[str, Any], out: Path) -> Path:
+    """The normalised singular values of full fine-tuning's ΔW = W_ft − W_base, per task, one line per layer
+    (W_q and W_v of every block), with the effective rank (90% of the energy) of each in the legend."""
+    tasks = list(results["tasks"])
+    fig, axes = _figure(len(tasks), (5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for name, sp in results["tasks"][task]["analysis"]["spectrum"].items():
+            er = sp["effective_rank"]
+            ax.plot(range(1, len(sp["full"]) + 1), sp["full"], lw=1,
+                    label=f"{name.replace('blocks.', 'b').replace('.attn', '')}: {er['full']} "
+                          f"(LoRA r8 {er['lora-r8']}, r64 {er['lora-r64']}, random {er['random']})")
+        ax.set(yscale="log", xlabel="k", title=f"{task}: full fine-tuning's ΔW")
+        ax.legend(fontsize=6, title="rank holding 90% of the energy", title_fontsize=7)
+    axes[0][0].set_ylabel("σ_k / ‖ΔW‖_F")
+    return _save(fig, out / "spectrum.png")
+
+
+def _is_study(results: dict[str, Any]) -> bool:
+    return isinstance(results.get("tasks"), dict)
+
+
 def _has_rank_series(results: dict[str, Any]) -> bool:
     """Plain LoRA runs at two or more ranks on the same targets: the rank figures have a line to draw."""
+    if _is_study(results):  # the study's runs span three tasks: its own figures draw them
+        return False
     by_targets: dict[str, set[int]] = {}
     for r in _lora_runs(results):
         by_targets.setdefault(r["targets"], set()).add(r["rank"])
@@ -192,13 +358,16 @@ def _has_rank_series(results: dict[str, Any]) -> bool:
 
 def _has_target_choices(results: dict[str, Any]) -> bool:
     """LoRA runs that adapt two or more different sets of weights: the which-weights figure has bars to draw."""
-    return len({r["targets"] for r in _lora_runs(results)}) > 1
+    return not _is_study(results) and len({r["targets"] for r in _lora_runs(results)}) > 1
 
 
 # (figure, does the results dict hold what it needs?) in drawing order
 FIGURES = ((params_vs_rank, _has_rank_series), (loss_curves, _has_rank_series), (val_loss_vs_rank, _has_rank_series),
-           (memory_by_mode, lambda res: any("memory" in r for r in res["runs"])), (step_time, _has_rank_series),
-           (targets, _has_target_choices))
+           (memory_by_mode, lambda res: not _is_study(res) and any("memory" in r for r in res["runs"])),
+           (step_time, _has_rank_series),
+           (targets, _has_target_choices), (task_distance, _is_study), (lr_grid, _is_study),
+           (full_rank, lambda res: "full_rank" in res), (rslora, lambda res: "rslora" in res),
+           (subspace_similarity, _is_study), (amplification, _is_study), (spectrum, _is_study))
 
 
 def drawable(results: Any) -> list[Any]:

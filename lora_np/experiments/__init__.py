@@ -5,6 +5,8 @@
                  -> one results dict)
     sweep.py     the rank sweep: LoRA at ranks 1…64, full fine-tuning, LoRA + embeddings and head
     targets.py   which weights to adapt at a fixed parameter budget (Hu et al. Table 5, in small)
+    task_distance.py  the study of issue 8: three tasks at increasing distance from one base, every method at a
+                 learning-rate grid chosen on validation and scored on test, and the §7 analyses of the models
 
 Experiments compute and return results (plain dicts, JSON-ready); they write no file and draw nothing. The command
 line (``lora_np/__main__.py``) writes ``results/*.json``, draws the figures (``figures.draw``) and prints. A new
@@ -28,7 +30,9 @@ from .runs import (
 )
 from .sweep import run_sweep, sweep_specs
 from .targets import TARGET_BUDGET, run_targets, targets_specs
+from .task_distance import StudyConfig, load_study_data, run_study
 
-__all__ = ["TARGET_BUDGET", "Corpora", "ExperimentConfig", "RunSpec", "base_model_path", "cache_dir",
-           "finetune_run", "load_corpora", "model_config", "pretrain_base", "run_experiment", "run_sweep",
-           "run_targets", "sample_text", "split_loss", "sweep_specs", "targets_specs", "to_json"]
+__all__ = ["TARGET_BUDGET", "Corpora", "ExperimentConfig", "RunSpec", "StudyConfig", "base_model_path", "cache_dir",
+           "finetune_run", "load_corpora", "load_study_data", "model_config", "pretrain_base", "run_experiment",
+           "run_study", "run_sweep", "run_targets", "sample_text", "split_loss", "sweep_specs", "targets_specs",
+           "to_json"]

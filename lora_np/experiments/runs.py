@@ -103,6 +103,7 @@ class Corpora:
     finetune: tuple[Any, Any]
     unseen: list[str]  # characters of the fine-tuning corpus that never occur in the pretraining corpus
     digest: str  # identifies both texts (part of the base-model cache key)
+    test: Any = None  # a held-out test split of the fine-tuning corpus (ids), scored once after training; or None
 
     @property
     def unseen_ids(self) -> list[int]:
@@ -216,7 +217,8 @@ def finetune_run(base: GPT, spec: RunSpec, cfg: ExperimentConfig, corpora: Corpo
     """One fine-tuning run from a copy of the base model -> (the trained model, its row of the results).
 
     The row holds the setup (name, mode, rank, targets, ...), the parameter counts, the loss history, the final
-    validation loss (also split into seen and unseen characters), the step time, a sample and, with
+    validation loss (also split into seen and unseen characters), the test loss (if ``corpora.test``), the step
+    time, a sample and, with
     ``measure_memory``, the memory ledger next to a measured step. Nothing is written: the caller decides."""
     model = prepare_finetuning(copy.deepcopy(base), spec.lora)
     counts = count_parameters(model)
@@ -239,6 +241,8 @@ def finetune_run(base: GPT, spec: RunSpec, cfg: ExperimentConfig, corpora: Corpo
                      cfg.finetune.eval_batches),
         "sample": sample_text(model, corpora.tokenizer, cfg.samples_prompt, cfg.sample_tokens),
     }
+    if corpora.test is not None:  # scored once, after training: nothing during training ever reads it
+        row["test_loss"] = evaluate(model, corpora.test, T, cfg.finetune.batch_size, cfg.finetune.eval_batches)
     if lora is not None:
         row["adapter_bytes"] = len(encode_adapter(model))  # the size save_adapter would write; no file here
     if measure_memory:  # one more step, of a copy: the returned model is the trained one
