@@ -308,8 +308,10 @@ def cmd_targets(args: argparse.Namespace) -> Callable[[], int]:
     def work() -> int:
         results = run_targets(cfg, progress=not args.no_progress)
         print(f"{'adapted':<10} {'rank':>4} {'trainable':>10} {'val loss':>9}")
+        print(f"{'(base)':<10} {'':>4} {0:>10,} {results['base']['finetune_val_loss']:>9.3f}")
         for r in results["runs"]:
-            print(f"{r['targets']:<10} {r['rank']:>4} {r['trainable']:>10,} {r['final_val_loss']:>9.3f}")
+            adapted, rank = (r["targets"], r["rank"]) if r["mode"] == "lora" else (f"({r['name']})", "")
+            print(f"{adapted:<10} {rank:>4} {r['trainable']:>10,} {r['final_val_loss'] or float('nan'):>9.3f}")
         return _write(results, out, "targets", results["base"])
     return work
 

@@ -33,12 +33,18 @@ def _lora_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda r: r["rank"])
 
 
+def _partial_label(run: dict[str, Any]) -> str:
+    """'q, v in full' for the control run that trains those weights fully."""
+    return f"{run['targets'].replace(',', ', ')} in full (no rank limit)"
+
+
 def _lora_label(runs: list[dict[str, Any]]) -> str:
     """'LoRA on q, v' (or whatever the runs adapted)."""
     return f"LoRA on {runs[0]['targets'].replace(',', ', ')}" if runs else "LoRA"
 
 
 def _run(results: dict[str, Any], mode: str, extra: bool = False) -> dict[str, Any] | None:
+    """The first run of ``mode`` ("lora", "full", "partial"), with or without modules_to_save."""
     for r in results["runs"]:
         if r["mode"] == mode and bool(r["modules_to_save"]) == extra:
             return r
@@ -70,6 +76,10 @@ def params_vs_rank(results: dict[str, Any], out: Path) -> Path:
     ax2.plot(ranks, [r["trainable"] for r in runs], "o-", label=_lora_label(runs))
     if full:
         ax2.axhline(full["trainable"], color="k", ls="--", label=f"full fine-tuning: {full['trainable']:,}")
+    partial = _run(results, "partial")
+    if partial:
+        ax2.axhline(partial["trainable"], color="tab:purple", ls="-.",
+                    label=f"{_partial_label(partial)}: {partial['trainable']:,}")
     ax2.set(xscale="log", yscale="log", xlabel="rank r", ylabel="trainable parameters", title="whole model")
     ax2.set_xticks(ranks, [str(r) for r in ranks])
     ax2.legend()
@@ -78,22 +88,28 @@ def params_vs_rank(results: dict[str, Any], out: Path) -> Path:
 
 @matplotlib.rc_context(STYLE)
 def loss_curves(results: dict[str, Any], out: Path) -> Path:
-    """Training and validation loss during fine-tuning, one line per rank plus full fine-tuning."""
+    """Training and validation loss during fine-tuning, one line per rank plus full fine-tuning (and the control
+    run, q, v in full). Every validation curve starts at step 0 at the base model's loss: ΔW = 0 (LoRA's B = 0)
+    or W = W0 (full fine-tuning) before the first step, so step 0 IS the base model."""
     fig, (ax1, ax2) = _figure(2, (14, 4.8), sharey=True)
     runs = _lora_runs(results)
     cmap = matplotlib.colormaps["viridis"]
     styled = [(r, {"color": cmap(i / max(len(runs) - 1, 1)), "label": f"LoRA r={r['rank']}"})
               for i, r in enumerate(runs)]
+    partial = _run(results, "partial")
     for r, extra in ((_run(results, "full"), {"color": "k", "ls": "--", "label": "full fine-tuning"}),
+                     (partial, {"color": "tab:purple", "ls": "-.",
+                                "label": _partial_label(partial) if partial else ""}),
                      (_run(results, "lora", True), {"color": "tab:red", "ls": ":", "label": "LoRA + wte, lm_head"})):
         if r:
             styled.append((r, extra))
+    base = results["base"]["finetune_val_loss"]
     for r, style in styled:
         h = r["history"]
         ax1.plot(h["steps"], h["train_loss"], **style)
-        ax2.plot(h["steps"], h["val_loss"], **style)
-    base = results["base"]["finetune_val_loss"]
-    ax2.axhline(base, color="gray", lw=1, label=f"base model (no fine-tuning): {base:.2f}")
+        ax2.plot([0, *h["steps"]], [base, *h["val_loss"]], **style)  # step 0: the base model, for every run
+    ax2.plot([0], [base], "o", color="gray", ms=7, label=f"step 0 = base model: {base:.2f}")
+    ax2.axhline(base, color="gray", lw=1)
     ax1.set(xlabel="step", ylabel="loss (nats per character)", title="training loss (mean since last eval)")
     ax2.set(xlabel="step", title="validation loss")
     ax2.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.02, 1))
@@ -109,6 +125,10 @@ def val_loss_vs_rank(results: dict[str, Any], out: Path) -> Path:
     full, extra = _run(results, "full"), _run(results, "lora", True)
     if full:
         ax.axhline(full["final_val_loss"], color="k", ls="--", label=f"full fine-tuning: {full['final_val_loss']:.3f}")
+    partial = _run(results, "partial")
+    if partial:
+        ax.axhline(partial["final_val_loss"], color="tab:purple", ls="-.",
+                   label=f"{_partial_label(partial)}: {partial['final_val_loss']:.3f}")
     if extra:
         ax.plot([extra["rank"]], [extra["final_val_loss"]], "s", color="tab:red", ms=9,
                 label=f"LoRA r={extra['rank']} + wte, lm_head: {extra['final_val_loss']:.3f}")
@@ -157,6 +177,9 @@ def step_time(results: dict[str, Any], out: Path) -> Path:
         ax.plot(ranks, [r[key] for r in runs], "o-", label=_lora_label(runs))
         if full:
             ax.axhline(full[key], color="k", ls="--", label="full fine-tuning")
+        partial = _run(results, "partial")
+        if partial:
+            ax.axhline(partial[key], color="tab:purple", ls="-.", label=_partial_label(partial))
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.set(xlabel="rank r", ylabel=ylabel, ylim=(0, None))
@@ -168,17 +191,24 @@ def step_time(results: dict[str, Any], out: Path) -> Path:
 
 @matplotlib.rc_context(STYLE)
 def targets(results: dict[str, Any], out: Path) -> Path:
-    """Final validation loss by which weights are adapted, at one budget of trainable parameters."""
-    runs = results["runs"]
-    fig, ax = _figure(1, (10, 4.5))
+    """Final validation loss by which weights are adapted, at one budget of trainable parameters, with the base
+    model and full fine-tuning (if the results hold it) as reference lines. The y-axis starts at 0: the bars are
+    compared by their length, and a cut axis would make 0.2 nats look like a factor of two."""
+    runs = _lora_runs_in_order(results)
+    fig, ax = _figure(1, (10, 4.8))
     labels = [f"{' + '.join(r['targets'].split(','))}\nr = {r['rank']}" for r in runs]
     bars = ax.bar(range(len(runs)), [r["final_val_loss"] for r in runs], color="tab:blue")
     ax.bar_label(bars, fmt="%.3f", fontsize=9)
     ax.set_xticks(range(len(runs)), labels, fontsize=9)
-    low = min(r["final_val_loss"] for r in runs)
-    ax.set_ylim(0.9 * low, None)
+    base, full = results["base"]["finetune_val_loss"], _run(results, "full")
+    ax.axhline(base, color="gray", lw=1.5, label=f"base model (no fine-tuning): {base:.3f}")
+    if full:
+        ax.axhline(full["final_val_loss"], color="k", ls="--", lw=1.5,
+                   label=f"full fine-tuning ({full['trainable']:,} trainable): {full['final_val_loss']:.3f}")
+    ax.set_ylim(0, 1.12 * max([base] + [r["final_val_loss"] for r in runs]))
     ax.set(xlabel="adapted weight matrices of every block, and the rank", ylabel="final validation loss (nats/char)",
            title=f"which weights to adapt, {runs[0]['trainable']:,} trainable parameters each")
+    ax.legend(fontsize=9, loc="upper right")
     return _save(fig, out / "targets.png")
 
 
@@ -344,6 +374,11 @@ def spectrum(results: dict[str, Any], out: Path) -> Path:
 
 def _is_study(results: dict[str, Any]) -> bool:
     return isinstance(results.get("tasks"), dict)
+
+
+def _lora_runs_in_order(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plain LoRA runs in the order they ran (the which-weights experiment's order)."""
+    return [r for r in results["runs"] if r["mode"] == "lora" and not r["modules_to_save"]]
 
 
 def _has_rank_series(results: dict[str, Any]) -> bool:

@@ -419,16 +419,45 @@ def apply_lora(model: Module, config: LoRAConfig | None = None, **kwargs: Any) -
     return model
 
 
-def prepare_finetuning(model: Module, lora: LoRAConfig | None) -> Module:
-    """Set ``model`` up for fine-tuning, in place: LoRA applied (``lora`` given) or, for full fine-tuning
-    (``lora=None``), every parameter trainable. The one set-up the experiments and the memory ledger share."""
+def prepare_finetuning(model: Module, lora: LoRAConfig | None, train_only: str | Iterable[str] = ()) -> Module:
+    """Set ``model`` up for fine-tuning, in place. The one set-up the experiments and the memory ledger share:
+
+    * LoRA (``lora`` given): ``apply_lora``;
+    * full fine-tuning (``lora=None``): every parameter trainable;
+    * full fine-tuning of some weights only (``lora=None, train_only="q,v"``): the weight and bias of those
+      Linear layers of every block train, every other parameter is frozen. The control run that separates rank
+      from placement: LoRA on q, v at rank r against q, v themselves with no rank limit.
+
+    ``train_only`` takes the names LoRA targets take (``"q,v"``, a list, ``"all-linear"``); it is checked before
+    anything changes, and giving it together with ``lora`` is a ValueError."""
+    if lora is not None and not isinstance(lora, LoRAConfig):
+        raise TypeError(f"prepare_finetuning: lora must be a LoRAConfig or None, got {type(lora).__name__}")
+    only = resolve_train_only(train_only)
+    if lora is not None and only:
+        raise ValueError("prepare_finetuning: give lora (LoRA) or train_only (full fine-tuning of some weights), "
+                         "not both")
     if lora is not None:
         return apply_lora(model, lora)
     if lora_layers(model):
         raise RuntimeError("prepare_finetuning: full fine-tuning of a model with LoRA layers (use the base model)")
+    layers = target_layers(model, only) if only else []
+    if only and not layers:
+        raise ValueError(f"prepare_finetuning: no Linear layer named {list(only)} in {type(model).__name__}")
+    trained = {id(p) for *_, layer in layers for p in layer.parameters()}
     for p in model.parameters():
-        p.requires_grad = True
+        p.requires_grad = not only or id(p) in trained
     return model
+
+
+def resolve_train_only(train_only: str | Iterable[str]) -> tuple[str, ...]:
+    """``train_only`` of ``prepare_finetuning`` -> a checked tuple of TARGETS names; ``()`` or ``""`` for none."""
+    if isinstance(train_only, str) and not train_only.strip() or (
+            isinstance(train_only, (list, tuple)) and not train_only):
+        return ()
+    try:
+        return tuple(resolve_targets(train_only))
+    except ValueError as e:
+        raise ValueError(f"train_only: {e}") from None
 
 
 def merge(model: Module) -> None:

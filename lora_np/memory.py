@@ -9,8 +9,16 @@ state for the frozen weights):
     activations   what the autograd graph keeps alive from the forward pass until backward is done
 
 LoRA shrinks the second and third (they follow the trainable numbers) and leaves the first almost unchanged.
-It does NOT shrink the fourth: the frozen layers still have to pass gradients back to the adapters below them,
-so every input they saw is kept, and the adapter adds its own products on top.
+In THIS engine it barely changes the fourth (a little less in block 0, whose input needs no gradient; h = x @ A
+added per adapter): the frozen layers above an adapter still pass gradients down to it, so they stay in the graph,
+and a graph node here keeps all its inputs. That last part is this engine's choice, not a necessity: a frozen
+layer's backward computes dx = g·Wᵀ, which needs W (kept anyway), not its input x. An engine that keeps only
+what each backward reads (PyTorch does) drops the inputs of frozen o, up and down under LoRA on q, v; what the
+maths needs is the inputs of the adapted layers (dA = xᵀ·dh), h, and the states of the nonlinearities
+(attention weights, layer norm's xhat, GELU's tanh(u), the log-probs).
+
+Full fine-tuning of some weights only (``prepare_finetuning(model, None, train_only=("q", "v"))``) is modelled
+the same way: those layers' weights and biases train, everything else is frozen.
 
 ``analytic_ledger`` predicts all four from a ``GPTConfig``; ``measure_step`` runs one real step under
 ``tracemalloc`` (which sees NumPy's buffers) and reports the same categories; ``compare`` and
@@ -55,10 +63,10 @@ adds its float mask (``scale``) and output wherever it is in the graph (LoRA dro
 is not merged); with attention dropout the attention is composed from separate ops (model.py), which keep
 4·B·H·T² + N·C floats and the T² bytes of the mask.
 
-So LoRA does not save activations: the frozen layers still pass gradients down to the adapters below them, so
-their inputs are kept. Its saving is 3 × the frozen weights' size (gradient, m, v): small next to the
-activations of a small model at a real batch, decisive where the weights dominate, as for GPT-3 175B
-(``gpt3_example``). benchmarks/README.md has the measured numbers.
+So LoRA does not save activations here: the frozen layers still pass gradients down to the adapters below them,
+and this engine keeps their inputs (see above for what the maths needs). Its saving is 3 × the frozen weights'
+size (gradient, m, v): small next to the activations of a small model at a real batch, decisive where the
+weights dominate, as for GPT-3 175B (``gpt3_example``). benchmarks/README.md has the measured numbers.
 
 Not counted: the batch itself (x and y exist before the step), 0-d scalars (a few bytes each) and the Python
 objects of the graph (Tensors, closures; a few hundred bytes per node, visible in the measurement).
@@ -75,7 +83,7 @@ from typing import Any
 
 from . import backend
 from .data import BatchSampler
-from .lora import LoRAConfig, lora_layers, prepare_finetuning
+from .lora import TARGETS, LoRAConfig, lora_layers, prepare_finetuning, resolve_train_only, target_layers
 from .model import GPT, GPTConfig
 from .nn import Module
 from .optim import AdamW, Optimizer
@@ -114,24 +122,25 @@ class Ledger:
         return {**{cat: getattr(self, cat) for cat in CATEGORIES}, "total": self.total}
 
 
-def count_trainable(config: GPTConfig, lora: LoRAConfig | None) -> tuple[int, int]:
+def count_trainable(config: GPTConfig, lora: LoRAConfig | None, train_only: Sequence[str] | str = ()
+                    ) -> tuple[int, int]:
     """(all parameters, trainable parameters) of ``GPT(config)`` set up with ``lora`` (None: full fine-tuning),
-    counted from the config alone.
+    or with ``lora=None, train_only=("q", "v")`` (only those Linear layers of every block train, weight and bias),
+    counted from the config alone: the setups of ``lora.prepare_finetuning``.
 
     Equal to ``count_parameters(model)`` of the real model (a test checks it): the same sizes as model.py and lora.py
     allocate, so the bytes of the ledger are the ``nbytes`` of the real arrays.
     """
-    if lora is not None and not isinstance(lora, LoRAConfig):
-        raise TypeError(f"lora must be a LoRAConfig, or None for full fine-tuning; got {lora!r}")
+    only = _setup(lora, train_only)
     C, V, bias = config.n_embd, config.vocab_size, config.bias
     linears = {"q": (C, C), "k": (C, C), "v": (C, C), "o": (C, C), "up": (C, 4 * C), "down": (4 * C, C)}
     layer_norm = C + (C if bias else 0)  # weight, and bias when config.bias
     lm_head = 0 if config.tie_weights else C * V  # no bias; tied: the logits use wte's table, counted once
     top = {"wte": V * C, "wpe": config.block_size * C, "ln_f": layer_norm, "lm_head": lm_head}
-    per_block = 2 * layer_norm + sum(d_in * d_out + (d_out if bias else 0) for d_in, d_out in linears.values())
-    base = sum(top.values()) + config.n_layer * per_block
+    linear_params = {t: d_in * d_out + (d_out if bias else 0) for t, (d_in, d_out) in linears.items()}
+    base = sum(top.values()) + config.n_layer * (2 * layer_norm + sum(linear_params.values()))
     if lora is None:
-        return base, base
+        return base, (config.n_layer * sum(linear_params[t] for t in only) if only else base)
     _check_rank(config, lora)
     adapters = config.n_layer * sum(lora.r * (d_in + d_out) for t, (d_in, d_out) in linears.items()
                                     if t in lora.targets)
@@ -139,9 +148,10 @@ def count_trainable(config: GPTConfig, lora: LoRAConfig | None) -> tuple[int, in
 
 
 def analytic_ledger(config: GPTConfig, lora: LoRAConfig | None, batch_size: int, block_size: int | None = None,
-                    dtype_bytes: int = 4) -> Ledger:
-    """The predicted bytes of one training step of ``GPT(config)`` set up with ``lora`` (None: full fine-tuning)
-    on a batch of ``batch_size`` sequences of ``block_size`` tokens (default ``config.block_size``), with AdamW.
+                    dtype_bytes: int = 4, train_only: Sequence[str] | str = ()) -> Ledger:
+    """The predicted bytes of one training step of ``GPT(config)`` set up with ``lora`` (None: full fine-tuning;
+    with ``train_only``, full fine-tuning of those Linear layers only, see ``lora.prepare_finetuning``) on a batch
+    of ``batch_size`` sequences of ``block_size`` tokens (default ``config.block_size``), with AdamW.
 
     weights = all parameters; gradients = trainable; optimizer = 2 × trainable; activations from the replay of the
     forward pass (module docstring). Dropout counts as in training mode (``config.dropout``, ``lora.dropout``).
@@ -149,15 +159,18 @@ def analytic_ledger(config: GPTConfig, lora: LoRAConfig | None, batch_size: int,
     T = config.block_size if block_size is None else block_size
     if not 1 <= T <= config.block_size or batch_size < 1:
         raise ValueError(f"need batch_size >= 1 and 1 <= block_size <= {config.block_size}, got {batch_size}, {T}")
-    total, trainable = count_trainable(config, lora)
-    acts = _replay_forward(config, lora, batch_size, T, dtype_bytes)
+    total, trainable = count_trainable(config, lora, train_only)
+    only = resolve_train_only(train_only)
+    acts = _replay_forward(config, lora, batch_size, T, dtype_bytes, only)
     return Ledger(weights=total * dtype_bytes, gradients=trainable * dtype_bytes,
-                  optimizer=2 * trainable * dtype_bytes, activations=acts, mode=_mode(lora))
+                  optimizer=2 * trainable * dtype_bytes, activations=acts, mode=_mode(lora, only))
 
 
 def ledger_of(model: GPT, batch_size: int, block_size: int | None = None) -> Ledger:
     """``analytic_ledger`` for a model that is already set up: LoRA layers (and their config) mean LoRA, a model
-    whose every parameter trains means full fine-tuning. Anything else is not a setup the ledger models."""
+    whose every parameter trains means full fine-tuning, and a model whose trainable parameters are exactly the
+    Linear layers of some targets in every block (``prepare_finetuning(model, None, train_only=...)``) means full
+    fine-tuning of those. Anything else is not a setup the ledger models."""
     dtype_bytes = model.parameters()[0].dtype.itemsize
     if lora_layers(model):
         if any(m.merged for m in lora_layers(model).values()):
@@ -165,11 +178,30 @@ def ledger_of(model: GPT, batch_size: int, block_size: int | None = None) -> Led
         return analytic_ledger(model.config, model.lora_config, batch_size, block_size, dtype_bytes)
     if all(p.requires_grad for p in model.parameters()):
         return analytic_ledger(model.config, None, batch_size, block_size, dtype_bytes)
-    raise ValueError("ledger_of: a model without LoRA must train every parameter (full fine-tuning) to be modelled")
+    # the targets whose layers train, found by structure: every block's layer of that name, weight and bias
+    trains = {id(p) for p in model.trainable_parameters()}
+    only = tuple(t for t in TARGETS if any(id(p) in trains for *_, m in target_layers(model, [t])
+                                           for p in m.parameters()))
+    expected = {id(p) for *_, m in target_layers(model, only) for p in m.parameters()}
+    if only and trains == expected:
+        return analytic_ledger(model.config, None, batch_size, block_size, dtype_bytes, train_only=only)
+    raise ValueError("ledger_of: a model without LoRA must train every parameter (full fine-tuning) or exactly the "
+                     "Linear layers of some targets (train_only) to be modelled")
 
 
-def _mode(lora: LoRAConfig | None) -> str:
-    return "full" if lora is None else "lora"
+def _setup(lora: LoRAConfig | None, train_only: Sequence[str] | str) -> tuple[str, ...]:
+    """Checks a (lora, train_only) setup as ``prepare_finetuning`` does; returns train_only as a tuple."""
+    if lora is not None and not isinstance(lora, LoRAConfig):
+        raise TypeError(f"lora must be a LoRAConfig, or None for full fine-tuning; got {lora!r}")
+    only = resolve_train_only(train_only)
+    if lora is not None and only:
+        raise ValueError("give lora (LoRA) or train_only (full fine-tuning of some weights), not both")
+    return only
+
+
+def _mode(lora: LoRAConfig | None, train_only: Sequence[str] = ()) -> str:
+    """"lora", "full" or "partial" (full fine-tuning of the train_only layers): the ``RunSpec.mode`` names."""
+    return "lora" if lora is not None else "partial" if train_only else "full"
 
 
 def _check_rank(config: GPTConfig, lora: LoRAConfig) -> None:
@@ -219,14 +251,17 @@ class _Replay:
         return sum(a.nbytes for a in self.arrays if a.kept)
 
 
-def _replay_forward(cfg: GPTConfig, lora: LoRAConfig | None, B: int, T: int, f: int) -> int:
+def _replay_forward(cfg: GPTConfig, lora: LoRAConfig | None, B: int, T: int, f: int,
+                    train_only: Sequence[str] = ()) -> int:
     """Bytes the graph of ``GPT.forward`` + cross-entropy keeps alive (model.py and lora.py, line by line)."""
-    rp, full = _Replay(), lora is None
+    rp, full = _Replay(), lora is None  # full: no adapters; every weight trains unless train_only names some
     N, C, H, V = B * T, cfg.n_embd, cfg.n_head, cfg.vocab_size
     r, targets, modules_to_save = (0, (), ()) if full else (lora.r, lora.targets, lora.modules_to_save)
     p, p_lora = cfg.dropout, (0.0 if full else lora.dropout)
 
     def param(name: str) -> _Array:  # a weight, counted in `weights`; it requires grad if it trains
+        if train_only:  # "blocks.0.q" trains if "q" is named; nothing else does
+            return rp.leaf(name.startswith("blocks.") and name.split(".")[-1] in train_only)
         return rp.leaf(full or name in modules_to_save)
 
     def dropout(x: _Array, n: int, prob: float) -> _Array:  # F.dropout: identity at p = 0, else keeps `scale`
@@ -367,10 +402,11 @@ def measure_step(model: Module, optimizer: Optimizer, x: Any, y: Any, warmup_ste
 
 
 def compare(config: GPTConfig, lora: LoRAConfig | None, batch_size: int, block_size: int | None = None,
-            seed: int = 0) -> tuple[Ledger, Measured]:
+            seed: int = 0, train_only: Sequence[str] | str = ()) -> tuple[Ledger, Measured]:
     """The analytic ledger and the measured step for the same model, ``GPT(config)`` set up with ``lora`` (None:
-    full fine-tuning), with AdamW (lr 1e-3, weight decay 0.01), on a batch of random token ids (int64)."""
-    model = prepare_finetuning(GPT(config), lora)
+    full fine-tuning; with ``train_only``, of those layers only), with AdamW (lr 1e-3, weight decay 0.01), on a
+    batch of random token ids (int64)."""
+    model = prepare_finetuning(GPT(config), lora, train_only)
     opt = AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=0.01)
     T = config.block_size if block_size is None else block_size
     gen = backend.rng(seed)

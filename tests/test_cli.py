@@ -40,6 +40,13 @@ def test_sweep_writes_results_with_every_rank(sweep_out):
         assert row["adapter_bytes"] > 4 * row["trainable"]  # the tensors plus a small JSON header
         assert row["memory"]["measured"]["peak"] > 0
     assert runs["full"]["trainable"] == runs["full"]["total"] and runs["full"]["lora"] is None
+    # the control run: q and v trained fully, every other weight frozen (separates rank from placement)
+    control = runs["full-qv"]
+    assert control["mode"] == "partial" and control["targets"] == "q,v" and control["lora"] is None
+    assert control["trainable"] == n_layer * 2 * (d * d + d)  # W and b of q and of v in every block
+    assert control["memory"]["mode"] == "partial" and control["memory"]["measured"]["peak"] > 0
+    assert control["memory"]["analytic"]["gradients"] == control["memory"]["measured"]["gradients"]
+    assert [r["mode"] for r in results["runs"]].count("partial") == 1
     assert any(r["modules_to_save"] for r in results["runs"])
     assert results["base"]["finetune_val_loss"] > 0 and results["unseen_chars"]
 
@@ -113,16 +120,35 @@ def test_help_for_every_subcommand(command):
 def test_targets_experiment_has_one_parameter_budget(tmp_path):
     assert main(["targets", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results" / "targets.json").read_text())
-    runs = results["runs"]
+    runs = [r for r in results["runs"] if r["mode"] == "lora"]
     assert [r["targets"] for r in runs] == ["q", "k", "v", "o", "q,k", "q,v", "q,k,v,o"]
     assert len({r["trainable"] for r in runs}) == 1  # the same budget for every choice of weights
     assert all(r["final_val_loss"] > 0 for r in runs)
+    full = results["runs"][-1]  # the reference line of the figure
+    assert full["mode"] == "full" and full["trainable"] == full["total"] and len(results["runs"]) == len(runs) + 1
     assert [p.name for p in (tmp_path / "figures").iterdir()] == ["targets.png"]
     assert (tmp_path / "figures" / "targets.png").read_bytes().startswith(PNG_MAGIC)
     redraw = tmp_path / "redraw"
     assert main(["figures", "--results", str(tmp_path / "results" / "targets.json"), "--out", str(redraw)]) == 0
     assert [p.name for p in redraw.iterdir()] == ["targets.png"]
 
+
+
+def test_run_spec_modes_and_checks():
+    """RunSpec says what trains: LoRA, every weight, or some layers in full (the control run)."""
+    from lora_np.lora import LoRAConfig
+
+    assert experiments.RunSpec("full").mode == "full"
+    assert experiments.RunSpec("lora", LoRAConfig()).mode == "lora"
+    control = experiments.RunSpec("full-qv", train_only="v,q")
+    assert control.mode == "partial" and control.train_only == ("q", "v")  # checked and put in model order
+    names = [s.name for s in experiments.sweep_specs(experiments.ExperimentConfig.quick())]
+    assert names.count("full-qv") == 1 and names.index("full") < names.index("full-qv")
+    for kwargs, match in (({"lora": LoRAConfig(), "train_only": "q,v"}, "not both"),
+                          ({"train_only": "q,x"}, r"unknown LoRA target"),
+                          ({"lora": "q,v"}, "must be a LoRAConfig"), ({"lr": 0.0}, "lr must be")):
+        with pytest.raises(ValueError, match=match):
+            experiments.RunSpec("x", **kwargs)
 
 # -- a failure after training never loses the trained model --------------------------------------------------------
 

@@ -136,11 +136,64 @@ def test_bad_arguments(lora, batch_size, block_size, match):
         memory.analytic_ledger(SMALL, lora, batch_size, block_size)
 
 
+PARTIAL = [  # (config, train_only: full fine-tuning of these layers only, batch, block_size)
+    (SMALL, ("q", "v"), 4, None),  # the sweep's control run
+    (GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False), "o,down", 3, 8),
+    (GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1), ("up",), 3, None),
+]
+
+
+@pytest.mark.parametrize("cfg, only, B, T", PARTIAL)
+def test_partial_fine_tuning_ledger_matches_a_measured_step(cfg, only, B, T):
+    """Full fine-tuning of some layers only: parameter bytes exact, activations within the graph objects' margin,
+    and ledger_of recognises the setup from the model's structure."""
+    ledger, m = memory.compare(cfg, None, B, T, train_only=only)
+    assert ledger.mode == "partial"
+    assert (m.weights, m.gradients, m.optimizer) == (ledger.weights, ledger.gradients, ledger.optimizer)
+    assert 0 <= m.activations - ledger.activations <= 128 * KIB
+    model = prepare_finetuning(GPT(cfg), None, train_only=only)
+    counts = count_parameters(model)
+    assert memory.count_trainable(cfg, None, only) == (counts.total, counts.trainable)
+    names = (only,) if isinstance(only, str) else only
+    layer_params = sum(p.size for name, mod in model.named_modules() for p in mod.parameters()
+                       if name.split(".")[-1] in ",".join(names).split(","))
+    assert counts.trainable == layer_params  # those layers' weights and biases, nothing else
+    assert memory.ledger_of(model, B, T) == ledger
+
+
+def test_partial_sits_between_lora_and_full():
+    """q, v in full trains more than LoRA r=8 on q, v and less than everything; activations stay close to full's."""
+    full, qv, lora = (memory.analytic_ledger(SMALL, lo, 4, train_only=t)
+                      for lo, t in ((None, ()), (None, "q,v"), (LoRAConfig(), ())))
+    assert lora.gradients < qv.gradients < full.gradients
+    assert qv.weights == full.weights  # no adapter: the same parameters, fewer of them trainable
+    assert 0.8 * full.activations < qv.activations <= full.activations
+
+
 def test_ledger_of_a_model_that_is_neither_full_nor_lora_fine_tuning():
     model = GPT(SMALL)
     model.wte.weight.requires_grad = False
     with pytest.raises(ValueError, match="must train every parameter"):
         memory.ledger_of(model, 2)
+    model = prepare_finetuning(GPT(SMALL), None, train_only="q,v")
+    model.blocks[0].attn.v.bias.requires_grad = False  # not the whole layer: no setup the ledger models
+    with pytest.raises(ValueError, match="exactly the Linear layers"):
+        memory.ledger_of(model, 2)
+
+
+@pytest.mark.parametrize("lora, only, error, match", [
+    (LoRAConfig(), "q,v", ValueError, "not both"),
+    (None, "q,x", ValueError, r"unknown LoRA target\(s\) \['x'\]"),
+    ("q,v", (), TypeError, "must be a LoRAConfig"),
+])
+def test_bad_partial_setups(lora, only, error, match):
+    with pytest.raises(error, match=match):
+        memory.analytic_ledger(SMALL, lora, 2, train_only=only)
+    model = GPT(SMALL)
+    before = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(error, match=match):
+        prepare_finetuning(model, lora, train_only=only)
+    assert [p.requires_grad for p in model.parameters()] == before  # checked before anything changed
 
 
 def test_measure_model_and_tables():

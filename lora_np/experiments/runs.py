@@ -29,7 +29,7 @@ from .. import backend, memory
 from ..checkpoint import encode_adapter, load_model, save_model
 from ..data import CharTokenizer, iter_eval_batches, load_corpus, train_val_split
 from ..functional import _log_softmax
-from ..lora import LoRAConfig, count_parameters, prepare_finetuning
+from ..lora import LoRAConfig, count_parameters, prepare_finetuning, resolve_train_only
 from ..model import GPT, GPTConfig
 from ..train import TrainConfig, evaluate, train
 
@@ -177,15 +177,32 @@ def pretrain_base(cfg: ExperimentConfig, corpora: Corpora, progress: bool = True
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One fine-tuning run: LoRA with ``lora``, or full fine-tuning (``lora=None``)."""
+    """One fine-tuning run: LoRA with ``lora``; full fine-tuning (``lora=None``); or full fine-tuning of some
+    layers only, every other weight frozen (``lora=None, train_only=("q", "v")``: the sweep's control run, which
+    trains q and v themselves with no rank limit). Set up by ``lora.prepare_finetuning``; checked when made."""
 
-    name: str  # "lora-r8", "full", "lora-r8+wte+lm_head"
+    name: str  # "lora-r8", "full", "lora-r8+wte+lm_head", "full-qv"
     lora: LoRAConfig | None = None
-    lr: float | None = None  # peak learning rate; None: the experiment's (finetune.lr for LoRA, full_lr for full)
+    lr: float | None = None  # peak learning rate; None: the experiment's (finetune.lr for LoRA, full_lr otherwise)
+    train_only: tuple[str, ...] = ()  # with lora=None: only these Linear layers of every block train ("q,v", ...)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"RunSpec.name must be a non-empty string, got {self.name!r}")
+        if self.lora is not None and not isinstance(self.lora, LoRAConfig):
+            raise ValueError(f"RunSpec.lora must be a LoRAConfig or None, got {self.lora!r}")
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (
+                math.isfinite(self.lr) and self.lr > 0)):
+            raise ValueError(f"RunSpec.lr must be None or a finite number > 0, got {self.lr!r}")
+        only = resolve_train_only(self.train_only)
+        if only and self.lora is not None:
+            raise ValueError("RunSpec: give lora (LoRA) or train_only (full fine-tuning of some layers), not both")
+        object.__setattr__(self, "train_only", only)
 
     @property
     def mode(self) -> str:
-        return "full" if self.lora is None else "lora"
+        """"lora", "full" (every weight) or "partial" (full fine-tuning of the ``train_only`` layers)."""
+        return "lora" if self.lora is not None else "partial" if self.train_only else "full"
 
 
 def split_loss(model: GPT, ids: Any, unseen_ids: list[int], block_size: int, batch_size: int,
@@ -220,7 +237,7 @@ def finetune_run(base: GPT, spec: RunSpec, cfg: ExperimentConfig, corpora: Corpo
     validation loss (also split into seen and unseen characters), the test loss (if ``corpora.test``), the step
     time, a sample and, with
     ``measure_memory``, the memory ledger next to a measured step. Nothing is written: the caller decides."""
-    model = prepare_finetuning(copy.deepcopy(base), spec.lora)
+    model = prepare_finetuning(copy.deepcopy(base), spec.lora, spec.train_only)
     counts = count_parameters(model)
     lr = spec.lr if spec.lr is not None else (cfg.full_lr if spec.lora is None else cfg.finetune.lr)
     train_cfg = replace(cfg.finetune, lr=lr, min_lr=min(cfg.finetune.min_lr, lr))
@@ -229,7 +246,7 @@ def finetune_run(base: GPT, spec: RunSpec, cfg: ExperimentConfig, corpora: Corpo
     lora = spec.lora
     row: dict[str, Any] = {
         "name": spec.name, "mode": spec.mode, "rank": lora.r if lora else None,
-        "targets": ",".join(lora.targets) if lora else "", "alpha": lora.alpha if lora else None,
+        "targets": ",".join(lora.targets if lora else spec.train_only), "alpha": lora.alpha if lora else None,
         "rslora": lora.rslora if lora else False, "modules_to_save": list(lora.modules_to_save) if lora else [],
         "lora": lora.to_dict() if lora else None, "lr": lr,
         "trainable": counts.trainable, "frozen": counts.frozen, "total": counts.total,

@@ -1,6 +1,7 @@
 """The rank sweep, the default experiment: LoRA at every rank of ``cfg.ranks`` on ``cfg.lora.targets``, full
-fine-tuning, and LoRA that also trains the embeddings and the head (peft's ``modules_to_save``), all from the same
-base model with the same batches."""
+fine-tuning, the control run (full fine-tuning of ``cfg.lora.targets`` only: the same weights as LoRA with no rank
+limit, which separates rank from placement) and LoRA that also trains the embeddings and the head (peft's
+``modules_to_save``), all from the same base model with the same batches."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from .runs import ExperimentConfig, RunSpec, run_experiment
 
 
 def sweep_specs(cfg: ExperimentConfig) -> list[RunSpec]:
-    """LoRA at every rank, full fine-tuning, and (if ``cfg.extra_modules``) LoRA at ``cfg.lora.r`` + those modules."""
+    """LoRA at every rank, full fine-tuning, full fine-tuning of LoRA's targets only ("full-qv" for q, v), and
+    (if ``cfg.extra_modules``) LoRA at ``cfg.lora.r`` + those modules."""
     specs = [RunSpec(f"lora-r{r}", replace(cfg.lora, r=r, modules_to_save=())) for r in cfg.ranks]
     specs.append(RunSpec("full", None))
+    specs.append(RunSpec(f"full-{''.join(cfg.lora.targets)}", None, train_only=cfg.lora.targets))
     if cfg.extra_modules:
         extra = replace(cfg.lora, modules_to_save=cfg.extra_modules)
         specs.append(RunSpec(f"lora-r{extra.r}+{'+'.join(extra.modules_to_save)}", extra))

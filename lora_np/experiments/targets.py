@@ -1,5 +1,6 @@
 """Which weights to adapt under a fixed budget of trainable parameters (Hu et al. 2021, Table 5, in small): every
-run trains r × (number of adapted matrices) = 8 rank-units per block, so all have the same parameter count."""
+run trains r × (number of adapted matrices) = 8 rank-units per block, so all have the same parameter count. Full
+fine-tuning runs with them as the reference (the figure draws it, and the base model, as lines)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ TARGET_BUDGET = (("q", 8), ("k", 8), ("v", 8), ("o", 8), ("q,k", 4), ("q,v", 4),
 
 
 def targets_specs(cfg: ExperimentConfig) -> list[RunSpec]:
-    """One LoRA run per (targets, r) of TARGET_BUDGET, with the experiment's alpha and scaling."""
+    """One LoRA run per (targets, r) of TARGET_BUDGET, with the experiment's alpha and scaling, then full
+    fine-tuning (the reference: what training every weight reaches on the same batches)."""
     return [RunSpec(f"lora-{t.replace(',', '')}-r{r}", replace(cfg.lora, targets=t, r=r, modules_to_save=()))
-            for t, r in TARGET_BUDGET]
+            for t, r in TARGET_BUDGET] + [RunSpec("full", None)]
 
 
 def run_targets(cfg: ExperimentConfig, progress: bool = True) -> dict[str, Any]:
