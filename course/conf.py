@@ -57,6 +57,7 @@ html_theme_options = {
     "use_fullscreen_button": False,
     "navigation_with_keys": False,
 }
+html_context = {"default_mode": "light"}  # without it the theme logs a console error on a first visit
 html_last_updated_fmt = None
 suppress_warnings = ["mystnb.unknown_mime_type"]
 
