@@ -3,9 +3,9 @@ student did not choose and says what is off.
 
 Three outcomes, so that a notebook with an unanswered exercise still runs top to bottom:
 
-* not attempted yet (the stub still raises ``NotImplementedError``, or the answer is ``None``): a note, returns False;
+* not attempted yet (the stub still raises ``NotImplementedError``, or the answer is ``None``): a printed note;
 * wrong: raises ``ExerciseError`` naming what is off (which output, its shape, by how much, a likely cause);
-* right: prints a line starting with "passed" and returns True.
+* right: prints a line starting with "passed".
 
 Every check is tested against the solutions and against plausible wrong answers (tests/test_exercises.py), and
 the notebooks run their solutions in CI, so a solution and its check cannot drift apart.
@@ -56,17 +56,17 @@ def _call(fn: Callable[..., Any], *args: Any) -> Any:
 def _exercise(title: str):
     # Decorator: the three outcomes of every check, in one place.
     def wrap(check):
-        def run(answer: Any) -> bool:
+        def run(answer: Any) -> None:
+            # Returns nothing, so that a notebook shows the printed verdict and no stray True/False after it.
             try:
                 detail = check(answer)
             except _NotAttempted:
-                print(f"{title}: not attempted yet (the stub raises NotImplementedError); write your answer and "
-                      "run the check again.")
-                return False
+                print(f"{title}: not attempted yet.\n  Replace `raise NotImplementedError` with your answer and run "
+                      "the cell again.")
+                return
             except ExerciseError as err:
                 raise ExerciseError(f"{title}: {err}") from err.__cause__
-            print(f"passed: {title}" + (f" ({detail})" if detail else ""))
-            return True
+            print(f"passed: {title}" + (f"\n  {detail}" if detail else ""))
 
         run.__name__, run.__qualname__, run.__doc__ = check.__name__, check.__qualname__, check.__doc__
         return run

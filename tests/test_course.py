@@ -212,6 +212,9 @@ def test_solutions_are_folded_until_clicked(site, browser):
             assert not details.get_attribute("open") and not code.is_displayed(), f"{stem}: a solution is shown"
             browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", details)
             details.find_element("css selector", "summary").click()
+            deadline = time.monotonic() + 10  # the theme animates the opening
+            while time.monotonic() < deadline and not code.is_displayed():
+                time.sleep(0.1)
             assert details.get_attribute("open") is not None and code.is_displayed(), f"{stem}: click did not open"
             assert "def " in code.text or "=" in code.text, f"{stem}: the unfolded solution shows no code"
 

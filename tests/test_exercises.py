@@ -52,7 +52,7 @@ RIGHT = [
 
 @pytest.mark.parametrize("check, answer", RIGHT, ids=lambda v: getattr(v, "__name__", ""))
 def test_the_right_answer_passes(check, answer, capsys):
-    assert check(answer) is True
+    assert check(answer) is None  # nothing returned: the notebook shows the printed verdict only
     assert capsys.readouterr().out.startswith("passed: ")
 
 
@@ -121,8 +121,10 @@ def stub(*args):
 
 @pytest.mark.parametrize("check", [c for c, _ in RIGHT], ids=lambda c: c.__name__)
 def test_an_untouched_stub_is_not_attempted_and_does_not_raise(check, capsys):
-    assert check(stub) is False and check(None) is False
-    assert "not attempted yet" in capsys.readouterr().out
+    check(stub)
+    check(None)
+    out = capsys.readouterr().out
+    assert out.count("not attempted yet") == 2 and "passed" not in out
 
 
 def test_the_phi_check_uses_the_library_definition():
