@@ -219,17 +219,26 @@ def test_solutions_are_folded_until_clicked(site, browser):
             assert "def " in code.text or "=" in code.text, f"{stem}: the unfolded solution shows no code"
 
 
+def screenshot(browser, path: Path) -> None:
+    # The browser's PNG, re-saved with a 64-colour palette (a page is mostly flat colour): a third of the size,
+    # small enough for the README's copy in figures/.
+    from PIL import Image
+
+    assert browser.save_screenshot(str(path))
+    with Image.open(path) as image:
+        image.convert("RGB").quantize(colors=64).save(path, optimize=True)
+    assert path.stat().st_size > 10_000, f"{path.name}: an empty page?"
+
+
 def test_screenshots_of_the_landing_page_and_a_notebook(site, browser):
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
     open_page(browser, site / "index.html")
-    landing = ARTEFACTS / "course_landing.png"
-    assert browser.save_screenshot(str(landing)) and landing.stat().st_size > 10_000
+    screenshot(browser, ARTEFACTS / "course_landing.png")
     open_page(browser, site / "notebooks" / "02_lora_layer.html")
     heading = browser.find_elements("css selector", "#exercises")
-    if heading:  # the exercises, with their solutions folded
-        browser.execute_script("arguments[0].scrollIntoView();", heading[0])
-    notebook = ARTEFACTS / "course_notebook.png"
-    assert browser.save_screenshot(str(notebook)) and notebook.stat().st_size > 10_000
+    assert heading, "notebook 02 has an Exercises section"
+    browser.execute_script("arguments[0].scrollIntoView();", heading[0])  # the exercises, solutions folded
+    screenshot(browser, ARTEFACTS / "course_notebook.png")
 
 
 FAILING_NOTEBOOK = {
