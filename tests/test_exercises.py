@@ -170,8 +170,9 @@ def test_exercises_sit_before_the_summary_with_folded_solutions(path):
     if not starts:
         pytest.skip(f"{path.name} has no exercises yet")
     assert len(starts) == 1, "one Exercises section"
-    last_md = max(i for i, c in enumerate(cells) if c["cell_type"] == "markdown")
-    section = cells[starts[0]:last_md]
+    after = [i for i, c in enumerate(cells) if i > starts[0] and "".join(c["source"]).startswith("## ")]
+    assert after, "the Exercises section comes before the closing summary"
+    section = cells[starts[0]:after[0]]
     solutions = [c for c in section if "solution" in c["metadata"].get("tags", [])]
     tries = [c for c in section if c["cell_type"] == "code" and c not in solutions]
     assert solutions and len(solutions) == len(tries), "each exercise: a cell to fill in, then its solution"
