@@ -170,9 +170,13 @@ def test_exercises_sit_before_the_summary_with_folded_solutions(path):
     if not starts:
         pytest.skip(f"{path.name} has no exercises yet")
     assert len(starts) == 1, "one Exercises section"
-    after = [i for i, c in enumerate(cells) if i > starts[0] and "".join(c["source"]).startswith("## ")]
-    assert after, "the Exercises section comes before the closing summary"
-    section = cells[starts[0]:after[0]]
+    end = starts[0] + 1  # the section: its exercises' statements ("**Exercise ...") and their code cells
+    while end < len(cells) and (cells[end]["cell_type"] == "code" or "".join(cells[end]["source"]).startswith(
+            "**Exercise")):
+        end += 1
+    assert any(c["cell_type"] == "markdown" and "measured" in "".join(c["source"]).lower() for c in cells[end:]), \
+        "the Exercises come before the summary of what the run measured"
+    section = cells[starts[0]:end]
     solutions = [c for c in section if "solution" in c["metadata"].get("tags", [])]
     tries = [c for c in section if c["cell_type"] == "code" and c not in solutions]
     assert solutions and len(solutions) == len(tries), "each exercise: a cell to fill in, then its solution"
