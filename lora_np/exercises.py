@@ -1,0 +1,302 @@
+"""The checks of the notebooks' exercises: each ``check_...(answer)`` tests a student's answer on inputs the
+student did not choose and says what is off.
+
+Three outcomes, so that a notebook with an unanswered exercise still runs top to bottom:
+
+* not attempted yet (the stub still raises ``NotImplementedError``, or the answer is ``None``): a printed note;
+* wrong: raises ``ExerciseError`` naming what is off (which output, its shape, by how much, a likely cause);
+* right: prints a line starting with "passed".
+
+Every check is tested against the solutions and against plausible wrong answers (tests/test_exercises.py), and
+the notebooks run their solutions in CI, so a solution and its check cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from . import backend
+from .analysis import subspace_similarity
+from .lora import LoRAConfig
+from .memory import analytic_ledger, count_trainable
+from .model import GPTConfig
+
+np = backend.np  # host arrays: answers are small and checked on the CPU whatever the backend
+
+
+class ExerciseError(AssertionError):
+    """A wrong answer to an exercise; the message says what is off."""
+
+
+class _NotAttempted(Exception):
+    pass
+
+
+def _describe(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    return f"shape {tuple(shape)}" if shape is not None else repr(value)[:40]
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    # The student's function on our inputs; a stub that still raises NotImplementedError is "not attempted", any
+    # other error is reported with the inputs' shapes (a shape error is the usual sign of a missing transpose).
+    if fn is None:
+        raise _NotAttempted
+    try:
+        return fn(*args)
+    except NotImplementedError:
+        raise _NotAttempted from None
+    except Exception as err:
+        inputs = ", ".join(_describe(a) for a in args)
+        raise ExerciseError(f"the function raised {type(err).__name__}: {err} (on inputs: {inputs})") from err
+
+
+def _exercise(title: str):
+    # Decorator: the three outcomes of every check, in one place.
+    def wrap(check):
+        def run(answer: Any) -> None:
+            # Returns nothing, so that a notebook shows the printed verdict and no stray True/False after it.
+            try:
+                detail = check(answer)
+            except _NotAttempted:
+                print(f"{title}: not attempted yet.\n  Replace `raise NotImplementedError` with your answer and run "
+                      "the cell again.")
+                return
+            except ExerciseError as err:
+                raise ExerciseError(f"{title}: {err}") from err.__cause__
+            print(f"passed: {title}" + (f"\n  {detail}" if detail else ""))
+
+        run.__name__, run.__qualname__, run.__doc__ = check.__name__, check.__qualname__, check.__doc__
+        return run
+
+    return wrap
+
+
+def _array(name: str, value: Any) -> Any:
+    if value is None:
+        raise ExerciseError(f"{name} is None: did the function forget to return it?")
+    try:
+        return np.asarray(backend.to_numpy(value), dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ExerciseError(f"{name} is not an array of numbers ({type(value).__name__}): {err}") from None
+
+
+def _compare(name: str, got: Any, expected: Any, why: str, rtol: float = 1e-6) -> None:
+    # got against expected: shape first (with what the shape should be and why), then values, with a diagnosis of
+    # the usual slips: a constant factor (a missing or doubled scale), a transpose, a sign.
+    got = _array(name, got)
+    if got.shape != expected.shape:
+        hint = " (that is the transposed shape: a transpose is missing or extra)" if got.shape == expected.T.shape \
+            else ""
+        raise ExerciseError(f"{name} has shape {got.shape}, expected {expected.shape}: {why}{hint}")
+    if not np.all(np.isfinite(got)):
+        raise ExerciseError(f"{name} holds NaN or inf")
+    scale = max(np.abs(expected).max(), 1e-12)
+    err = np.abs(got - expected).max()
+    if err <= rtol * scale + 1e-12:
+        return
+    msg = f"{name} has the right shape {expected.shape} but wrong values (largest error {err:.3g}, the values " \
+          f"are of size {scale:.3g})"
+    ratio = float(np.vdot(got, expected) / max(np.vdot(expected, expected), 1e-300))
+    if abs(ratio) > 1e-9 and np.abs(got - ratio * expected).max() <= 1e-6 * scale:
+        msg += f": it is {ratio:.4g} times the right answer; check the scale factors (and the sign)"
+    elif got.ndim == 2 and got.shape == got.T.shape and np.abs(got.T - expected).max() <= 1e-6 * scale:
+        msg += ": it is the transpose of the right answer; check the order of the product and its transposes"
+    raise ExerciseError(msg)
+
+
+def _known_slips(name: str, got: Any, slips: dict[str, Any]) -> None:
+    # A wrong answer that equals one of the usual slips gets that slip named (slips: message -> the slip's value).
+    got = _array(name, got)
+    for message, value in slips.items():
+        if got.shape == value.shape and np.allclose(got, value, rtol=1e-9, atol=1e-12):
+            raise ExerciseError(f"{name}: {message}")
+
+
+def _number(name: str, value: Any, expected: float, why: str, rel: float = 1e-9) -> None:
+    if value is None:
+        raise ExerciseError(f"{name} is None: did the function forget to return it?")
+    try:
+        got = float(value)
+    except (TypeError, ValueError):
+        raise ExerciseError(f"{name} should be a number, got {type(value).__name__}") from None
+    if not math.isclose(got, expected, rel_tol=rel, abs_tol=1e-12):
+        raise ExerciseError(f"{name} = {got:.6g}, expected {expected:.6g}: {why}")
+
+
+# -- notebook 01: the backward of an op ------------------------------------------------------------------------
+
+
+@_exercise("01 · the backward of a matrix product")
+def check_matmul_backward(matmul_backward: Callable[[Any, Any, Any], tuple[Any, Any]]) -> str:
+    """``matmul_backward(a, b, g) -> (da, db)`` for ``out = a @ b``, a (N, K), b (K, M), g = dL/d out (N, M)."""
+    gen = np.random.default_rng(101)
+    for N, K, M in ((3, 4, 5), (2, 6, 2), (5, 1, 3)):  # no square shapes: a missing transpose shows as a shape
+        a, b, g = gen.standard_normal((N, K)), gen.standard_normal((K, M)), gen.standard_normal((N, M))
+        result = _call(matmul_backward, a, b, g)
+        if not isinstance(result, tuple | list) or len(result) != 2:
+            raise ExerciseError("return the pair (da, db)")
+        da, db = result
+        _compare("da", da, g @ b.T, f"da has a's shape (N, K) = {a.shape}")
+        _compare("db", db, a.T @ g, f"db has b's shape (K, M) = {b.shape}")
+    return "da = g @ b.T and db = a.T @ g on three shapes"
+
+
+# -- notebook 02: the LoRA layer -------------------------------------------------------------------------------
+
+
+def _lora_case(gen: Any, N: int, d_in: int, d_out: int, r: int, s: float) -> tuple:
+    x, W = gen.standard_normal((N, d_in)), gen.standard_normal((d_in, d_out))
+    A, B, g = gen.standard_normal((d_in, r)), gen.standard_normal((r, d_out)), gen.standard_normal((N, d_out))
+    return x, W, A, B, s, g
+
+
+@_exercise("02 · the backward of a LoRA layer")
+def check_lora_backward(lora_backward: Callable[..., tuple[Any, Any, Any]]) -> str:
+    """``lora_backward(x, W, A, B, s, g) -> (dx, dA, dB)`` for ``y = x @ W + s * (x @ A) @ B`` with W frozen."""
+    gen = np.random.default_rng(102)
+    for N, d_in, d_out, r, s in ((4, 6, 5, 2, 2.0), (3, 7, 4, 3, 0.5)):
+        x, W, A, B, s, g = _lora_case(gen, N, d_in, d_out, r, s)
+        result = _call(lora_backward, x, W, A, B, s, g)
+        if not isinstance(result, tuple | list) or len(result) != 3:
+            raise ExerciseError("return the three gradients (dx, dA, dB); W is frozen and gets none")
+        dx, dA, dB = result
+        gB = g @ B.T  # (N, r): the gradient reaching x @ A, before the scale
+        _known_slips("dA", dA, {"the scale s is missing (y has s · (x @ A) @ B)": x.T @ gB})
+        _known_slips("dB", dB, {"the scale s is missing (y has s · (x @ A) @ B)": (x @ A).T @ g})
+        _compare("dA", dA, s * x.T @ gB, f"dA has A's shape (d_in, r) = {A.shape}")
+        _compare("dB", dB, s * (x @ A).T @ g, f"dB has B's shape (r, d_out) = {B.shape}")
+        _known_slips("dx", dx, {"it is only g @ W.T: x also reaches y through the adapter, s · (x @ A) @ B": g @ W.T,
+                                "the adapter's part lacks the scale s": g @ W.T + gB @ A.T})
+        _compare("dx", dx, g @ W.T + s * gB @ A.T, f"dx has x's shape (N, d_in) = {x.shape}")
+    return "dx, dA and dB on two layers, with s = 2 and s = 0.5"
+
+
+@_exercise("02 · trainable numbers of a LoRA layer")
+def check_lora_parameter_count(count: Callable[[int, int, int], int]) -> str:
+    """``count(d_in, d_out, r)``: the numbers a LoRA adapter of rank r on a (d_in, d_out) layer trains."""
+    for d_in, d_out, r in ((768, 768, 8), (768, 3072, 8), (4096, 1024, 1), (12288, 12288, 4)):
+        got = _call(count, d_in, d_out, r)
+        expected = r * (d_in + d_out)
+        _number(f"count({d_in}, {d_out}, {r})", got, expected,
+                f"A is ({d_in}, {r}) and B is ({r}, {d_out}); together they hold that many numbers; the frozen W "
+                "trains none")
+    return "r·(d_in + d_out), which is 2dr for a square layer"
+
+
+@_exercise("02 · merging an adapter into W")
+def check_merge(merge_weights: Callable[[Any, Any, Any, float], Any]) -> str:
+    """``merge_weights(W, A, B, s) -> W_merged`` such that ``x @ W_merged == x @ W + s * (x @ A) @ B``."""
+    gen = np.random.default_rng(103)
+    for N, d_in, d_out, r, s in ((5, 6, 4, 2, 3.0), (2, 5, 5, 1, 0.25)):
+        x, W, A, B, s, _ = _lora_case(gen, N, d_in, d_out, r, s)
+        W_before = W.copy()
+        merged = _array("W_merged", _call(merge_weights, W, A, B, s))
+        if not np.array_equal(W, W_before):
+            raise ExerciseError("the function changed W in place; return a new array and leave W as it was "
+                                "(unmerge needs the original)")
+        _known_slips("W_merged", merged, {"the scale s is missing: the layer adds s · (x @ A) @ B": W + A @ B,
+                                          "W itself is missing: merging adds the update to W": s * A @ B})
+        _compare("W_merged", merged, W + s * A @ B, f"the merged weight has W's shape (d_in, d_out) = {W.shape}")
+        _compare("x @ W_merged", x @ merged, x @ W + s * (x @ A) @ B, "the merged layer's output")
+    return "x @ W_merged equals the unmerged layer's output"
+
+
+# -- notebook 03: reading a loss -------------------------------------------------------------------------------
+
+
+@_exercise("03 · perplexity from a loss in nats")
+def check_perplexity(perplexity: Callable[[float], float]) -> str:
+    """``perplexity(loss)``: the perplexity per character of a mean cross-entropy ``loss`` in nats."""
+    for loss in (0.0, 1.472, math.log(103), 5.767):
+        _number(f"perplexity({loss:.4g})", _call(perplexity, loss), math.exp(loss),
+                "a loss in nats is a natural logarithm, so the perplexity is e to the loss (a uniform guess over "
+                "V characters has loss ln V and perplexity V)")
+    return "e^loss: a loss of ln 103 is a uniform guess over 103 characters"
+
+
+@_exercise("03 · the share of unseen characters")
+def check_unseen_share(unseen_share: Callable[[str, str], float]) -> str:
+    """``unseen_share(pretrain_text, finetune_text)``: the share of the fine-tuning text's characters (every
+    occurrence counts) that never occur in the pretraining text."""
+    cases = (("abc abc", "aab{}", 2 / 5), ("the lord", "def f(x):\n    return x", None), ("xyz", "xyz", 0.0))
+    for pre, fine, expected in cases:
+        if expected is None:
+            expected = sum(c not in set(pre) for c in fine) / len(fine)
+        got = _call(unseen_share, pre, fine)
+        distinct = len(set(fine) - set(pre)) / len(set(fine))
+        why = ("count every occurrence in the fine-tuning text, not each distinct character once"
+               if got is not None and math.isclose(float(got), distinct) and not math.isclose(distinct, expected)
+               else "the characters of the fine-tuning text (every occurrence) that are not in the pretraining text, "
+               "divided by the fine-tuning text's length")
+        _number(f"unseen_share({pre!r}, {fine!r})", got, expected, why)
+    return "a share of occurrences, as notebook 03 computes it on the validation targets"
+
+
+# -- notebook 04: the rank sweep -------------------------------------------------------------------------------
+
+
+@_exercise("04 · trainable parameters of a LoRA setup")
+def check_trainable_parameters(trainable: Callable[[GPTConfig, int, tuple[str, ...]], int]) -> str:
+    """``trainable(config, r, targets)``: the numbers LoRA of rank r on the ``targets`` ("q", "k", "v", "o",
+    "up", "down") of every block of ``GPT(config)`` trains."""
+    base = GPTConfig(vocab_size=103, block_size=64, n_layer=4, n_head=4, n_embd=128)
+    cases = ((base, 8, ("q", "v")), (base, 1, ("q", "v")), (GPTConfig(vocab_size=50, n_layer=2, n_embd=64,
+             n_head=2), 4, ("q", "k", "v", "o", "up", "down")), (base, 16, ("up",)))
+    for cfg, r, targets in cases:
+        got = _call(trainable, cfg, r, targets)
+        expected = count_trainable(cfg, LoRAConfig(r=r, alpha=16, targets=targets))[1]
+        _number(f"trainable(n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, r={r}, {','.join(targets)})", got, expected,
+                "every block has its own adapters; q, k, v, o are (C, C), up is (C, 4C), down is (4C, C), and an "
+                "adapter on a (d_in, d_out) weight trains r·(d_in + d_out)")
+    return "the same count as count_parameters on the real model"
+
+
+@_exercise("04 · the share of the gap LoRA recovers")
+def check_recovered_share(recovered: Callable[[float, float, float], float]) -> str:
+    """``recovered(base_loss, lora_loss, full_loss)``: the share of full fine-tuning's improvement over the base
+    model that the LoRA run achieves (1: as good as full fine-tuning; 0: no better than the base model)."""
+    for base, lora, full in ((5.767, 2.592, 1.598), (3.0, 3.0, 1.0), (4.0, 1.0, 1.0), (2.0, 1.5, 1.0)):
+        _number(f"recovered({base}, {lora}, {full})", _call(recovered, base, lora, full),
+                (base - lora) / (base - full),
+                "(base − LoRA) / (base − full): LoRA's drop in loss over full fine-tuning's")
+    return "(base − LoRA) / (base − full)"
+
+
+# -- notebook 05: memory ---------------------------------------------------------------------------------------
+
+
+@_exercise("05 · the parameter memory of a training setup")
+def check_state_bytes(state_bytes: Callable[[int, int], int]) -> str:
+    """``state_bytes(n_total, n_trainable)``: bytes of float32 weights, gradients and AdamW moments of a model
+    with ``n_total`` parameters of which ``n_trainable`` train (activations left out)."""
+    cfg = GPTConfig(vocab_size=103, block_size=64, n_layer=4, n_head=4, n_embd=128)
+    for lora in (None, LoRAConfig(r=8, alpha=16, targets="q,v"), LoRAConfig(r=64, alpha=16, targets="q,k,v,o,up,down")):
+        n_total, n_trainable = count_trainable(cfg, lora)
+        ledger = analytic_ledger(cfg, lora, batch_size=1)
+        got = _call(state_bytes, n_total, n_trainable)
+        _number(f"state_bytes({n_total:,}, {n_trainable:,})", got, ledger.weights + ledger.gradients + ledger.optimizer,
+                "4 bytes per weight (frozen or not), and for each trainable one 4 bytes of gradient and 8 of AdamW's "
+                "two moments m and v; a frozen weight has neither")
+    return "4·total + 12·trainable bytes, the ledger's weights + gradients + optimizer"
+
+
+# -- notebook 07: subspace similarity --------------------------------------------------------------------------
+
+
+@_exercise("07 · the subspace similarity φ")
+def check_phi(phi: Callable[[Any, Any, int, int], float]) -> str:
+    """``phi(X, Y, i, j)``: ‖U_Xⁱᵀ U_Yʲ‖²_F / min(i, j), with U_Xⁱ the top-i left singular vectors of X (d, m)."""
+    gen = np.random.default_rng(107)
+    d = 12
+    shared = gen.standard_normal((d, 2))
+    X = np.concatenate([shared, gen.standard_normal((d, 4))], axis=1) @ np.diag([6, 5, 3, 2, 1, 0.5])
+    Y = np.concatenate([shared, gen.standard_normal((d, 1))], axis=1) @ np.diag([4, 3, 1])
+    table = subspace_similarity(X, Y)
+    for i, j in ((1, 1), (2, 3), (6, 3), (4, 2)):
+        _number(f"phi(X, Y, {i}, {j})", _call(phi, X, Y, i, j), table[i - 1, j - 1],
+                "take the LEFT singular vectors (columns of U from np.linalg.svd(X, full_matrices=False)), the top "
+                "i of X and top j of Y, square the Frobenius norm of U_Xᵀ U_Y and divide by min(i, j)", rel=1e-6)
+    return "φ in [0, 1]: 1 when one subspace contains the other"

@@ -1,0 +1,187 @@
+"""lora_np/exercises.py: every check passes the right answer, fails plausible wrong ones with a message that says
+what is off, and treats an untouched stub as "not attempted" (so a notebook with open exercises still runs)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lora_np import exercises as ex
+from lora_np.analysis import subspace_similarity
+
+
+# -- right answers (the notebooks' solutions say the same in their own words) ---------------------------------
+def matmul_backward(a, b, g):
+    return g @ b.T, a.T @ g
+
+
+def lora_backward(x, W, A, B, s, g):
+    gB = g @ B.T  # (N, r)
+    return g @ W.T + s * gB @ A.T, s * x.T @ gB, s * (x @ A).T @ g
+
+
+def phi(X, Y, i, j):
+    ux = np.linalg.svd(X, full_matrices=False)[0][:, :i]
+    uy = np.linalg.svd(Y, full_matrices=False)[0][:, :j]
+    return np.linalg.norm(ux.T @ uy) ** 2 / min(i, j)
+
+
+LINEARS = {"q": (1, 1), "k": (1, 1), "v": (1, 1), "o": (1, 1), "up": (1, 4), "down": (4, 1)}
+
+
+def trainable(cfg, r, targets):
+    C = cfg.n_embd
+    return cfg.n_layer * sum(r * (a * C + b * C) for t, (a, b) in LINEARS.items() if t in targets)
+
+
+RIGHT = [
+    (ex.check_matmul_backward, matmul_backward),
+    (ex.check_lora_backward, lora_backward),
+    (ex.check_lora_parameter_count, lambda d_in, d_out, r: r * (d_in + d_out)),
+    (ex.check_merge, lambda W, A, B, s: W + s * A @ B),
+    (ex.check_perplexity, math.exp),
+    (ex.check_unseen_share, lambda pre, fine: sum(c not in set(pre) for c in fine) / len(fine)),
+    (ex.check_trainable_parameters, trainable),
+    (ex.check_recovered_share, lambda base, lora, full: (base - lora) / (base - full)),
+    (ex.check_state_bytes, lambda n_total, n_trainable: 4 * n_total + 12 * n_trainable),
+    (ex.check_phi, phi),
+]
+
+
+@pytest.mark.parametrize("check, answer", RIGHT, ids=lambda v: getattr(v, "__name__", ""))
+def test_the_right_answer_passes(check, answer, capsys):
+    assert check(answer) is None  # nothing returned: the notebook shows the printed verdict only
+    assert capsys.readouterr().out.startswith("passed: ")
+
+
+def merge_in_place(W, A, B, s):
+    W += s * A @ B
+    return W
+
+
+# (check, a plausible wrong answer, words the message must contain)
+WRONG = [
+    (ex.check_matmul_backward, lambda a, b, g: (g @ b, a.T @ g), "raised ValueError"),  # missing transpose of b
+    (ex.check_matmul_backward, lambda a, b, g: (g @ b.T, g.T @ a), "transposed shape"),  # db transposed
+    (ex.check_matmul_backward, lambda a, b, g: (2 * g @ b.T, a.T @ g), "2 times the right answer"),
+    (ex.check_matmul_backward, lambda a, b, g: g @ b.T, "pair"),
+    (ex.check_lora_backward, lambda x, W, A, B, s, g: (g @ W.T + gB(g, B) @ A.T, x.T @ gB(g, B), (x @ A).T @ g),
+     "scale s is missing"),
+    (ex.check_lora_backward, lambda x, W, A, B, s, g: (g @ W.T, s * x.T @ gB(g, B), s * (x @ A).T @ g),
+     "only g @ W.T"),  # dx without the adapter's path
+    (ex.check_lora_backward, lambda x, W, A, B, s, g: (g @ W.T + s * gB(g, B) @ A.T, s * x.T @ (g @ B),
+                                                      s * (x @ A).T @ g), "shape"),  # missing B.T
+    (ex.check_lora_backward, lambda x, W, A, B, s, g: (None, None, None, None), "three gradients"),
+    (ex.check_lora_backward, lambda x, W, A, B, s, g: (g @ W.T + s * gB(g, B) @ A.T, None, s * (x @ A).T @ g),
+     "dA is None"),
+    (ex.check_lora_parameter_count, lambda d_in, d_out, r: 2 * d_in * r, "A is (768, 8) and B is (8, 3072)"),
+    (ex.check_lora_parameter_count, lambda d_in, d_out, r: d_in * d_out, "the frozen W trains none"),
+    (ex.check_merge, lambda W, A, B, s: W + A @ B, "scale s is missing"),
+    (ex.check_merge, lambda W, A, B, s: s * A @ B, "W itself is missing"),
+    (ex.check_merge, lambda W, A, B, s: W + s * (A @ B).T, "shape"),  # transposed update (non-square)
+    (ex.check_merge, merge_in_place, "in place"),
+    (ex.check_perplexity, lambda loss: 2 ** loss, "e to the loss"),
+    (ex.check_perplexity, lambda loss: math.log(loss + 1), "e to the loss"),
+    (ex.check_unseen_share, lambda pre, fine: len(set(fine) - set(pre)) / len(set(fine)), "every occurrence"),
+    (ex.check_unseen_share, lambda pre, fine: sum(c in set(pre) for c in fine) / len(fine), "not in the pretraining"),
+    (ex.check_trainable_parameters, lambda cfg, r, t: len(t) * 2 * cfg.n_embd * r, "every block"),  # one block
+    (ex.check_trainable_parameters, lambda cfg, r, t: cfg.n_layer * len(t) * 2 * cfg.n_embd * r, "up is (C, 4C)"),
+    (ex.check_recovered_share, lambda base, lora, full: full / lora, "(base − LoRA) / (base − full)"),
+    (ex.check_recovered_share, lambda base, lora, full: (lora - full) / (base - full), "(base − LoRA)"),
+    (ex.check_state_bytes, lambda n_total, n_trainable: 16 * n_total, "a frozen weight has neither"),
+    (ex.check_state_bytes, lambda n_total, n_trainable: 4 * n_total + 4 * n_trainable, "AdamW"),
+    (ex.check_state_bytes, lambda n_total, n_trainable: 2 * n_total + 6 * n_trainable, "4 bytes per weight"),
+    (ex.check_phi, lambda X, Y, i, j: np.linalg.norm(np.linalg.svd(X)[0][:, :i].T @ np.linalg.svd(Y)[0][:, :j])
+     / min(i, j), "square the Frobenius norm"),
+    (ex.check_phi, lambda X, Y, i, j: phi(X, Y, i, j) * min(i, j) / max(i, j), "divide by min(i, j)"),
+    (ex.check_phi, lambda X, Y, i, j: np.linalg.norm(X[:, :i].T @ Y[:, :j]) ** 2 / min(i, j), "LEFT singular vectors"),
+    (ex.check_phi, lambda X, Y, i, j: phi(X.T, Y.T, i, j), "raised ValueError"),  # right singular vectors
+]
+
+
+def gB(g, B):
+    return g @ B.T
+
+
+@pytest.mark.parametrize("check, answer, words", WRONG, ids=lambda v: getattr(v, "__name__", "") if callable(v)
+                         else None)
+def test_a_wrong_answer_fails_saying_what_is_off(check, answer, words):
+    with pytest.raises(ex.ExerciseError) as err:
+        check(answer)
+    message = str(err.value)
+    assert words in message, message
+    assert message.split(":")[0][:2].isdigit(), f"the message names the exercise: {message}"
+
+
+def stub(*args):
+    raise NotImplementedError("your code here")
+
+
+@pytest.mark.parametrize("check", [c for c, _ in RIGHT], ids=lambda c: c.__name__)
+def test_an_untouched_stub_is_not_attempted_and_does_not_raise(check, capsys):
+    check(stub)
+    check(None)
+    out = capsys.readouterr().out
+    assert out.count("not attempted yet") == 2 and "passed" not in out
+
+
+def test_the_phi_check_uses_the_library_definition():
+    # The exercise's φ and analysis.subspace_similarity agree (the check compares against the library).
+    gen = np.random.default_rng(0)
+    X, Y = gen.standard_normal((10, 4)), gen.standard_normal((10, 3))
+    assert math.isclose(phi(X, Y, 3, 2), subspace_similarity(X, Y)[2, 1], rel_tol=1e-9)
+
+
+def test_an_error_inside_the_answer_is_reported_with_its_cause():
+    # Only NotImplementedError means "not attempted"; any other error is the student's bug, reported with the
+    # inputs' shapes and chained to the original error (whose traceback points at the student's line).
+    with pytest.raises(ex.ExerciseError, match="raised ZeroDivisionError") as err:
+        ex.check_perplexity(lambda loss: 1 / 0)
+    assert isinstance(err.value.__cause__, ZeroDivisionError)
+    with pytest.raises(ex.ExerciseError, match=r"raised ValueError.*shape \(3, 4\), shape \(4, 5\)"):
+        ex.check_matmul_backward(lambda a, b, g: (g @ b, a.T @ g))  # g (3, 5) @ b (4, 5): a missing transpose
+
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+CHECKS = {name for name in dir(ex) if name.startswith("check_")}
+
+
+def exercise_cells(path):
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    starts = [i for i, c in enumerate(cells) if "".join(c["source"]).startswith("## Exercises")]
+    return cells, starts
+
+
+def test_every_check_is_used_by_a_notebook_solution():
+    # A check no notebook runs could rot unnoticed; the notebooks run their solutions in CI (nbmake, the site).
+    used = set()
+    for path in NOTEBOOKS:
+        for cell in exercise_cells(path)[0]:
+            if "solution" in cell["metadata"].get("tags", []):
+                used |= {name for name in CHECKS if f"{name}(" in "".join(cell["source"])}
+    assert used == CHECKS, f"checks no notebook solution calls: {sorted(CHECKS - used)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_exercises_sit_before_the_summary_with_folded_solutions(path):
+    cells, starts = exercise_cells(path)
+    if not starts:
+        pytest.skip(f"{path.name} has no exercises yet")
+    assert len(starts) == 1, "one Exercises section"
+    end = starts[0] + 1  # the section: its exercises' statements ("**Exercise ...") and their code cells
+    while end < len(cells) and (cells[end]["cell_type"] == "code" or "".join(cells[end]["source"]).startswith(
+            "**Exercise")):
+        end += 1
+    assert any(c["cell_type"] == "markdown" and "measured" in "".join(c["source"]).lower() for c in cells[end:]), \
+        "the Exercises come before the summary of what the run measured"
+    section = cells[starts[0]:end]
+    solutions = [c for c in section if "solution" in c["metadata"].get("tags", [])]
+    tries = [c for c in section if c["cell_type"] == "code" and c not in solutions]
+    assert solutions and len(solutions) == len(tries), "each exercise: a cell to fill in, then its solution"
+    for cell in solutions:
+        assert "hide-input" in cell["metadata"]["tags"], "the site folds the solution (myst-nb's hide-input)"
+        assert cell["metadata"].get("jupyter", {}).get("source_hidden") is True, "Jupyter folds it too"
+    for cell in tries:
+        assert "NotImplementedError" in "".join(cell["source"]), "the cell to fill in is a stub"
