@@ -201,7 +201,7 @@ class Optimizers:
         return sum(o.state_nbytes() for o in self.opts)
 
 
-def optimizers(model: GenreClassifier, head_lr: float, encoder_lr: float | None) -> tuple[Optimizers, list[float]]:
+def make_optimizers(model: GenreClassifier, head_lr: float, encoder_lr: float | None) -> tuple[Optimizers, list[float]]:
     """AdamW for the head and, if the encoder trains, AdamW for its trainable parameters -> (the pair, their peak
     learning rates). No weight decay: short runs from a pretrained model."""
     opts, peaks = [AdamW(model.head.parameters(), lr=head_lr, weight_decay=0.0)], [head_lr]
@@ -292,7 +292,7 @@ def train_run(model: GenreClassifier, data: Encoded, batches: list[Any], cfg: Mi
               encoder_lr: float | None, progress: bool = False) -> dict[str, Any]:
     """Train ``model`` in place on ``batches`` -> its history: the loss of every step, the seconds of every
     step, and ``stopped`` (why training ended early, "" if it did not: a non-finite loss or gradient)."""
-    opt, peaks = optimizers(model, head_lr, encoder_lr)
+    opt, peaks = make_optimizers(model, head_lr, encoder_lr)
     warmup = min(cfg.warmup_steps, cfg.steps)
     losses: list[float] = []
     seconds: list[float] = []
@@ -325,7 +325,7 @@ def measure_memory(model: GenreClassifier, data: Encoded, idx: Any, head_lr: flo
     """One training step measured with tracemalloc (``memory.measure_step``, after one warm-up step), on a copy
     of ``model``: weights, gradients, optimizer state, activations and the peak, in bytes."""
     model = copy.deepcopy(model)
-    opt, _ = optimizers(model, head_lr, encoder_lr)
+    opt, _ = make_optimizers(model, head_lr, encoder_lr)
     batch, labels = data.batch(idx)
     return memory.measure_step(model, opt, batch, labels).to_dict()
 
@@ -368,7 +368,7 @@ def run_minilm(cfg: MiniLMConfig, progress: bool = True, measure: bool = True,
             tried.append({"lr": lr, "val_accuracy": val, "stopped": history["stopped"],
                           "final_train_loss": history["loss"][-1] if history["loss"] else None,
                           "step_seconds": _step_seconds(history)})
-            if val is not None and (best is None or val > best[0]):
+            if val is not None and (best is None or val > best[0]):  # a tie keeps the earlier rate
                 best = (val, lr, model, history)
         if best is None:
             raise RuntimeError(f"minilm: every learning rate of {method.name} diverged: {tried}")
