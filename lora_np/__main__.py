@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import backend, memory
+from .bert import minilm_dir
 from .checkpoint import load_adapter, read_adapter_config, save_adapter, write_atomic
 from .data import CharTokenizer
 from .experiments import (
@@ -39,6 +40,8 @@ from .experiments import (
     run_targets,
     sample_text,
 )
+from .experiments.minilm import MiniLMConfig, run_minilm
+from .experiments.minilm import markdown_table as minilm_table
 from .experiments.task_distance import TASKS, StudyConfig, load_study_data, markdown_table, paper_table, task_config
 from .figures import draw, drawable
 from .lora import LoRAConfig, count_parameters, prepare_finetuning
@@ -168,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "corpus for the measured step (default 'python-docs')")
     _lora_opts(p)
     p.add_argument("--batch-size", type=positive_int, default=16)
+
+    p = sub.add_parser("minilm", help="LoRA on a real pretrained model: all-MiniLM-L6-v2 learns a verse's genre "
+                       "(probe, LoRA, full fine-tuning)")
+    p.add_argument("--quick", action="store_true", default=os.environ.get("LORA_NP_QUICK", "") not in ("", "0"),
+                   help="a few verses and one step per run (seconds); also set by LORA_NP_QUICK=1")
+    p.add_argument("--steps", type=positive_int, help="training steps of every run (default: the lab's, 75)")
+    p.add_argument("--batch-size", type=positive_int, help="verses per step (default 16)")
+    p.add_argument("--backend", choices=("numpy", "cupy"), help="array backend (default: numpy or $LORA_NP_BACKEND)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _out_opt(p)
 
     p = sub.add_parser("figures", help="redraw the figures from a results file")
     p.add_argument("--results", default="results/sweep.json",
@@ -470,8 +483,27 @@ def cmd_figures(args: argparse.Namespace) -> Callable[[], int]:
     return work
 
 
-COMMANDS = {"sweep": cmd_sweep, "targets": cmd_targets, "study": cmd_study, "pretrain": cmd_pretrain,
-            "finetune": cmd_finetune, "generate": cmd_generate, "report": cmd_report, "figures": cmd_figures}
+def cmd_minilm(args: argparse.Namespace) -> Callable[[], int]:
+    cfg = MiniLMConfig.quick() if args.quick else MiniLMConfig()
+    if args.steps:  # more steps than training verses: batch_order reshuffles and goes round again
+        cfg = replace(cfg, steps=args.steps, warmup_steps=min(cfg.warmup_steps, args.steps))
+    if args.batch_size:
+        cfg = replace(cfg, batch_size=args.batch_size)
+    minilm_dir()  # the model wheel is installed (else one line naming the pip command)
+    out = _out_dir(args)
+    for sub in ("", "results", "figures"):
+        check_writable_dir(out / sub, "--out")
+
+    def work() -> int:
+        results = run_minilm(cfg, progress=not args.no_progress)
+        print(minilm_table(results))
+        return _write(results, out, "minilm", {})
+    return work
+
+
+COMMANDS = {"sweep": cmd_sweep, "targets": cmd_targets, "study": cmd_study, "minilm": cmd_minilm,
+            "pretrain": cmd_pretrain, "finetune": cmd_finetune, "generate": cmd_generate, "report": cmd_report,
+            "figures": cmd_figures}
 
 if __name__ == "__main__":
     sys.exit(main())

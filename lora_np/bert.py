@@ -30,6 +30,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
+
 from . import backend
 from . import functional as F
 from .engine import Tensor
@@ -290,10 +293,6 @@ class SentenceTokenizer:
     """
 
     def __init__(self, path: str | os.PathLike, max_length: int = 128) -> None:
-        try:
-            from tokenizers import Tokenizer
-        except ImportError as e:
-            raise RuntimeError("tokenization needs Hugging Face's tokenizers library: pip install tokenizers") from e
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"SentenceTokenizer: max_length must be an integer >= 2 ([CLS] and [SEP]), "
                              f"got {max_length!r}")
@@ -418,7 +417,6 @@ def load_bert(folder: str | os.PathLike, max_length: int = 128, **overrides: Any
     as ``hidden_dropout_prob=0.0``), ``model.safetensors`` (-> ``load_hf_weights``) and ``tokenizer.json``
     (-> ``model.tokenizer``, a ``SentenceTokenizer`` with ``max_length``). A bad folder raises an error naming
     the file and the problem; no half-loaded model is ever returned."""
-    from safetensors.numpy import load_file
 
     folder = Path(folder)
     for name in ("config.json", "model.safetensors", "tokenizer.json"):

@@ -381,6 +381,47 @@ def _lora_runs_in_order(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in results["runs"] if r["mode"] == "lora" and not r["modules_to_save"]]
 
 
+@matplotlib.rc_context(STYLE)
+def accuracy_vs_parameters(results: dict[str, Any], out: Path) -> Path:
+    """The MiniLM lab: test accuracy against trainable parameters (log x), one point per method, LoRA on q, v as a
+    line over its ranks, chance as a horizontal line."""
+    runs = results["runs"]
+    fig, ax = _figure(1, (8, 4.8))
+    qv = sorted([r for r in runs if r["mode"] == "lora" and r["targets"] == "q,v"], key=lambda r: r["rank"])
+    if qv:
+        ax.plot([r["trainable"] for r in qv], [100 * r["test_accuracy"] for r in qv], "o-", color="tab:blue",
+                label="LoRA on q, v")
+        for r in qv:
+            ax.annotate(f"r={r['rank']}", (r["trainable"], 100 * r["test_accuracy"]), textcoords="offset points",
+                        xytext=(4, -12), fontsize=9)
+    marks = {"probe": ("s", "tab:green", "linear probe (head only)"), "full": ("D", "k", "full fine-tuning")}
+    for r in runs:
+        if r["mode"] in marks:
+            m, c, text = marks[r["mode"]]
+        elif r not in qv:
+            m, c, text = "^", "tab:red", f"LoRA r={r['rank']} on {r['targets'].replace(',', ', ')}"
+        else:
+            continue
+        ax.plot([r["trainable"]], [100 * r["test_accuracy"]], m, color=c, ms=8, label=text)
+    ax.axhline(100 * results["base"]["chance"], color="gray", lw=1, ls=":", label="chance")
+    ax.set_xscale("log")
+    ax.set_ylim(0, None)
+    ax.set(xlabel="trainable parameters (head included)", ylabel="test accuracy (%)",
+           title=f"all-MiniLM-L6-v2: genre of a Bible verse, {results['config']['steps']} steps each")
+    ax.legend(fontsize=9, loc="best")
+    return _save(fig, out / "minilm_accuracy.png")
+
+
+def _classifies(results: dict[str, Any]) -> bool:
+    """A classification lab (the MiniLM one): every run has a test accuracy."""
+    return bool(results["runs"]) and all("test_accuracy" in r for r in results["runs"])
+
+
+def _language_model(results: dict[str, Any]) -> bool:
+    """A language-model experiment (sweep, targets): every run has a validation loss."""
+    return all("final_val_loss" in r for r in results["runs"])
+
+
 def _has_rank_series(results: dict[str, Any]) -> bool:
     """Plain LoRA runs at two or more ranks on the same targets: the rank figures have a line to draw."""
     if _is_study(results):  # the study's runs span three tasks: its own figures draw them
@@ -396,13 +437,22 @@ def _has_target_choices(results: dict[str, Any]) -> bool:
     return not _is_study(results) and len({r["targets"] for r in _lora_runs(results)}) > 1
 
 
+def _lm(has_data: Any) -> Any:
+    """``has_data`` for a language-model figure: only where the results are a language-model experiment's."""
+    return lambda results: _language_model(results) and has_data(results)
+
+
+def _has_memory(results: dict[str, Any]) -> bool:
+    return not _is_study(results) and any("memory" in r for r in results["runs"])
+
+
 # (figure, does the results dict hold what it needs?) in drawing order
-FIGURES = ((params_vs_rank, _has_rank_series), (loss_curves, _has_rank_series), (val_loss_vs_rank, _has_rank_series),
-           (memory_by_mode, lambda res: not _is_study(res) and any("memory" in r for r in res["runs"])),
-           (step_time, _has_rank_series),
-           (targets, _has_target_choices), (task_distance, _is_study), (lr_grid, _is_study),
-           (full_rank, lambda res: "full_rank" in res), (rslora, lambda res: "rslora" in res),
-           (subspace_similarity, _is_study), (amplification, _is_study), (spectrum, _is_study))
+FIGURES = ((params_vs_rank, _lm(_has_rank_series)), (loss_curves, _lm(_has_rank_series)),
+           (val_loss_vs_rank, _lm(_has_rank_series)), (memory_by_mode, _lm(_has_memory)),
+           (step_time, _lm(_has_rank_series)), (targets, _lm(_has_target_choices)),
+           (task_distance, _is_study), (lr_grid, _is_study), (full_rank, lambda res: "full_rank" in res),
+           (rslora, lambda res: "rslora" in res), (subspace_similarity, _is_study), (amplification, _is_study),
+           (spectrum, _is_study), (accuracy_vs_parameters, _classifies))
 
 
 def drawable(results: Any) -> list[Any]:

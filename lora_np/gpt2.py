@@ -22,6 +22,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+import tokenizers
+from safetensors.numpy import load_file
+
 from . import backend
 from .model import GPT, GPTConfig
 
@@ -161,7 +164,6 @@ def load_gpt2(folder: str | os.PathLike, **overrides: Any) -> GPT:
     ``GPTConfig`` (e.g. ``dropout=0.1``). Training on shorter windows needs no change: a forward pass of T tokens
     reads only the first T rows of ``wpe``.
     A bad folder raises an error naming the file and the problem; no half-loaded model is ever returned."""
-    from safetensors.numpy import load_file
 
     folder = Path(folder)
     for name in ("config.json", "model.safetensors"):
@@ -182,10 +184,6 @@ class GPT2Tokenizer:
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
-        try:
-            import tokenizers
-        except ImportError as e:
-            raise RuntimeError("GPT-2's tokenizer needs Hugging Face's tokenizers: pip install tokenizers") from e
         self.folder = Path(folder)
         if (self.folder / "tokenizer.json").is_file():
             self.tok = tokenizers.Tokenizer.from_file(str(self.folder / "tokenizer.json"))

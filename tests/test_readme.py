@@ -74,3 +74,32 @@ def test_readme_all_linear_table_is_the_committed_results_file():
         row = (f"| {run['trainable']:,} | {run['final_val_loss']:.3f} | {run['val_loss_seen']:.3f} | "
                f"{run['val_loss_unseen']:.3f} | {run['step_seconds']:.3f} |")
         assert row in text, f"README row for {run['name']} does not match {path}: {row}"
+
+
+def test_readme_gpt2_example_runs_on_a_tiny_checkpoint(tmp_path, monkeypatch, capsys):
+    """The GPT-2 block, offline: the folder is a tiny GPT-2 written in Hugging Face's exact layout (test_gpt2's
+    writer) with a byte-level BPE trained here; only the folder name and the number of steps change."""
+    tokenizers = __import__("pytest").importorskip("tokenizers", reason="needs tokenizers: pip install tokenizers")
+    from test_gpt2 import TEXTS, write_folder
+
+    from lora_np.model import GPT, GPTConfig
+
+    folder = tmp_path / "tiny-gpt2"
+    bpe = tokenizers.ByteLevelBPETokenizer(add_prefix_space=False)
+    bpe.train_from_iterator(TEXTS, vocab_size=300, min_frequency=2, show_progress=False)
+    model = GPT(GPTConfig(vocab_size=bpe.get_vocab_size(), block_size=128, n_layer=2, n_head=2, n_embd=8,
+                          tie_weights=True))
+    write_folder(model, folder)
+    bpe.save(str(folder / "tokenizer.json"))
+    monkeypatch.chdir(tmp_path)  # the example writes its adapter file to the current folder
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+              if "load_gpt2" in b]
+    assert len(blocks) == 1, "the README lost its GPT-2 example"
+    code = blocks[0].replace('"gpt2"', repr(str(folder))).replace("max_steps=200", "max_steps=2")
+    assert code.count(repr(str(folder))) == 2
+    exec(compile(code, str(README), "exec"), {})
+    trainable = 2 * 2 * 8 * (8 + 8)  # q and v of 2 blocks at r=8, d=8
+    assert f"trainable {trainable:,} of" in capsys.readouterr().out
+    path = tmp_path / "gpt2-qv-r8.safetensors"
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    assert path.stat().st_size - header == 4 * trainable  # float32 A and B, nothing else
