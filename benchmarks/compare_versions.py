@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_step import ADAMW, BENCH, LORA  # noqa: E402
+from bench_step import ADAMW, BENCH, LORA, limit_blas_threads  # noqa: E402
 
 
 def load(checkout: Path, name: str) -> Any:
@@ -43,7 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("full", "lora"), default="full")
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="pin BLAS to this many threads (needs threadpoolctl)")
     args = p.parse_args(argv)
+    with limit_blas_threads(args.threads):
+        return compare(args)
+
+
+def compare(args: argparse.Namespace) -> int:
     cfg, B = BENCH["config"], BENCH["batch_size"]
     runs = {}
     for label, path in (("old", args.old), ("new", args.new)):
