@@ -25,7 +25,8 @@ def test_bench_step_quick_writes_every_field(tmp_path):
     assert "blas_threads" in result["machine"]
     for mode in ("full", "lora"):
         r = result["modes"][mode]
-        assert {"flops", "matmuls", "times", "step_seconds", "tokens_per_s", "flop_per_s", "mfu", "memory"} <= set(r)
+        assert {"flops", "matmuls", "times", "step_seconds", "tokens_per_s", "flop_per_s", "mfu", "memory",
+                "outside_matmul_seconds"} <= set(r)
         assert r["matmuls"]["flops_per_step"] == r["flops"]["step"]  # the analytic count is the engine's count
         assert len(r["times"]) == 2 and r["mfu"] > 0
         assert {"analytic", "measured"} <= set(r["memory"])
