@@ -62,14 +62,12 @@ def step_flops(cfg: GPTConfig, B: int, T: int, mode: str, r: int) -> dict[str, f
         out.update(forward=forward, backward=2 * forward)
     else:
         thin = 2 * N * r * 9 * C  # one rank-r product per layer, N rows: d_in or d_out is C (q, k, v, o, up, down)
-        # dh of q, k, v comes from one product with a block-diagonal (3C, 3r) right side: 3x the FLOPs of three
-        dh = thin + 2 * N * 3 * C * 2 * r
         merges = 2 * r * 12 * C * C  # s·A@B for the six layers: d_in·r·d_out each
         qkv_block0 = 3 * 2 * N * C * C  # block 0's q, k, v see the frozen embeddings: no input gradient at all
         backward = (L * linears - qkv_block0  # input gradients of the frozen linears, never their weight gradients
                     + 2 * L * attention  # attention has no weights: both operands get gradients
                     + head  # the input gradient of the frozen head
-                    + L * (dh + 2 * thin))  # dh, dA and dB of every adapter
+                    + 3 * L * thin)  # dh, dA and dB of every adapter
         out.update(forward=forward + L * (thin + merges), backward=backward)
     out["step"] = out["forward"] + out["backward"]
     return out

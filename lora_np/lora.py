@@ -182,8 +182,7 @@ def fused_linear(x: Tensor, parts: Sequence[LinearPart]) -> Tensor:
     if shared:  # h_i = x @ A_i for every merged adapter, one thin product: (N, d_in) @ (d_in, Σr) -> (N, Σr)
         h = mm(x2, xp.concatenate([parts[i][2].data for i in shared], axis=1))
         r_ends = backend.np.cumsum([parts[i][2].shape[1] for i in shared]).tolist()
-        shared_cols = {i: slice(lo, hi) for i, lo, hi in zip(shared, [0, *r_ends], r_ends)}
-        hs.update({i: h[:, c] for i, c in shared_cols.items()})  # views
+        hs.update({i: h[:, lo:hi] for i, lo, hi in zip(shared, [0, *r_ends], r_ends)})  # views
     for i in dropped:  # with dropout the low-rank path reads x ⊙ keep: added separately
         W, b, A, B, s, keep = parts[i]
         hs[i] = mm(x2 * keep.reshape(-1, d_in), A.data)  # (N, r)
@@ -196,23 +195,14 @@ def fused_linear(x: Tensor, parts: Sequence[LinearPart]) -> Tensor:
 
     def backward(g):  # g = dL/dy (..., D)
         g2 = g.reshape(-1, D)  # (N, D)
-        # dx = Σ g_i W'_iᵀ and every dh_i = s_i·g_i B_iᵀ from ONE product that reads g once:
-        # g @ [W'ᵀ | S], with S (D, Σr) block-diagonal: s_i B_iᵀ in part i's rows and its adapter's columns
-        S = xp.zeros((D, sum(parts[i][2].shape[1] for i in hs)), dtype=g2.dtype)
-        r_cols, r0 = {}, 0
-        for i in hs:
-            r_cols[i], r0 = slice(r0, r0 + parts[i][2].shape[1]), r0 + parts[i][2].shape[1]
-            S[cols[i], r_cols[i]] = parts[i][4] * parts[i][3].data.T
-        right = xp.concatenate([Wcat.T, S], axis=1) if x.requires_grad else S  # (D, d_in + Σr) or (D, Σr)
-        out = mm(g2, right) if right.shape[1] else None  # (N, D) @ (D, ·) -> (N, d_in + Σr)
-        gx = out[:, :d_in] if x.requires_grad else None  # (N, d_in), a view
-        ghs = {i: out[:, -S.shape[1]:][:, r_cols[i]] for i in hs}  # dh_i (N, r_i), views
+        gx = mm(g2, Wcat.T) if x.requires_grad else None  # dx = Σ g_i W'_iᵀ: one product (N, D) @ (D, d_in)
+        ghs = {i: parts[i][4] * mm(g2[:, cols[i]], parts[i][3].data.T) for i in hs}  # dh_i = s·g_i B_iᵀ (N, r)
         gA_shared = gW_all = None
         if shared and all(parts[i][2].requires_grad for i in shared):  # dA_i = xᵀ dh_i, all in one product
-            gA_shared = mm(x2.T, xp.concatenate([ghs[i] for i in shared], axis=1) if dropped else out[:, -S.shape[1]:])
+            gA_shared = mm(x2.T, xp.concatenate([ghs[i] for i in shared], axis=1))  # (d_in, Σr)
         if len(parts) > 1 and all(W.requires_grad for W, *_ in parts):  # dW_i = xᵀ g_i, all in one product
             gW_all = mm(x2.T, g2)  # (d_in, N) @ (N, D) -> (d_in, D)
-        grads = []
+        grads, r0 = [], 0
         for i, (W, b, A, B, s, keep) in enumerate(parts):
             gi = g2[:, cols[i]]  # dL/dy_i (N, d_i), a view
             gW = gW_all[:, cols[i]] if gW_all is not None else mm(x2.T, gi) if W.requires_grad else None  # not frozen W
@@ -221,7 +211,7 @@ def fused_linear(x: Tensor, parts: Sequence[LinearPart]) -> Tensor:
             if A is not None:
                 km = None if keep is None else keep.reshape(-1, d_in)  # (N, d_in)
                 if gA_shared is not None and i in shared:
-                    gA = gA_shared[:, shared_cols[i]]
+                    gA, r0 = gA_shared[:, r0:r0 + A.shape[1]], r0 + A.shape[1]
                 elif A.requires_grad:  # dA = (x ⊙ keep)ᵀ dh: 0 while B = 0
                     gA = mm((x2 if km is None else x2 * km).T, ghs[i])
                 gB = s * mm(hs[i].T, gi) if B.requires_grad else None  # dB = s·hᵀ g
