@@ -232,6 +232,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r["tokens_per_s"] = B * T / med
         r["flop_per_s"] = r["flops"]["step"] / med
         r["mfu"] = r["flop_per_s"] / matmul["median"]
+        matmul_s = sum(k["seconds"] for k in r["matmuls"]["by_kind"].values())
+        r["outside_matmul_seconds"] = med - matmul_s  # elementwise work, copies, Python: the step minus its products
     result["lora_over_full_step_time"] = (result["modes"]["lora"]["step_seconds"]["median"]
                                          / result["modes"]["full"]["step_seconds"]["median"])
     result["load_average"] = {"before": load_before, "after_timing": _loadavg()}
@@ -263,6 +265,8 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"{mode:<6} {s['median']:>9.3f} {s['min']:>8.3f} {s['max']:>8.3f} {r['tokens_per_s']:>9.0f} "
                      f"{r['flops']['step'] / gf:>7.2f} {r['flop_per_s'] / gf:>8.1f} {r['mfu']:>6.1%}")
     lines.append(f"LoRA / full step time: {result['lora_over_full_step_time']:.3f}")
+    lines.append("outside matrix products (median step - the instrumented steps' matmul seconds): " + ", ".join(
+        f"{mode} {r['outside_matmul_seconds']:.3f} s" for mode, r in result["modes"].items()))
     full, lora = result["modes"]["full"]["flops"], result["modes"]["lora"]["flops"]
     bench = "" if result["quick"] else " (BENCH.md: {forward}, {full}, {lora} + the A/B products)".format(
         **BENCH_MD_GFLOP)

@@ -158,13 +158,14 @@ def causal_attention(qkv: Tensor, n_head: int) -> Tensor:
 
     def backward(g):  # g (B, T, C)
         g = g.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs), a view
-        gqkv = backend.xp.empty((3, B, n_head, T, hs), dtype=g.dtype)  # [dq, dk, dv], filled below
-        gqkv[2] = engine.matmul(att.swapaxes(-1, -2), g)  # dv = attᵀ g: (B, nh, T, T) @ (B, nh, T, hs)
+        gqkv = backend.xp.empty((B, T, 3, n_head, hs), dtype=g.dtype)  # [dq | dk | dv] in qkv's own layout
+        dq, dk, dv = gqkv.transpose(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs), views: each product is copied in once
+        dv[...] = engine.matmul(att.swapaxes(-1, -2), g)  # dv = attᵀ g: (B, nh, T, T) @ (B, nh, T, hs)
         gs = _softmax_backward(att, engine.matmul(g, v.swapaxes(-1, -2)), -1)  # through softmax: (B, nh, T, T)
         gs *= scale  # masked entries have att = 0, so they get no gradient
-        gqkv[0] = engine.matmul(gs, k)  # dq = ds k: (B, nh, T, T) @ (B, nh, T, hs)
-        gqkv[1] = engine.matmul(gs.swapaxes(-1, -2), q)  # dk = dsᵀ q: (B, nh, T, T) @ (B, nh, T, hs)
-        return (gqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, C3),)  # (3, B, nh, T, hs) -> (B, T, 3, nh, hs)
+        dq[...] = engine.matmul(gs, k)  # dq = ds k: (B, nh, T, T) @ (B, nh, T, hs)
+        dk[...] = engine.matmul(gs.swapaxes(-1, -2), q)  # dk = dsᵀ q: (B, nh, T, T) @ (B, nh, T, hs)
+        return (gqkv.reshape(B, T, C3),)  # contiguous: a view
 
     return Tensor.from_op(y, (qkv,), "causal_attention", backward)
 

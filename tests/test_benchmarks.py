@@ -1,0 +1,38 @@
+"""The benchmark scripts run (tiny configuration) and write every field the README's tables are made from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(script: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300, check=True)
+    return out.stdout
+
+
+def test_bench_step_quick_writes_every_field(tmp_path):
+    path = tmp_path / "bench.json"
+    run("bench_step.py", "--quick", "--steps", "2", "--warmup", "1", "--out", str(path))
+    result = json.loads(path.read_text())
+    assert {"command", "quick", "config", "batch_size", "tokens_per_step", "lora", "adamw", "machine", "modes",
+            "matmul_1024_float32_flops", "lora_over_full_step_time", "load_average"} <= set(result)
+    assert "blas_threads" in result["machine"]
+    for mode in ("full", "lora"):
+        r = result["modes"][mode]
+        assert {"flops", "matmuls", "times", "step_seconds", "tokens_per_s", "flop_per_s", "mfu", "memory",
+                "outside_matmul_seconds"} <= set(r)
+        assert r["matmuls"]["flops_per_step"] == r["flops"]["step"]  # the analytic count is the engine's count
+        assert len(r["times"]) == 2 and r["mfu"] > 0
+        assert {"analytic", "measured"} <= set(r["memory"])
+    assert set(result["modes"]["lora"]["matmuls"]["by_kind"]) == {"attention", "dense", "rank-r"}
+
+
+def test_profile_step_quick_prints_the_top_entries():
+    out = run("profile_step.py", "--quick", "--steps", "1", "--top", "5")
+    assert "per step under the profiler" in out and "matmul" in out
