@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_step import ADAMW, BENCH, LORA, limit_blas_threads  # noqa: E402
+from bench_step import ADAMW, BENCH, MODES, limit_blas_threads  # noqa: E402
 
 
 def load(checkout: Path, name: str) -> Any:
@@ -31,7 +31,7 @@ def load(checkout: Path, name: str) -> Any:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
-    for sub in ("backend", "memory"):
+    for sub in ("backend", "memory", "lora", "model", "optim"):
         importlib.import_module(f"{name}.{sub}")
     return module
 
@@ -49,14 +49,26 @@ def main(argv: list[str] | None = None) -> int:
         return compare(args)
 
 
+def _build(pkg: Any, model_cfg: Any, mode: str) -> tuple[Any, Any]:
+    """The bench model of ``mode`` and its AdamW, in a checkout of either API: ``lora.prepare_finetuning`` (since
+    LoRAConfig) or the older ``memory.build``."""
+    if hasattr(pkg.lora, "prepare_finetuning"):
+        lora = None if mode == "full" else pkg.lora.LoRAConfig(**MODES["lora"].to_dict())
+        model = pkg.lora.prepare_finetuning(pkg.model.GPT(model_cfg), lora)
+        return model, pkg.optim.AdamW(model.trainable_parameters(), **ADAMW)
+    lora = {} if mode == "full" else {"lora_r": MODES["lora"].r, "lora_alpha": MODES["lora"].alpha,
+                                       "lora_targets": MODES["lora"].targets}
+    return pkg.memory.build(model_cfg, mode, **lora, **ADAMW)
+
+
 def compare(args: argparse.Namespace) -> int:
     cfg, B = BENCH["config"], BENCH["batch_size"]
     runs = {}
     for label, path in (("old", args.old), ("new", args.new)):
         pkg = load(path.resolve(), f"lora_np_{label}")
-        model_cfg = pkg.model.GPTConfig(**vars(cfg))
-        opts = {**(LORA if args.mode == "lora" else {}), **ADAMW}
-        model, opt = pkg.memory.build(model_cfg, args.mode, **opts)
+        fields = pkg.model.GPTConfig.__dataclass_fields__  # an older checkout may lack newer fields (at defaults)
+        model_cfg = pkg.model.GPTConfig(**{k: v for k, v in vars(cfg).items() if k in fields})
+        model, opt = _build(pkg, model_cfg, args.mode)
         gen = pkg.backend.rng(0)
         x, y = (gen.integers(0, cfg.vocab_size, size=(B, cfg.block_size)) for _ in range(2))
         runs[label] = (model, opt, x, y, [])

@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # bench_step.py next to this file holds the bench configuration
 
-from bench_step import ADAMW, BENCH, LORA, QUICK, _step  # noqa: E402
+from bench_step import BENCH, QUICK, _step, build  # noqa: E402
 
-from lora_np import backend, memory  # noqa: E402
+from lora_np import backend  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup = QUICK if args.quick else BENCH
     cfg, B = setup["config"], setup["batch_size"]
-    model, opt = memory.build(cfg, args.mode, **(LORA if args.mode == "lora" else {}), **ADAMW)
+    model, opt = build(cfg, args.mode)
     gen = backend.rng(0)
     x, y = (gen.integers(0, cfg.vocab_size, size=(B, cfg.block_size)) for _ in range(2))
     for _ in range(2):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_step import ADAMW, BENCH, LORA, _step  # noqa: E402
+from bench_step import BENCH, _step, build  # noqa: E402
 
 from lora_np import backend, memory  # noqa: E402
 
@@ -31,7 +31,7 @@ SERIES = {"n_embd": [128, 256, 512, 1024], "block_size": [64, 128, 256, 512]}
 
 
 def point(cfg, B: int, mode: str, steps: int) -> dict[str, float]:
-    model, opt = memory.build(cfg, mode, **(LORA if mode == "lora" else {}), **ADAMW)
+    model, opt = build(cfg, mode)
     gen = backend.rng(0)
     x, y = (gen.integers(0, cfg.vocab_size, size=(B, cfg.block_size)) for _ in range(2))
     _step(model, opt, x, y)
