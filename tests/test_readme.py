@@ -69,7 +69,7 @@ def test_readme_all_linear_table_is_the_committed_results_file():
     path = README.parent / "results" / "all-linear" / "results" / "sweep.json"
     results = json.loads(path.read_text(encoding="utf-8"))
     text = README.read_text(encoding="utf-8")
-    assert results["config"]["targets"] == "all-linear"
+    assert results["config"]["lora"]["targets"] == ["q", "k", "v", "o", "up", "down"]
     for run in results["runs"]:
         row = (f"| {run['trainable']:,} | {run['final_val_loss']:.3f} | {run['val_loss_seen']:.3f} | "
                f"{run['val_loss_unseen']:.3f} | {run['step_seconds']:.3f} |")
