@@ -103,3 +103,16 @@ def test_readme_gpt2_example_runs_on_a_tiny_checkpoint(tmp_path, monkeypatch, ca
     path = tmp_path / "gpt2-qv-r8.safetensors"
     header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
     assert path.stat().st_size - header == 4 * trainable  # float32 A and B, nothing else
+
+
+def test_readme_study_tables_are_the_committed_results_file():
+    """The study's two tables in the README are what `python -m lora_np study` printed from results/study.json."""
+    import json
+
+    from lora_np.experiments.task_distance import markdown_table, paper_table
+
+    results = json.loads((README.parent / "results" / "study.json").read_text(encoding="utf-8"))
+    text = README.read_text(encoding="utf-8")
+    assert markdown_table(results) in text
+    assert paper_table(results) in text
+    assert (README.parent / "figures" / "task_distance.png").exists()
