@@ -116,3 +116,13 @@ def test_readme_study_tables_are_the_committed_results_file():
     assert markdown_table(results) in text
     assert paper_table(results) in text
     assert (README.parent / "figures" / "task_distance.png").exists()
+
+
+def test_readme_minilm_table_is_the_committed_results_file():
+    import json
+
+    from lora_np.experiments.minilm import markdown_table
+
+    results = json.loads((README.parent / "results" / "minilm.json").read_text(encoding="utf-8"))
+    assert markdown_table(results) in README.read_text(encoding="utf-8")
+    assert (README.parent / "figures" / "minilm_accuracy.png").exists()
