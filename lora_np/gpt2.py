@@ -27,6 +27,7 @@ from safetensors.numpy import load_file
 
 from . import backend
 from .model import GPT, GPTConfig
+from .nn import TensorSpec, check_state
 
 # In block i: HF "h.{i}." + name -> ours "blocks.{i}." + name. A tuple of three names splits the HF tensor into
 # equal thirds along its last axis: c_attn's columns are [q | k | v]. No transpose anywhere: Conv1D is (d_in, d_out).
@@ -116,27 +117,17 @@ def load_gpt2_weights(model: GPT, tensors: dict[str, Any], source: str = "state 
         raise ValueError("load_gpt2_weights: GPT-2 has biases; the model was built with bias=False")
     tensors = {(n[len("transformer."):] if n.startswith("transformer.") else n): a for n, a in tensors.items()}
     tensors = {n: a for n, a in tensors.items() if not BUFFER.fullmatch(n)}
-    problems = []
     if cfg.tie_weights and "lm_head.weight" in tensors:
         head, wte = tensors.pop("lm_head.weight"), tensors.get("wte.weight")
         if wte is None or head.shape != wte.shape or not np.array_equal(head, wte):
-            problems.append("lm_head.weight differs from wte.weight, but the config ties them (tie_word_embeddings)")
-    expected = _expected_shapes(cfg)
-    missing = [n for n in expected if n not in tensors]
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{source}: missing tensor(s) {missing or 'none'}, unexpected tensor(s) "
-                         f"{unexpected or 'none'} for a GPT-2 with {cfg.n_layer} layers")
-    for name, shape in expected.items():
-        a = tensors[name]
-        if tuple(a.shape) != shape:
-            problems.append(f"{name}: shape {tuple(a.shape)}, expected {shape}")
-        elif not np.issubdtype(a.dtype, np.floating):
-            problems.append(f"{name}: dtype {a.dtype}, expected a float")
-        elif not np.isfinite(a).all():
-            problems.append(f"{name}: holds NaN or inf")
-    if problems:
-        raise ValueError(f"{source}: " + "; ".join(problems))
+            raise ValueError(f"{source}: lm_head.weight differs from wte.weight, but the config ties them "
+                             f"(tie_word_embeddings)")
+    dtype = model.parameters()[0].dtype
+    expected = {name: TensorSpec(shape, dtype) for name, shape in _expected_shapes(cfg).items()}
+    try:
+        check_state(expected, tensors)
+    except ValueError as e:
+        raise ValueError(f"{source} (a GPT-2 with {cfg.n_layer} layers): {e}") from None
 
     params = dict(model.named_parameters())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from . import backend
@@ -112,7 +113,16 @@ class Module:
             p.grad = None
 
 
-def check_state(params: dict[str, Parameter], state: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class TensorSpec:
+    """The shape and dtype ``check_state`` expects where there is no Parameter to compare with (a LoRA factor not
+    made yet, a weight stored in another layout)."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+
+
+def check_state(params: dict[str, Parameter | TensorSpec], state: dict[str, Any]) -> None:
     """Raise a ValueError naming every tensor of ``state`` that cannot be loaded into ``params`` as it is:
     missing or unexpected names, wrong shapes, non-float or lossy dtypes, NaN or inf values."""
     np = backend.np
@@ -125,7 +135,7 @@ def check_state(params: dict[str, Parameter], state: dict[str, Any]) -> None:
         if not (hasattr(value, "shape") and hasattr(value, "dtype")):
             problems.append(f"{name}: not an array ({type(value).__name__})")
         elif tuple(value.shape) != p.shape:
-            problems.append(f"{name}: shape {tuple(value.shape)}, expected {p.shape}")
+            problems.append(f"{name}: shape {tuple(value.shape)}, expected {tuple(p.shape)}")
         elif np.dtype(value.dtype).kind != "f" or not np.can_cast(value.dtype, p.dtype, "safe"):
             problems.append(f"{name}: dtype {value.dtype} cannot be held by a {p.dtype} parameter without loss")
         elif not bool(np.isfinite(backend.to_numpy(value)).all()):

@@ -230,11 +230,11 @@ def _int(t):
 
 
 WEIGHT_ERRORS = [  # (what breaks the state dict, the message)
-    (_missing, r"missing tensor\(s\) \['encoder.layer.1.attention.self.value.weight'\]"),
-    (_unexpected, r"unexpected tensor\(s\) \['encoder.layer.2.output.dense.weight'\]"),
+    (_missing, r"missing tensors \['encoder.layer.1.attention.self.value.weight'\]"),
+    (_unexpected, r"unexpected tensors \['encoder.layer.2.output.dense.weight'\]"),
     (_untransposed, re.escape("encoder.layer.0.intermediate.dense.weight: shape (8, 16), expected (16, 8)")),
     (_nan, "embeddings.LayerNorm.weight: holds NaN or inf"),
-    (_int, "encoder.layer.0.output.LayerNorm.bias: dtype int32, expected a float"),
+    (_int, "encoder.layer.0.output.LayerNorm.bias: dtype int32 cannot be held"),
 ]
 
 
@@ -265,7 +265,8 @@ def test_bad_folders_are_refused_naming_the_file(tmp_path):
     write_folder(src, tmp_path / "b", tensors=tensors)
     with pytest.raises(ValueError, match="max_length=128 exceeds the model's max_position_embeddings 16"):
         load_bert(tmp_path / "b")
-    with pytest.raises(ValueError, match=r"model.safetensors: missing tensor\(s\) \['embeddings.word_embeddings"):
+    missing = r"model.safetensors \(a BERT with 2 layers\): missing tensors \['embeddings.word_embeddings"
+    with pytest.raises(ValueError, match=missing):
         load_bert(tmp_path / "b", max_length=8)
     (tmp_path / "c").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):

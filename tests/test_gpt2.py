@@ -148,12 +148,12 @@ def _int(t):
 
 
 WEIGHT_ERRORS = [
-    (_missing, r"missing tensor\(s\) \['h.1.mlp.c_fc.bias'\]"),
-    (_unexpected, r"unexpected tensor\(s\) \['h.2.ln_1.weight'\]"),
+    (_missing, r"missing tensors \['h.1.mlp.c_fc.bias'\]"),
+    (_unexpected, r"unexpected tensors \['h.2.ln_1.weight'\]"),
     (_transposed, re.escape("h.0.attn.c_attn.weight: shape (24, 8), expected (8, 24)")),
     (_nan, "wpe.weight: holds NaN or inf"),
     (_untied_head, "lm_head.weight differs from wte.weight, but the config ties them"),
-    (_int, "ln_f.bias: dtype int64, expected a float"),
+    (_int, "ln_f.bias: dtype int64 cannot be held"),
 ]
 
 
@@ -199,7 +199,8 @@ def test_bad_folders_are_refused(tmp_path):
     tensors = hf_tensors(src)
     tensors["wte.weight"] = tensors["wte.weight"][:-1]  # one token short of the config's vocab_size
     write_folder(src, tmp_path / "c", tensors=tensors)
-    with pytest.raises(ValueError, match=re.escape("model.safetensors: wte.weight: shape (39, 8), expected (40, 8)")):
+    shape = "model.safetensors (a GPT-2 with 2 layers): wte.weight: shape (39, 8), expected (40, 8)"
+    with pytest.raises(ValueError, match=re.escape(shape)):
         load_gpt2(tmp_path / "c")
 
 
