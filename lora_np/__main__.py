@@ -297,7 +297,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> Callable[[], int]:
-
     cfg, _ = _prepare(args)
     out = _out_dir(args)
     check_writable_dir(out, "--out")
@@ -312,7 +311,6 @@ def cmd_sweep(args: argparse.Namespace) -> Callable[[], int]:
 
 
 def cmd_targets(args: argparse.Namespace) -> Callable[[], int]:
-
     cfg, _ = _prepare(args)
     out = _out_dir(args)
     for sub in ("", "results", "figures"):
@@ -358,7 +356,6 @@ def summary_table(results: dict) -> str:
 
 
 def cmd_study(args: argparse.Namespace) -> Callable[[], int]:
-
     cfg = StudyConfig.quick() if args.quick else StudyConfig()
     if args.steps:
         ft = cfg.experiment.finetune
@@ -380,7 +377,6 @@ def cmd_study(args: argparse.Namespace) -> Callable[[], int]:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> Callable[[], int]:
-
     cfg = _experiment(args)
     corpora = load_corpora(cfg)
     prompt = cfg.pretrain_prompt
@@ -403,7 +399,6 @@ def cmd_pretrain(args: argparse.Namespace) -> Callable[[], int]:
 
 
 def cmd_finetune(args: argparse.Namespace) -> Callable[[], int]:
-
     if args.full and (args.save_adapter or args.train_embeddings):
         raise UsageError("--save-adapter and --train-embeddings are LoRA options; drop them or --full")
     cfg, corpora = _prepare(args)
@@ -427,7 +422,6 @@ def cmd_finetune(args: argparse.Namespace) -> Callable[[], int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> Callable[[], int]:
-
     cfg, corpora = _prepare(args)
     tok = corpora.tokenizer
     check_encodable(tok, args.prompt, "--prompt")
@@ -449,7 +443,6 @@ def cmd_generate(args: argparse.Namespace) -> Callable[[], int]:
 
 
 def cmd_report(args: argparse.Namespace) -> Callable[[], int]:
-
     cfg = _experiment(args)
     corpora = load_corpora(cfg)
     lora = None if args.full else cfg.lora
@@ -464,7 +457,6 @@ def cmd_report(args: argparse.Namespace) -> Callable[[], int]:
 
 
 def cmd_figures(args: argparse.Namespace) -> Callable[[], int]:
-
     path = Path(args.results)
     if not path.is_file():
         raise UsageError(f"--results {path}: no such file")
