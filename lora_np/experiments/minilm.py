@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -332,11 +333,8 @@ def measure_memory(model: GenreClassifier, data: Encoded, idx: Any, head_lr: flo
 
 def _step_seconds(history: dict[str, Any]) -> float | None:
     """The median seconds of a training step, the first step left out (it allocates what later steps reuse)."""
-    values = sorted(history["step_seconds"][1:] or history["step_seconds"])
-    if not values:
-        return None
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
+    values = history["step_seconds"][1:] or history["step_seconds"]
+    return statistics.median(values) if values else None
 
 
 def run_minilm(cfg: MiniLMConfig, progress: bool = True, measure: bool = True,

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -268,11 +269,8 @@ def finetune_run(base: GPT, spec: RunSpec, cfg: ExperimentConfig, corpora: Corpo
 
 
 def _median(values: list[float]) -> float:
-    values = sorted(values)
-    if not values:
-        return math.nan
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
+    """The median, nan for no values (a run too short to time)."""
+    return statistics.median(values) if values else math.nan
 
 
 def machine_info() -> dict[str, Any]:
