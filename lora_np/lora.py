@@ -31,7 +31,7 @@ import hashlib
 import math
 import numbers
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from . import backend, engine
@@ -90,7 +90,8 @@ class LoRAConfig:
         object.__setattr__(self, "dropout", float(self.dropout))
         try:
             object.__setattr__(self, "targets", tuple(resolve_targets(self.targets)))
-            object.__setattr__(self, "modules_to_save", tuple(_resolve_modules(self.modules_to_save)))
+            object.__setattr__(self, "modules_to_save",
+                               tuple(_resolve_names(self.modules_to_save, EXTRA_MODULES, "modules_to_save")))
         except ValueError as e:
             raise ValueError(f"LoRAConfig: {e}") from None
 
@@ -136,13 +137,9 @@ class LoRALinear(Module):
         if config.r > min(base.d_in, base.d_out):
             raise ValueError(f"LoRA rank r must be at most min(d_in, d_out) = {min(base.d_in, base.d_out)}, "
                              f"got {config.r}")
-        seed = config.seed if seed is None else seed
-        if not _is_int(seed) or seed < 0:
-            raise ValueError(f"LoRALinear: seed must be a non-negative integer, got {seed!r}")
+        seed = config.seed if seed is None else replace(config, seed=seed).seed  # LoRAConfig checks the seed
         r = config.r
         self.d_in, self.d_out, self.config = base.d_in, base.d_out, config
-        self.r, self.alpha, self.rslora, self.zero = r, config.alpha, config.rslora, config.zero
-        self.scaling = config.scaling
         self.weight, self.bias = base.weight, base.bias  # the same Parameter objects: names and W stay the base's
         self.weight.requires_grad = False  # frozen: backward computes no dW and the optimizer never sees W
         if self.bias is not None:
@@ -156,9 +153,16 @@ class LoRALinear(Module):
             b_bound = 1.0 / math.sqrt(r)
             self.A = Parameter(backend.xp.zeros((self.d_in, r), dtype=dtype))
             self.B = Parameter(backend.uniform(gen, (r, self.d_out), -b_bound, b_bound, dtype))
-        self.dropout_p = config.dropout
         self.gen = backend.rng(seed + 1)
         self.merged = False
+
+    # read from the config, the one place they are stored
+    r = property(lambda self: self.config.r)
+    alpha = property(lambda self: self.config.alpha)
+    rslora = property(lambda self: self.config.rslora)
+    zero = property(lambda self: self.config.zero)
+    scaling = property(lambda self: self.config.scaling)  # s = α / r (α / √r with rslora)
+    dropout_p = property(lambda self: self.config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:  # W already holds W0 + s·A·B: the low-rank path would count twice
@@ -302,30 +306,27 @@ def fused_linear(x: Tensor, parts: Sequence[LinearPart]) -> Tensor:
     return Tensor.from_op(y.reshape(*lead, D), (x, *flat), "fused_linear", backward)
 
 
+def _resolve_names(names: str | Iterable[str], valid: tuple[str, ...], what: str, also: str = "") -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` -> a checked list of names from ``valid``, in ``valid``'s order (``also``: other
+    accepted spellings, for the error message)."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not isinstance(names, Iterable):
+        raise ValueError(f"{what} must be a comma list or a list of names, got {names!r}")
+    names = list(names)
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; valid: {list(valid)}{also}")
+    return [n for n in valid if n in names]
+
+
 def resolve_targets(targets: str | Iterable[str]) -> list[str]:
     """``"all-linear"``, ``"q,v"`` or ``["q", "v"]`` -> a checked list of target names (in TARGETS order)."""
-    if isinstance(targets, str):
-        targets = list(TARGETS) if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    if not isinstance(targets, Iterable):
-        raise ValueError(f"LoRA targets must be a comma list or a list of names, got {targets!r}")
-    targets = list(targets)
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown or not targets:
-        raise ValueError(f"unknown LoRA target(s) {unknown or '(none given)'}; valid: {list(TARGETS)} or 'all-linear'")
-    return [t for t in TARGETS if t in targets]
-
-
-def _resolve_modules(modules: str | Iterable[str]) -> list[str]:
-    """``"wte,lm_head"`` or a list -> a checked list of EXTRA_MODULES names (in EXTRA_MODULES order)."""
-    if isinstance(modules, str):
-        modules = [m.strip() for m in modules.split(",") if m.strip()]
-    if not isinstance(modules, Iterable):
-        raise ValueError(f"modules_to_save must be a list of names, got {modules!r}")
-    modules = list(modules)
-    unknown = [m for m in modules if m not in EXTRA_MODULES]
-    if unknown:
-        raise ValueError(f"unknown modules_to_save {unknown}; valid: {list(EXTRA_MODULES)}")
-    return [m for m in EXTRA_MODULES if m in modules]
+    names = _resolve_names(TARGETS if targets == "all-linear" else targets, TARGETS, "LoRA target(s)",
+                           " or 'all-linear'")
+    if not names:
+        raise ValueError(f"unknown LoRA target(s) (none given); valid: {list(TARGETS)} or 'all-linear'")
+    return names
 
 
 def _config(config: LoRAConfig | None, kwargs: dict[str, Any], where: str) -> LoRAConfig:
