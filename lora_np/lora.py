@@ -431,12 +431,7 @@ def prepare_finetuning(model: Module, lora: LoRAConfig | None, train_only: str |
 
     ``train_only`` takes the names LoRA targets take (``"q,v"``, a list, ``"all-linear"``); it is checked before
     anything changes, and giving it together with ``lora`` is a ValueError."""
-    if lora is not None and not isinstance(lora, LoRAConfig):
-        raise TypeError(f"prepare_finetuning: lora must be a LoRAConfig or None, got {type(lora).__name__}")
-    only = resolve_train_only(train_only)
-    if lora is not None and only:
-        raise ValueError("prepare_finetuning: give lora (LoRA) or train_only (full fine-tuning of some weights), "
-                         "not both")
+    only = check_setup(lora, train_only, "prepare_finetuning")
     if lora is not None:
         return apply_lora(model, lora)
     if lora_layers(model):
@@ -448,6 +443,19 @@ def prepare_finetuning(model: Module, lora: LoRAConfig | None, train_only: str |
     for p in model.parameters():
         p.requires_grad = not only or id(p) in trained
     return model
+
+
+def check_setup(lora: LoRAConfig | None, train_only: str | Iterable[str], where: str,
+                wrong_type: type[Exception] = TypeError) -> tuple[str, ...]:
+    """Check a fine-tuning setup as ``prepare_finetuning`` takes it (a LoRAConfig or None, and ``train_only`` only
+    without LoRA) -> ``train_only`` resolved. ``wrong_type``: the error for a ``lora`` that is not a LoRAConfig
+    (configs raise ValueError, functions TypeError)."""
+    if lora is not None and not isinstance(lora, LoRAConfig):
+        raise wrong_type(f"{where}: lora must be a LoRAConfig or None (full fine-tuning), got {lora!r}")
+    only = resolve_train_only(train_only)
+    if lora is not None and only:
+        raise ValueError(f"{where}: give lora (LoRA) or train_only (full fine-tuning of some weights), not both")
+    return only
 
 
 def resolve_train_only(train_only: str | Iterable[str]) -> tuple[str, ...]:

@@ -83,7 +83,15 @@ from typing import Any
 
 from . import backend
 from .data import BatchSampler
-from .lora import TARGETS, LoRAConfig, lora_layers, prepare_finetuning, resolve_train_only, target_layers
+from .lora import (
+    TARGETS,
+    LoRAConfig,
+    check_setup,
+    lora_layers,
+    prepare_finetuning,
+    resolve_train_only,
+    target_layers,
+)
 from .model import GPT, GPTConfig
 from .nn import Module
 from .optim import AdamW, Optimizer
@@ -131,7 +139,7 @@ def count_trainable(config: GPTConfig, lora: LoRAConfig | None, train_only: Sequ
     Equal to ``count_parameters(model)`` of the real model (a test checks it): the same sizes as model.py and lora.py
     allocate, so the bytes of the ledger are the ``nbytes`` of the real arrays.
     """
-    only = _setup(lora, train_only)
+    only = check_setup(lora, train_only, "memory")
     C, V, bias = config.n_embd, config.vocab_size, config.bias
     linears = {"q": (C, C), "k": (C, C), "v": (C, C), "o": (C, C), "up": (C, 4 * C), "down": (4 * C, C)}
     layer_norm = C + (C if bias else 0)  # weight, and bias when config.bias
@@ -187,16 +195,6 @@ def ledger_of(model: GPT, batch_size: int, block_size: int | None = None) -> Led
         return analytic_ledger(model.config, None, batch_size, block_size, dtype_bytes, train_only=only)
     raise ValueError("ledger_of: a model without LoRA must train every parameter (full fine-tuning) or exactly the "
                      "Linear layers of some targets (train_only) to be modelled")
-
-
-def _setup(lora: LoRAConfig | None, train_only: Sequence[str] | str) -> tuple[str, ...]:
-    """Checks a (lora, train_only) setup as ``prepare_finetuning`` does; returns train_only as a tuple."""
-    if lora is not None and not isinstance(lora, LoRAConfig):
-        raise TypeError(f"lora must be a LoRAConfig, or None for full fine-tuning; got {lora!r}")
-    only = resolve_train_only(train_only)
-    if lora is not None and only:
-        raise ValueError("give lora (LoRA) or train_only (full fine-tuning of some weights), not both")
-    return only
 
 
 def _mode(lora: LoRAConfig | None, train_only: Sequence[str] = ()) -> str:

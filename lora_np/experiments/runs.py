@@ -30,7 +30,7 @@ from .. import backend, memory
 from ..checkpoint import encode_adapter, load_model, save_model
 from ..data import CharTokenizer, iter_eval_batches, load_corpus, train_val_split
 from ..functional import _log_softmax
-from ..lora import LoRAConfig, count_parameters, prepare_finetuning, resolve_train_only
+from ..lora import LoRAConfig, check_setup, count_parameters, prepare_finetuning
 from ..model import GPT, GPTConfig
 from ..train import TrainConfig, evaluate, train
 
@@ -190,14 +190,10 @@ class RunSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"RunSpec.name must be a non-empty string, got {self.name!r}")
-        if self.lora is not None and not isinstance(self.lora, LoRAConfig):
-            raise ValueError(f"RunSpec.lora must be a LoRAConfig or None, got {self.lora!r}")
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (
                 math.isfinite(self.lr) and self.lr > 0)):
             raise ValueError(f"RunSpec.lr must be None or a finite number > 0, got {self.lr!r}")
-        only = resolve_train_only(self.train_only)
-        if only and self.lora is not None:
-            raise ValueError("RunSpec: give lora (LoRA) or train_only (full fine-tuning of some layers), not both")
+        only = check_setup(self.lora, self.train_only, "RunSpec", wrong_type=ValueError)
         object.__setattr__(self, "train_only", only)
 
     @property
