@@ -76,24 +76,33 @@ class History:
         return self.val_loss[-1] if self.val_loss else math.nan
 
 
-def evaluate(model: Module, ids: Any, block_size: int, batch_size: int, max_batches: int) -> float:
-    """Mean next-token loss over fixed validation windows, in eval mode and without a graph."""
+Targets = Callable[[Any, Any], Any]  # (inputs, next-token ids) -> what model(x, ·) is trained to predict
+
+
+def evaluate(model: Module, ids: Any, block_size: int, batch_size: int, max_batches: int,
+             targets: Targets | None = None) -> float:
+    """Mean loss over fixed validation windows, in eval mode and without a graph: the next-token loss, or with
+    ``targets`` the loss against ``targets(x, y)`` (as ``train``)."""
     total, count = 0.0, 0
     with model.inference():
         for x, y in iter_eval_batches(ids, block_size, batch_size, max_batches):
-            _, loss = model(x, y)
+            _, loss = model(x, y if targets is None else targets(x, y))
             total, count = total + loss.item() * len(x), count + len(x)
     return total / count
 
 
 def train(model: Module, data: tuple[Any, Any], config: TrainConfig, progress: bool = True,
-          on_eval: Callable[[int, Module], None] | None = None) -> History:
+          on_eval: Callable[[int, Module], None] | None = None, targets: Targets | None = None) -> History:
     """Train ``model`` on ``data = (train_ids, val_ids)`` and return the loss history; ``progress`` shows a tqdm
     bar (how a run is watched, not what it computes, so it is not part of the config).
 
     A non-finite loss or gradient stops training with a message in ``history.stopped``, and the trainable
     parameters are restored to the last evaluated good state. ``on_eval(step, model)`` is called after each
     evaluation with finite losses (use it to write a checkpoint: the last one written is the last good one).
+
+    ``targets(x, y)``, if given, replaces the next-token ids ``y`` of every batch (training and validation) by what
+    the model should predict instead: distillation passes a teacher's probabilities (``model(x, probs)`` is then
+    the soft-target cross-entropy). The batches, the schedule and everything else stay the same.
     """
     train_ids, val_ids = data
     T = config.block_size or model.config.block_size
@@ -114,7 +123,7 @@ def train(model: Module, data: tuple[Any, Any], config: TrainConfig, progress: b
         opt.lr = cosine_lr(step, max_lr=config.lr, max_steps=config.max_steps, warmup_steps=warmup,
                            min_lr=config.min_lr)
         opt.zero_grad()
-        _, loss = model(x, y)
+        _, loss = model(x, y if targets is None else targets(x, y))
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             return _stop(history, params, good, f"non-finite loss {loss_value} at step {step}", bar)
@@ -128,7 +137,7 @@ def train(model: Module, data: tuple[Any, Any], config: TrainConfig, progress: b
         bar.set_postfix(loss=f"{loss_value:.3f}")
         if step % config.eval_every == 0 or step == config.max_steps:
             now = time.perf_counter()
-            val = evaluate(model, val_ids, T, config.batch_size, config.eval_batches)
+            val = evaluate(model, val_ids, T, config.batch_size, config.eval_batches, targets)
             history.steps.append(step)
             history.train_loss.append(sum(since_eval) / len(since_eval))
             history.val_loss.append(val)

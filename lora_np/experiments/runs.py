@@ -20,6 +20,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,63 @@ def finetune_run(base: GPT, spec: RunSpec, cfg: ExperimentConfig, corpora: Corpo
     if measure_memory:  # one more step, of a copy: the returned model is the trained one
         row["memory"] = memory.measure_model(copy.deepcopy(model), corpora.finetune[0], train_cfg.batch_size)
     return model, row
+
+
+# -- learning rates: a grid whose choice is interior ---------------------------------------------------------------
+
+LR_STEP = 3.0  # the ratio between neighbouring learning rates of every grid (1e-3, 3e-3, 1e-2, ...)
+LR_EXTEND = 2  # how many times a search may step past the edge of its grid
+
+
+def lr_score(row: dict[str, Any], key: str = "final_val_loss") -> float:
+    """A run's validation score for choosing its learning rate: ``row[key]``, or inf for a run that diverged or
+    stopped early (it loses against every finite one). Never a test number: the callers pass validation keys."""
+    v = row.get(key)
+    return math.inf if v is None or not math.isfinite(v) or row.get("stopped") else float(v)
+
+
+def next_lr(lr: float, up: bool, step: float = LR_STEP) -> float:
+    """The next rate past ``lr`` on the 1-3-10 ladder every grid here uses (1e-2 -> 3e-2 -> 1e-1, and down
+    1e-3 -> 3e-4); a rate off the ladder moves by ``step``."""
+    e = math.floor(math.log10(lr) + 1e-9)
+    m = lr / 10.0 ** e
+    if abs(m - 1) < 1e-6:
+        new = 3 * 10.0 ** e if up else 3 * 10.0 ** (e - 1)
+    elif abs(m - 3) < 1e-6:
+        new = 10.0 ** (e + 1) if up else 10.0 ** e
+    else:
+        new = lr * step if up else lr / step
+    return float(f"{new:.6g}")  # 0.03, not 0.030000000000000002: the rate is printed and compared
+
+
+def search_lr(run: Callable[[float], dict[str, Any]], grid: Sequence[float], key: str = "final_val_loss",
+              extend: int = LR_EXTEND, step: float = LR_STEP) -> dict[str, Any]:
+    """Run ``run(lr)`` at every learning rate of ``grid``; while the best run (lowest ``row[key]``, a validation
+    number) sits at an edge of what was tried, try one more rate beyond that edge (× or ÷ ``step``), at most
+    ``extend`` times. A choice at the edge of a grid says only that the best rate may lie outside it; a choice
+    inside it is a minimum of the curve.
+
+    Returns {"rows": every run's row in increasing lr, each with ``"chosen"``, "lr": the chosen rate,
+    "interior": whether it has a tried rate on both sides, "grid": the rates tried}."""
+    lrs = sorted(float(v) for v in grid)
+    if len(lrs) < 2 or len(set(lrs)) != len(lrs) or not all(math.isfinite(v) and v > 0 for v in lrs):
+        raise ValueError(f"search_lr: the grid needs at least 2 distinct rates > 0, got {list(grid)!r}")
+    rows = {lr: run(lr) for lr in lrs}
+
+    def best() -> float:
+        return min(rows, key=lambda lr: (lr_score(rows[lr], key), lr))  # ties: the smaller rate
+
+    for _ in range(extend):
+        lr, tried = best(), sorted(rows)
+        if tried[0] < lr < tried[-1] or math.isinf(lr_score(rows[lr], key)):
+            break
+        new = next_lr(lr, up=lr == tried[-1], step=step)
+        rows[new] = run(new)
+    chosen, tried = best(), sorted(rows)
+    for lr in tried:
+        rows[lr]["chosen"] = lr == chosen
+    return {"rows": [rows[lr] for lr in tried], "lr": chosen, "interior": tried[0] < chosen < tried[-1],
+            "grid": tried}
 
 
 def _median(values: list[float]) -> float:
