@@ -222,6 +222,13 @@ def split_loss(model: GPT, ids: Any, unseen_ids: list[int], block_size: int, bat
         "unseen_target_share": counts["unseen"] / max(counts["seen"] + counts["unseen"], 1)}
 
 
+def pretrain_val_loss(model: GPT, corpora: Corpora, cfg: ExperimentConfig) -> float:
+    """The next-token loss on the pretraining corpus's validation windows (the same windows for every model): for
+    the base, how well it knows its own text; after fine-tuning, the rise over the base's is what was forgotten."""
+    return evaluate(model, corpora.pretrain[1], cfg.model.block_size, cfg.finetune.batch_size,
+                    cfg.finetune.eval_batches)
+
+
 def sample_text(model: GPT, tok: CharTokenizer, prompt: str, n: int, seed: int = 0) -> str:
     ids = model.generate(tok.encode(prompt)[None], n, temperature=0.8, top_k=20, seed=seed)
     return tok.decode(ids[0])
@@ -256,6 +263,9 @@ def finetune_run(base: GPT, spec: RunSpec, cfg: ExperimentConfig, corpora: Corpo
                      cfg.finetune.eval_batches),
         "sample": sample_text(model, corpora.tokenizer, cfg.samples_prompt, cfg.sample_tokens),
     }
+    # Forgetting (Biderman et al. 2024, "LoRA Learns Less and Forgets Less"): the loss on the base's own held-out
+    # pretraining text after fine-tuning, next to the base's ``pretrain_val_loss`` (``run_experiment``'s "base")
+    row["pretrain_val_loss"] = pretrain_val_loss(model, corpora, cfg)
     if corpora.test is not None:  # scored once, after training: nothing during training ever reads it
         row["test_loss"] = evaluate(model, corpora.test, T, cfg.finetune.batch_size, cfg.finetune.eval_batches)
     if lora is not None:
@@ -352,7 +362,7 @@ def run_experiment(cfg: ExperimentConfig, specs: list[RunSpec], name: str, progr
     results: dict[str, Any] = {
         "experiment": name, "config": asdict(cfg), "machine": machine_info(), "unseen_chars": "".join(corpora.unseen),
         "vocab_size": corpora.tokenizer.vocab_size,
-        "base": {**base_info, "finetune_val_loss": base_val,
+        "base": {**base_info, "finetune_val_loss": base_val, "pretrain_val_loss": pretrain_val_loss(base, corpora, cfg),
                  **split_loss(base, corpora.finetune[1], corpora.unseen_ids, T, cfg.finetune.batch_size,
                               cfg.finetune.eval_batches),
                  "total": count_parameters(base).total,

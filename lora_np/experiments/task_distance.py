@@ -56,7 +56,16 @@ from .. import analysis, backend
 from ..data import CharTokenizer, load_bible_verses, load_python_docs, load_stdlib_sources, train_val_split
 from ..lora import EXTRA_MODULES, LoRAConfig, apply_lora, count_parameters, lora_layers
 from ..train import TrainConfig, evaluate
-from .runs import Corpora, ExperimentConfig, RunSpec, finetune_run, machine_info, pretrain_base, to_json
+from .runs import (
+    Corpora,
+    ExperimentConfig,
+    RunSpec,
+    finetune_run,
+    machine_info,
+    pretrain_base,
+    pretrain_val_loss,
+    to_json,
+)
 
 HELD_OUT_BOOKS = ("Hebrews", "James", "1 Peter", "2 Peter", "1 John", "2 John", "3 John", "Jude", "Revelation")
 TASKS = ("near", "middle", "far")
@@ -334,7 +343,8 @@ def run_study(cfg: StudyConfig, progress: bool = True, data: StudyData | None = 
     T, bs, nb = ecfg.model.block_size, ecfg.finetune.batch_size, ecfg.finetune.eval_batches
     results: dict[str, Any] = {"experiment": "study", "config": asdict(cfg), "machine": machine_info(),
                                "data": data.info, "vocab_size": data.tokenizer.vocab_size,
-                               "base": {**base_info, "total": count_parameters(base).total},
+                               "base": {**base_info, "total": count_parameters(base).total,
+                                        "pretrain_val_loss": pretrain_val_loss(base, data.corpora("near"), ecfg)},
                                "tasks": {}, "runs": []}
     methods = cfg.methods()
     total = len(TASKS) * sum(len(cfg.lrs(lora)) for _, lora in methods) + len(TASKS) + len(cfg.lora_lrs) + len(
