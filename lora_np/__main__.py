@@ -42,6 +42,9 @@ from .experiments import (
 )
 from .experiments.minilm import MiniLMConfig, run_minilm
 from .experiments.minilm import markdown_table as minilm_table
+from .experiments.planted import PlantedConfig, distillation_splits, run_planted
+from .experiments.planted import markdown_table as planted_table
+from .experiments.planted import verdict as planted_verdict
 from .experiments.task_distance import TASKS, StudyConfig, load_study_data, markdown_table, paper_table, task_config
 from .figures import draw, drawable
 from .lora import LoRAConfig, count_parameters, prepare_finetuning
@@ -147,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     _steps_opt(p)
     _out_opt(p)
 
+    p = sub.add_parser("planted", help="when low rank suffices, with ground truth: students of teachers with a "
+                       "planted rank-k update, LoRA at r = 1…4k against full fine-tuning and the wrong matrices")
+    _common(p, "distillation text: 'python-docs' (default) or a text file")
+    _steps_opt(p)
+    _out_opt(p)
+
     p = sub.add_parser("pretrain", help="pretrain (or load from the cache) the base GPT and show a sample")
     _common(p, "fine-tuning corpus whose characters join the vocabulary (default 'python-docs')")
     p.add_argument("--force", action="store_true", help="retrain even if a cached base model exists")
@@ -192,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 # -- checks that need more than one argument ----------------------------------------------------------------------
 
 
-def _experiment(args: argparse.Namespace) -> ExperimentConfig:
-    """The ExperimentConfig the arguments describe (validated: a bad combination is a ValueError)."""
+def _experiment(args: argparse.Namespace, start: ExperimentConfig | None = None) -> ExperimentConfig:
+    """The ExperimentConfig the arguments describe (validated: a bad combination is a ValueError); ``start``: an
+    experiment's own config to change (default: ExperimentConfig, or its quick form)."""
     changes: dict[str, Any] = {}
     if args.corpus:
         changes["finetune_corpus"] = args.corpus
@@ -205,7 +215,10 @@ def _experiment(args: argparse.Namespace) -> ExperimentConfig:
                                      rslora=args.rslora, modules_to_save=extra)
     if getattr(args, "ranks", None):
         changes["ranks"] = args.ranks
-    cfg = ExperimentConfig.quick(**changes) if args.quick else ExperimentConfig(**changes)
+    if start is not None:
+        cfg = replace(start, **changes)
+    else:
+        cfg = ExperimentConfig.quick(**changes) if args.quick else ExperimentConfig(**changes)
     if getattr(args, "steps", None):
         cfg = replace(cfg, finetune=replace(cfg.finetune, max_steps=args.steps,
                                             warmup_steps=min(cfg.finetune.warmup_steps, args.steps)))
@@ -453,6 +466,21 @@ def cmd_report(args: argparse.Namespace) -> Callable[[], int]:
     return work
 
 
+def cmd_planted(args: argparse.Namespace) -> Callable[[], int]:
+    cfg = PlantedConfig.quick() if args.quick else PlantedConfig()
+    cfg = replace(cfg, experiment=_experiment(args, cfg.experiment))
+    out = _out_dir(args)
+    corpora = load_corpora(cfg.experiment)  # both texts read and checked now, before any training
+    distillation_splits(corpora, cfg)  # long enough for train, validation and test windows
+    check_base_cache(cfg.experiment, corpora)
+
+    def work() -> int:
+        results = run_planted(cfg, progress=not args.no_progress, corpora=corpora)
+        print(planted_table(results) + "\n\n" + "\n".join(planted_verdict(results)))
+        return _write(results, out, "planted", results["base"])
+    return work
+
+
 def cmd_figures(args: argparse.Namespace) -> Callable[[], int]:
     path = Path(args.results)
     if not path.is_file():
@@ -488,9 +516,9 @@ def cmd_minilm(args: argparse.Namespace) -> Callable[[], int]:
     return work
 
 
-COMMANDS = {"sweep": cmd_sweep, "targets": cmd_targets, "study": cmd_study, "minilm": cmd_minilm,
-            "pretrain": cmd_pretrain, "finetune": cmd_finetune, "generate": cmd_generate, "report": cmd_report,
-            "figures": cmd_figures}
+COMMANDS = {"sweep": cmd_sweep, "targets": cmd_targets, "study": cmd_study, "planted": cmd_planted,
+            "minilm": cmd_minilm, "pretrain": cmd_pretrain, "finetune": cmd_finetune, "generate": cmd_generate,
+            "report": cmd_report, "figures": cmd_figures}
 
 if __name__ == "__main__":
     sys.exit(main())

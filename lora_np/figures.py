@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 from matplotlib.figure import Figure
 
 MIB = 2**20
@@ -412,6 +413,107 @@ def accuracy_vs_parameters(results: dict[str, Any], out: Path) -> Path:
     return _save(fig, out / "minilm_accuracy.png")
 
 
+def _planted_parts(s: dict[str, Any]) -> tuple[list[tuple[int, dict]], tuple[str, dict], dict, tuple[str, dict]]:
+    """A planted teacher's students: (LoRA on the planted matrices by rank, (name, full FT of those matrices),
+    full FT of everything, (name, LoRA on the wrong matrices))."""
+    m = s["methods"]
+    lora = sorted(((v["rank"], v) for n, v in m.items() if n.startswith("lora-r")), key=lambda t: t[0])
+    part = next((n, v) for n, v in m.items() if n.startswith("full-"))
+    wrong = next((n, v) for n, v in m.items() if n.startswith("wrong-"))
+    return lora, part, m["full"], wrong
+
+
+def _err(d: dict[str, Any], scale: float = 100.0) -> float:
+    return 0.0 if d.get("ci95") is None else scale * d["ci95"]
+
+
+@matplotlib.rc_context(STYLE)
+def planted_kl_vs_rank(results: dict[str, Any], out: Path) -> Path:
+    """The planted-rank experiment's staircase: KL to the teacher (as a share of the base's) against LoRA's rank,
+    one panel per teacher, with the planted rank k, the oracle (ΔW* truncated to rank r), full fine-tuning and
+    LoRA on the wrong matrices; error bars: 95% intervals over seeds."""
+    k, placements = results["config"]["k"], results["placements"]
+    fig, axes = _figure(len(placements), (6.2 * len(placements), 4.8), squeeze=False)
+    for ax, (placement, s) in zip(axes[0], placements.items()):
+        lora, (part_name, part), full, (wrong_name, wrong) = _planted_parts(s)
+        ranks = [r for r, _ in lora]
+        ax.errorbar(ranks, [100 * v["kl_share"]["mean"] for _, v in lora], [_err(v["kl_share"]) for _, v in lora],
+                    fmt="o-", color="tab:blue", capsize=3, label=f"LoRA on {placement.replace(',', ', ')} (student)")
+        oracle = [(r, 100 * s["oracle"][str(r)] / s["base_kl"]) for r in ranks if s["oracle"][str(r)] > 0]
+        if oracle:
+            ax.plot(*zip(*oracle), "s--", color="tab:gray", ms=5, label="oracle: ΔW* truncated to rank r (0 for r ≥ k)")
+        for d, color, text in ((part, "tab:green", f"{placement.replace(',', ', ')} in full"),
+                               (full, "k", "full fine-tuning (everything)")):
+            ax.axhline(100 * d["kl_share"]["mean"], color=color, ls="-.", lw=1.2, label=text)
+        ax.errorbar([wrong["rank"] * 1.15], [100 * wrong["kl_share"]["mean"]], [_err(wrong["kl_share"])], fmt="^",
+                    color="tab:red", ms=9, capsize=3, label=f"LoRA r={wrong['rank']} on {wrong['targets']} (wrong)")
+        ax.axvline(k, color="tab:purple", ls=":", lw=1.5, label=f"planted rank k = {k}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set(xlabel="LoRA rank r", ylabel="KL(teacher ‖ student), % of the base's",
+               title=f"teacher: rank-{k} ΔW* in {placement.replace(',', ', ')} (base KL {s['base_kl']:.2f} nats)")
+        ax.legend(fontsize=8)
+    return _save(fig, out / "planted_kl_vs_rank.png")
+
+
+@matplotlib.rc_context(STYLE)
+def planted_phi(results: dict[str, Any], out: Path) -> Path:
+    """φ between the learned update and ΔW* per block (input and output side, in the data's metric) for LoRA at
+    r = k and for full fine-tuning of the planted matrices; a random k-frame would give about k/d."""
+    k, placements = results["config"]["k"], results["placements"]
+    fig, axes = _figure(len(placements), (6.2 * len(placements), 4.4), squeeze=False)
+    for ax, (placement, s) in zip(axes[0], placements.items()):
+        lora, (part_name, part), _, _ = _planted_parts(s)
+        at_k = dict(lora)[k]
+        layers = list(at_k["phi_per_layer"])
+        x = range(len(layers))
+        bars = [(at_k, "input", "tab:blue", f"LoRA r={k}, input side"),
+                (at_k, "output", "tab:cyan", f"LoRA r={k}, output side"),
+                (part, "input", "tab:green", f"{part_name[5:]} in full, input side"),
+                (part, "output", "tab:olive", f"{part_name[5:]} in full, output side")]
+        for j, (d, side, color, text) in enumerate(bars):
+            ax.bar([i + (j - 1.5) * 0.2 for i in x], [d["phi_per_layer"][n][side] or 0 for n in layers], 0.19,
+                   color=color, label=text)
+        ax.set_xticks(list(x), [n.replace("blocks.", "b").replace(".attn", "").replace(".mlp", "") for n in layers],
+                      fontsize=9)
+        ax.set_ylim(0, 1.05)
+        ax.set(ylabel=f"φ(i, k = {k}): learned top directions inside ΔW*'s",
+               title=f"teacher in {placement.replace(',', ', ')}: does the student find ΔW*'s subspace?")
+        ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, out / "planted_phi.png")
+
+
+@matplotlib.rc_context(STYLE)
+def planted_placement(results: dict[str, Any], out: Path) -> Path:
+    """Placement against rank: for each teacher, KL to it (share of the base's) of LoRA at r = k on the planted
+    matrices, full fine-tuning of those matrices and of everything, and LoRA at r = 4k on the wrong matrices."""
+    k, placements = results["config"]["k"], results["placements"]
+    fig, axes = _figure(len(placements), (5.6 * len(placements), 4.4), squeeze=False)
+    for ax, (placement, s) in zip(axes[0], placements.items()):
+        lora, (part_name, part), full, (wrong_name, wrong) = _planted_parts(s)
+        items = [(f"LoRA r={k}\non {placement}", dict(lora)[k], "tab:blue"),
+                 (f"{placement}\nin full", part, "tab:green"), ("everything\nin full", full, "k"),
+                 (f"LoRA r={wrong['rank']}\non {wrong['targets']}", wrong, "tab:red")]
+        vals = [100 * d["kl_share"]["mean"] for _, d, _ in items]
+        errs = [_err(d["kl_share"]) for _, d, _ in items]
+        ax.bar(range(len(items)), vals, yerr=errs, capsize=4, color=[c for *_, c in items])
+        top = max(v + e for v, e in zip(vals, errs))
+        for i, (v, e) in enumerate(zip(vals, errs)):
+            ax.text(i, v + e + 0.02 * top, f"{v:.2f}%", ha="center", va="bottom", fontsize=9)
+        ax.set_xticks(range(len(items)), [t for t, _, _ in items], fontsize=9)
+        ax.set_ylim(0, top * 1.15)
+        ax.set(ylabel="KL(teacher ‖ student), % of the base's",
+               title=f"teacher: rank {k} in {placement.replace(',', ', ')}")
+    return _save(fig, out / "planted_placement.png")
+
+
+def _is_planted(results: dict[str, Any]) -> bool:
+    return isinstance(results.get("placements"), dict)
+
+
 def _classifies(results: dict[str, Any]) -> bool:
     """A classification lab (the MiniLM one): every run has a test accuracy."""
     return bool(results["runs"]) and all("test_accuracy" in r for r in results["runs"])
@@ -452,7 +554,8 @@ FIGURES = ((params_vs_rank, _lm(_has_rank_series)), (loss_curves, _lm(_has_rank_
            (step_time, _lm(_has_rank_series)), (targets, _lm(_has_target_choices)),
            (task_distance, _is_study), (lr_grid, _is_study), (full_rank, lambda res: "full_rank" in res),
            (rslora, lambda res: "rslora" in res), (subspace_similarity, _is_study), (amplification, _is_study),
-           (spectrum, _is_study), (accuracy_vs_parameters, _classifies))
+           (spectrum, _is_study), (accuracy_vs_parameters, _classifies), (planted_kl_vs_rank, _is_planted),
+           (planted_phi, _is_planted), (planted_placement, _is_planted))
 
 
 def drawable(results: Any) -> list[Any]:

@@ -224,6 +224,36 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Ten
     return Tensor.from_op(nll.sum() / n, (logits,), "cross_entropy", backward)
 
 
+def soft_cross_entropy(logits: Tensor, probs: Any) -> Tensor:
+    """Mean cross-entropy of ``logits`` against target distributions ``probs``: -Σ_v p_v log softmax(z)_v,
+    averaged over positions. Distillation's loss (Hinton et al. 2015, at temperature 1): with p a teacher's
+    probabilities it is KL(p ‖ softmax(z)) + H(p), so its gradient is the KL's and its minimum is z = log p.
+
+    logits (..., V), probs (..., V) non-negative, each row summing to 1 (checked: a row off by more than 1e-3 is a
+    ValueError, so raw scores cannot slip in). One-hot rows give ``cross_entropy``'s value.
+    """
+    xp = backend.xp
+    p = backend.to_device(probs.data if isinstance(probs, Tensor) else probs)
+    if p.shape != logits.shape:
+        raise ValueError(f"soft_cross_entropy: probs of shape {p.shape} for logits of shape {logits.shape}")
+    if p.dtype.kind != "f":
+        raise TypeError(f"soft_cross_entropy: probs must be floating point, got dtype {p.dtype}")
+    if bool((p < 0).any()) or bool((xp.abs(p.sum(axis=-1) - 1.0) > 1e-3).any()):
+        raise ValueError("soft_cross_entropy: every row of probs must be non-negative and sum to 1")
+    V = logits.shape[-1]
+    z, p = logits.data.reshape(-1, V), p.reshape(-1, V)  # (N, V) each
+    logq = _log_softmax(z, axis=-1)  # (N, V)
+    n = z.shape[0]
+
+    def backward(g):  # d/dz of -Σ p log softmax(z) = softmax(z)·Σp - p = q - p (rows of p sum to 1), over n rows
+        dz = xp.exp(logq)
+        dz -= p
+        dz *= g / n
+        return (dz.reshape(logits.shape).astype(logits.dtype, copy=False),)
+
+    return Tensor.from_op(-(p * logq).sum() / n, (logits,), "soft_cross_entropy", backward)
+
+
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
     """Normalise over the last axis to zero mean and unit variance, then scale by ``weight`` and shift by ``bias``."""
     xp = backend.xp

@@ -123,7 +123,8 @@ class GPT(Module):
         self.lm_head = None if cfg.tie_weights else Linear(cfg.n_embd, cfg.vocab_size, bias=False, gen=gen)
 
     def forward(self, idx: Any, targets: Any = None) -> tuple[Tensor, Tensor | None]:
-        """idx (B, T) integer token ids -> logits (B, T, V); with targets (B, T), also the mean cross-entropy."""
+        """idx (B, T) integer token ids -> logits (B, T, V); with targets (B, T) ids, also the mean cross-entropy;
+        with targets (B, T, V) probabilities, the mean soft-target cross-entropy (``F.soft_cross_entropy``)."""
         idx = backend.to_device(idx.data if isinstance(idx, Tensor) else idx)
         if idx.ndim != 2:
             raise ValueError(f"GPT.forward: idx must be (B, T) token ids, got shape {idx.shape}")
@@ -139,7 +140,12 @@ class GPT(Module):
             logits = F.linear(x, self.wte.weight.T)  # (B, T, C) @ (C, V) -> (B, T, V)
         else:
             logits = self.lm_head(x)  # (B, T, C) @ (C, V) -> (B, T, V)
-        loss = F.cross_entropy(logits, targets) if targets is not None else None
+        if targets is None:
+            return logits, None
+        t = targets.data if isinstance(targets, Tensor) else targets
+        # (B, T) ids: the next-token loss; (B, T, V) probabilities (a teacher's): distillation's soft targets
+        soft = getattr(t, "ndim", 0) == 3 and t.dtype.kind == "f"
+        loss = F.soft_cross_entropy(logits, t) if soft else F.cross_entropy(logits, t)
         return logits, loss
 
     def generate(self, idx: Any, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -96,6 +96,27 @@ def test_cross_entropy_custom_ignore_index_and_tensor_targets(backend, rand):
     assert loss.item() == pytest.approx(reference_cross_entropy(host(z), t, ignore_index=1), rel=1e-12)
 
 
+def test_soft_cross_entropy_is_kl_plus_entropy_and_equals_cross_entropy_on_one_hot(backend, rand):
+    z = rand(2, 3, 5)
+    p = np.random.default_rng(1).random((2, 3, 5))
+    p /= p.sum(-1, keepdims=True)
+    logq = np.log(np_softmax(host(z)))
+    kl = (p * (np.log(p) - logq)).sum(-1).mean()
+    entropy = -(p * np.log(p)).sum(-1).mean()
+    assert F.soft_cross_entropy(z, p).item() == pytest.approx(kl + entropy, rel=1e-12)
+    t = np.array([[0, 4, 2], [1, 1, 3]])
+    assert F.soft_cross_entropy(z, np.eye(5)[t]).item() == pytest.approx(F.cross_entropy(z, t).item(), rel=1e-12)
+
+
+def test_soft_cross_entropy_gradient_is_q_minus_p_and_vanishes_at_the_target(backend, rand):
+    z, p = rand(4, 5), np.full((4, 5), 0.2)
+    F.soft_cross_entropy(z, p).backward()
+    np.testing.assert_allclose(host(z.grad), (np_softmax(host(z)) - p) / 4, rtol=1e-12, atol=1e-15)
+    z0 = dev(backend, np.log(p))  # logits equal to log p: the minimum
+    F.soft_cross_entropy(z0, p).backward()
+    np.testing.assert_allclose(host(z0.grad), 0.0, atol=1e-15)
+
+
 def test_cross_entropy_with_every_target_ignored_is_zero_with_zero_gradient(backend, rand):
     z = rand(2, 5)
     loss = F.cross_entropy(z, np.array([-100, -100]))
@@ -268,6 +289,14 @@ ERRORS = [
     ("ce-high",        lambda: ce([0, 5]),                       ValueError, "targets outside [0, 5)"),
     ("ce-neg",         lambda: ce([0, -1]),                      ValueError, "targets outside [0, 5)"),
     ("ce-float",       lambda: ce([0.0, 1.0]),                   TypeError,  "targets must be integers"),
+    ("soft-shape",     lambda: F.soft_cross_entropy(logits(4, 5), np.full((4, 4), 0.25)),
+                                                                 ValueError, "probs of shape (4, 4) for logits"),
+    ("soft-int",       lambda: F.soft_cross_entropy(logits(2, 2), np.eye(2, dtype=int)),
+                                                                 TypeError,  "probs must be floating point"),
+    ("soft-unnormed",  lambda: F.soft_cross_entropy(logits(2, 2), np.ones((2, 2))),
+                                                                 ValueError, "must be non-negative and sum to 1"),
+    ("soft-negative",  lambda: F.soft_cross_entropy(logits(1, 2), np.array([[1.5, -0.5]])),
+                                                                 ValueError, "must be non-negative and sum to 1"),
     ("emb-id-high",    lambda: emb([0, 7]),                      ValueError, "ids in [0, 7] but the table has 5 rows"),
     ("emb-id-neg",     lambda: emb([-1, 2]),                     ValueError, "ids in [-1, 2] but the table has 5 rows"),
     ("emb-float-ids",  lambda: emb([0.0, 1.0]),                  TypeError,  "ids must be integers"),

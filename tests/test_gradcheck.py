@@ -39,6 +39,12 @@ def weigh(parts, axis):
     return concat([p * float(i + 1) for i, p in enumerate(parts)], axis=axis)
 
 
+def soft_45():
+    """Four target distributions over 5 classes (rows sum to 1): a teacher's probabilities."""
+    p = np.random.default_rng(7).random((4, 5)) ** 3
+    return ix(p / p.sum(axis=-1, keepdims=True))
+
+
 def mask_34():
     return ix(np.arange(12).reshape(3, 4) % 3 == 0)  # (3, 4), True at 0, 3, 6, 9
 
@@ -173,6 +179,9 @@ CASES = BINARY_CASES + [
     ("cross_entropy-3d-ignore",   lambda z: F.cross_entropy(z, ix([[0, -100, 4], [-100, 2, 2]])), [(2, 3, 5)]),
     ("cross_entropy-ignore-1",    lambda z: F.cross_entropy(z, ix([0, 1, 4, 1]), ignore_index=1), [(4, 5)]),
     ("cross_entropy-all-ignored", lambda z: F.cross_entropy(z, ix([-100, -100])), [(2, 5)]),
+    ("soft_cross_entropy-2d",     lambda z: F.soft_cross_entropy(z, soft_45()), [(4, 5)]),
+    ("soft_cross_entropy-3d",     lambda z: F.soft_cross_entropy(z, soft_45().reshape(2, 2, 5)), [(2, 2, 5)]),
+    ("soft_cross_entropy-onehot", lambda z: F.soft_cross_entropy(z, ix(np.eye(5)[[0, 3, 4, 1]])), [(4, 5)]),
     ("layer_norm-weight-bias",    F.layer_norm,                                 [(2, 3, 5), (5,), (5,)]),
     ("layer_norm-weight-only",    lambda x, w: F.layer_norm(x, w, None),        [(4, 5), (5,)]),
     ("layer_norm-bias-only",      lambda x, b: F.layer_norm(x, None, b),        [(4, 5), (5,)]),
