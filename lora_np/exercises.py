@@ -300,3 +300,60 @@ def check_phi(phi: Callable[[Any, Any, int, int], float]) -> str:
                 "take the LEFT singular vectors (columns of U from np.linalg.svd(X, full_matrices=False)), the top "
                 "i of X and top j of Y, square the Frobenius norm of U_Xᵀ U_Y and divide by min(i, j)", rel=1e-6)
     return "φ in [0, 1]: 1 when one subspace contains the other"
+
+
+# -- notebook 09: when low rank suffices -----------------------------------------------------------------------
+
+
+@_exercise("09 · a rank-k update planted in the metric of the data")
+def check_planted_update(planted_update: Callable[[Any, Any, Any, Any, float], Any]) -> str:
+    """``planted_update(sigma, u, s, v, c)``: ΔW* = c · Σ^(-1/2) U diag(s) Vᵀ (d_in, d_out), with Σ (d_in, d_in)
+    the inputs' second moment (symmetric, positive definite), U (d_in, k) and V (d_out, k) orthonormal."""
+    gen = np.random.default_rng(109)
+    d_in, d_out, k = 6, 9, 2
+    x = gen.standard_normal((500, d_in)) * np.array([3.0, 2.0, 1.0, 0.6, 0.3, 0.1])
+    sigma = x.T @ x / len(x)
+    u = np.linalg.qr(gen.standard_normal((d_in, k)))[0]
+    v = np.linalg.qr(gen.standard_normal((d_out, k)))[0]
+    s, c = np.array([1.0, 0.5]), 1.7
+    evals, evecs = np.linalg.eigh(sigma)
+    inv_half = (evecs / np.sqrt(evals)) @ evecs.T
+    expected = c * inv_half @ u @ np.diag(s) @ v.T
+    got = _call(planted_update, sigma, u, s, v, c)
+    _known_slips("planted_update(...)", got, {
+        "without Σ^(-1/2) the update is planted in the plain metric: the inputs' strong directions would dominate "
+        "what it does": c * u @ np.diag(s) @ v.T,
+        "that is Σ^(+1/2): whitening divides by the square root of Σ's eigenvalues (x Σ^(-1/2) has second moment I)":
+            c * ((evecs * np.sqrt(evals)) @ evecs.T) @ u @ np.diag(s) @ v.T,
+        "that is Σ^(-1): whitening uses the inverse SQUARE ROOT of Σ": c * np.linalg.inv(sigma) @ u @ np.diag(s) @ v.T,
+    })
+    _compare("planted_update(...)", got, expected, "ΔW* maps inputs (d_in) to outputs (d_out), like W")
+    whitened = np.linalg.svd((evecs * np.sqrt(evals)) @ evecs.T @ _array("planted_update(...)", got),
+                             compute_uv=False)
+    return f"on whitened inputs its singular values are c·s = {', '.join(f'{v:.2f}' for v in whitened[:k])}"
+
+
+# The judgment exercise of notebook 09: a reading of the planted-rank results. The options are in the notebook;
+# each wrong one has its reason here, so the check explains without giving the right answer away.
+PLANTED_READINGS = {
+    "a": "a difference of a few hundredths of a percent of the base's KL is within what the seeds' intervals "
+         "span, and the oracle is 0 from r = k on: neither method is short of capacity there, so 'better' is noise "
+         "or optimisation, not rank",
+    "b": None,
+    "c": "the teacher's update has rank k by construction (its oracle is exactly 0 at r = k): a student at 2k doing "
+         "as well as one at k says the extra directions are not needed, not that they are",
+    "d": "the oracle truncates each planted matrix on its own; a student adapts q and v of every block together, "
+         "and one matrix can take over part of another's job, so a student may beat the oracle without any bug",
+}
+
+
+@_exercise("09 · reading the planted-rank experiment")
+def check_planted_reading(reading: Callable[[], str]) -> str:
+    """``reading()``: returns the letter of the reading that the planted-rank results support (notebook 09)."""
+    answer = _call(reading)
+    letter = str(answer).strip().lower().strip("()")
+    if letter not in PLANTED_READINGS:
+        raise ExerciseError(f"answer with one of the letters {', '.join(PLANTED_READINGS)}; got {answer!r}")
+    if PLANTED_READINGS[letter] is not None:
+        raise ExerciseError(f"({letter}) does not follow: {PLANTED_READINGS[letter]}")
+    return "low rank suffices when the needed update is low rank and lies in the adapted matrices"

@@ -47,7 +47,15 @@ RIGHT = [
     (ex.check_recovered_share, lambda base, lora, full: (base - lora) / (base - full)),
     (ex.check_state_bytes, lambda n_total, n_trainable: 4 * n_total + 12 * n_trainable),
     (ex.check_phi, phi),
+    (ex.check_planted_update, lambda sigma, u, s, v, c: c * _inv_sqrt(sigma) @ u @ np.diag(s) @ v.T),
+    (ex.check_planted_reading, lambda: "b"),
+    (ex.check_planted_reading, lambda: " (B) "),
 ]
+
+
+def _inv_sqrt(sigma):
+    evals, evecs = np.linalg.eigh(sigma)
+    return (evecs / np.sqrt(evals)) @ evecs.T
 
 
 @pytest.mark.parametrize("check, answer", RIGHT, ids=lambda v: getattr(v, "__name__", ""))
@@ -98,6 +106,15 @@ WRONG = [
     (ex.check_phi, lambda X, Y, i, j: phi(X, Y, i, j) * min(i, j) / max(i, j), "divide by min(i, j)"),
     (ex.check_phi, lambda X, Y, i, j: np.linalg.norm(X[:, :i].T @ Y[:, :j]) ** 2 / min(i, j), "LEFT singular vectors"),
     (ex.check_phi, lambda X, Y, i, j: phi(X.T, Y.T, i, j), "raised ValueError"),  # right singular vectors
+    (ex.check_planted_update, lambda sigma, u, s, v, c: c * u @ np.diag(s) @ v.T, "plain metric"),
+    (ex.check_planted_update, lambda sigma, u, s, v, c: c * np.linalg.inv(sigma) @ u @ np.diag(s) @ v.T,
+     "inverse SQUARE ROOT"),
+    (ex.check_planted_update, lambda sigma, u, s, v, c: (c * _inv_sqrt(sigma) @ u @ np.diag(s) @ v.T).T, "shape"),
+    (ex.check_planted_update, lambda sigma, u, s, v, c: _inv_sqrt(sigma) @ u @ np.diag(s) @ v.T, "times the right"),
+    (ex.check_planted_reading, lambda: "a", "(a) does not follow"),
+    (ex.check_planted_reading, lambda: "c", "(c) does not follow"),
+    (ex.check_planted_reading, lambda: "d", "(d) does not follow"),
+    (ex.check_planted_reading, lambda: "e", "one of the letters"),
 ]
 
 
