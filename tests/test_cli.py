@@ -186,6 +186,19 @@ def test_minilm_lab_writes_results_table_and_figure(tmp_path, capsys):
     assert [p.name for p in redraw.iterdir()] == ["minilm_accuracy.png"]
 
 
+def test_planted_writes_results_table_verdict_and_figures(tmp_path, capsys):
+    assert main(["planted", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| teacher | student |" in out and "q,v teacher (k = 2" in out and "up teacher (k = 2" in out
+    results = json.loads((tmp_path / "results" / "planted.json").read_text())
+    assert results["experiment"] == "planted" and list(results["placements"]) == ["q,v", "up"]
+    figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert figures == ["planted_kl_vs_rank.png", "planted_phi.png", "planted_placement.png"]
+    redraw = tmp_path / "redraw"
+    assert main(["figures", "--results", str(tmp_path / "results" / "planted.json"), "--out", str(redraw)]) == 0
+    assert sorted(p.name for p in redraw.iterdir()) == figures
+
+
 def test_minilm_without_the_wheel_says_how_to_install_it(tmp_path, monkeypatch, capsys):
     import importlib.metadata
 
