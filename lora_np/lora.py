@@ -260,7 +260,10 @@ def fused_linear(x: Tensor, parts: Sequence[LinearPart]) -> Tensor:
     # W'_i = W_i + s_i·A_i B_i where the adapter reads x itself; = W_i elsewhere
     Ws = [W.data + s * mm(A.data, B.data) if i in shared else W.data for i, (W, _, A, B, s, _) in enumerate(parts)]
     Wcat = xp.concatenate(Ws, axis=1) if len(parts) > 1 else Ws[0]  # (d_in, D)
-    y = mm(x2, Wcat)  # (N, d_in) @ (d_in, D) -> (N, D): every x @ W'_i in one product
+    # every x @ W'_i in one product: (N, d_in) @ (d_in, D) -> (N, D). One part multiplies x in its own shape, as
+    # F.linear does: NumPy rounds a batched (B, T, d_in) product and the flat one differently, and a LoRA layer at
+    # initialisation must give the plain Linear's outputs bit for bit
+    y = mm(x2, Wcat) if len(parts) > 1 else mm(x.data, Wcat).reshape(-1, D)
     hs: dict[int, Any] = {}
     if shared:  # h_i = x @ A_i for every merged adapter, one thin product: (N, d_in) @ (d_in, Σr) -> (N, Σr)
         h = mm(x2, xp.concatenate([parts[i][2].data for i in shared], axis=1))
@@ -278,7 +281,8 @@ def fused_linear(x: Tensor, parts: Sequence[LinearPart]) -> Tensor:
 
     def backward(g):  # g = dL/dy (..., D)
         g2 = g.reshape(-1, D)  # (N, D)
-        gx = mm(g2, Wcat.T) if x.requires_grad else None  # dx = Σ g_i W'_iᵀ: one product (N, D) @ (D, d_in)
+        gx = (mm(g2, Wcat.T) if len(parts) > 1 else mm(g, Wcat.T).reshape(-1, d_in)) if x.requires_grad \
+            else None  # dx = Σ g_i W'_iᵀ: one product (N, D) @ (D, d_in); one part in g's shape, as F.linear
         ghs = {i: parts[i][4] * mm(g2[:, cols[i]], parts[i][3].data.T) for i in hs}  # dh_i = s·g_i B_iᵀ (N, r)
         gA_shared = gW_all = None
         if shared and all(parts[i][2].requires_grad for i in shared):  # dA_i = xᵀ dh_i, all in one product

@@ -191,8 +191,8 @@ def test_no_weight_gradient_matmul_for_frozen_w(monkeypatch, x_requires_grad):
     shapes = backward_matmul_shapes(monkeypatch, (layer(x) * Tensor(g)).sum())
     assert (d_in, d_out) not in shapes  # no product the size of W: W's gradient is never formed
     # dA (d_in, r), dB (r, d_out), dh = s·g Bᵀ (N, r); and, if x needs it, dx = g (W + s·AB)ᵀ, through W and the
-    # adapter at once (lora.fused_linear merges the adapter on the fly). The N = 6 rows of x are one axis.
-    assert Counter(shapes) == Counter([(d_in, r), (r, d_out), (6, r)] + [(6, d_in)] * x_requires_grad)
+    # adapter at once (lora.fused_linear merges the adapter on the fly), in x's own shape as for the plain Linear.
+    assert Counter(shapes) == Counter([(d_in, r), (r, d_out), (6, r)] + [(2, 3, d_in)] * x_requires_grad)
     assert layer.weight.grad is None and layer.A.grad.shape == (d_in, r)
 
 
