@@ -165,8 +165,15 @@ class Amplification:
         Infinite when W has no component at all in ΔW's directions."""
         return self.delta_w_norm / self.w_on_delta_w if self.w_on_delta_w > 0 else float("inf")
 
+    @property
+    def delta_w_over_w(self) -> float:
+        """‖ΔW‖_F / ‖W‖_F: how large the update is next to the weight (Table 7: 6.91/61.95 ≈ 0.11 at r = 4). The
+        factor divides by W's part in ΔW's directions, so an update as large as W has a large factor whatever its
+        directions: read the factor next to this ratio."""
+        return self.delta_w_norm / self.w_norm if self.w_norm > 0 else float("inf")
+
     def to_dict(self) -> dict[str, float]:
-        return {**asdict(self), "factor": self.factor}
+        return {**asdict(self), "factor": self.factor, "delta_w_over_w": self.delta_w_over_w}
 
 
 def amplification(delta_w: Any, w: Any, k: int, seed: int = 0) -> Amplification:

@@ -224,25 +224,36 @@ def _ranks_of(recovered: dict[str, Any], prefix: str) -> list[tuple[int, Any]]:
 
 @matplotlib.rc_context(STYLE)
 def task_distance(results: dict[str, Any], out: Path) -> Path:
-    """The headline: the share of full fine-tuning's gain that LoRA recovers (test split), by rank, one line per
-    task; LoRA on q, v solid, LoRA on every linear dashed."""
-    fig, ax = _figure(1, (8, 5))
+    """The headline, by rank, one line per task (LoRA on q, v solid, on every linear dashed), on the test split:
+    left, the share of full fine-tuning's gain that LoRA recovers; right, the absolute gap to full fine-tuning in
+    nats/char. The share is inflated where the base is worse than a uniform guess (legend: base − ln V), the gap
+    is not: read the two together."""
+    from .experiments.task_distance import gaps, uniform_loss
+
+    fig, (share_ax, gap_ax) = _figure(2, (13, 5))
     ranks: set[int] = set()
+    ln_v = uniform_loss(results)
     for task, t in results["tasks"].items():
         color = TASK_COLORS.get(task)
         for prefix, style, what in (("lora-qv-r", "o-", "q, v"), ("lora-all-r", "s--", "all linear")):
-            pts = [(r, v) for r, v in _ranks_of(t["recovered"], prefix) if v is not None]
-            if pts:
-                ranks |= {r for r, _ in pts}
-                ax.plot(*zip(*pts), style, color=color, label=f"{task}, LoRA on {what} (base test loss "
-                        f"{t['base_test_loss']:.2f})" if prefix == "lora-qv-r" else f"{task}, LoRA on {what}")
-    ax.axhline(1, color="k", lw=1, ls=":", label="full fine-tuning")
-    ax.axhline(0, color="gray", lw=1)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(ranks), [str(r) for r in sorted(ranks)])
-    ax.set(xlabel="rank r", ylabel="(base − LoRA) / (base − full), test loss",
-           title="share of full fine-tuning's gain LoRA recovers")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
+            label = (f"{task}, LoRA on {what} (base {t['base_test_loss']:.2f}, base − ln V "
+                     f"{t['base_test_loss'] - ln_v:+.2f})" if prefix == "lora-qv-r" else f"{task}, LoRA on {what}")
+            for ax, values in ((share_ax, t["recovered"]), (gap_ax, gaps(t))):
+                pts = [(r, v) for r, v in _ranks_of(values, prefix) if v is not None]
+                if pts:
+                    ranks |= {r for r, _ in pts}
+                    ax.plot(*zip(*pts), style, color=color, label=label if ax is gap_ax else None)
+    share_ax.axhline(1, color="k", lw=1, ls=":")
+    share_ax.axhline(0, color="gray", lw=1)
+    gap_ax.axhline(0, color="k", lw=1, ls=":", label="full fine-tuning")
+    for ax in (share_ax, gap_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(ranks), [str(r) for r in sorted(ranks)])
+        ax.set_xlabel("rank r")
+    share_ax.set(ylabel="(base − LoRA) / (base − full), test loss",
+                 title="share of full fine-tuning's gain LoRA recovers")
+    gap_ax.set(ylabel="LoRA − full, test loss (nats/char)", title="gap to full fine-tuning")
+    gap_ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
     return _save(fig, out / "task_distance.png")
 
 
@@ -289,20 +300,27 @@ def full_rank(results: dict[str, Any], out: Path) -> Path:
 
 @matplotlib.rc_context(STYLE)
 def rslora(results: dict[str, Any], out: Path) -> Path:
-    """rsLoRA (α/√r) against LoRA (α/r) on q, v across ranks, at one learning rate."""
+    """rsLoRA (α/√r) against LoRA (α/r) on q, v across ranks: each at its own learning rate chosen on validation
+    (solid, where the results have it: the fair comparison) and both at one learning rate (dotted: rsLoRA's claim
+    is that one rate serves every rank)."""
     rs = results["rslora"]
-    fig, ax = _figure()
-    for kind, label, style in (("lora", "LoRA, s = α/r", "o-"), ("rslora", "rsLoRA, s = α/√r", "s-")):
-        pts = sorted((int(r), v) for r, v in rs["test_loss"][kind].items())
-        ax.plot(*zip(*pts), style, label=label)
+    fig, ax = _figure(1, (8, 4.8))
+    for kind, label, marker, color in (("lora", "LoRA, s = α/r", "o", "tab:blue"),
+                                       ("rslora", "rsLoRA, s = α/√r", "s", "tab:orange")):
+        if "own_lr" in rs:
+            pts = sorted((int(r), o["test_loss"]) for r, o in rs["own_lr"][kind].items() if o["test_loss"] is not None)
+            ax.plot(*zip(*pts), marker + "-", color=color, label=f"{label}, its own lr")
+        pts = sorted((int(r), v) for r, v in rs["test_loss"][kind].items() if v is not None)
+        ax.plot(*zip(*pts), marker + (":" if "own_lr" in rs else "-"), color=color, mfc="none" if "own_lr" in rs
+                else color, label=f"{label}, lr {rs['lr']:g}")
     ax.axhline(rs["full_test_loss"], color="k", ls="--", label="full fine-tuning (its own best lr)")
     ax.axhline(rs["base_test_loss"], color="gray", lw=1, label="base model")
     ranks = sorted(int(r) for r in rs["test_loss"]["lora"])
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.set(xlabel="rank r", ylabel="test loss (nats/char)",
-           title=f"{rs['task']}: rsLoRA vs LoRA on q, v, lr {rs['lr']:g}, α = {rs['alpha']:g}")
-    ax.legend(fontsize=9)
+           title=f"{rs['task']}: rsLoRA vs LoRA on q, v, α = {rs['alpha']:g}")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
     return _save(fig, out / "rslora.png")
 
 
@@ -339,19 +357,23 @@ def _mkdir(path: Path) -> Path:
 @matplotlib.rc_context(STYLE)
 def amplification(results: dict[str, Any], out: Path) -> Path:
     """§7.3, Table 7: ‖UᵀWV‖_F with U, V the top-k directions of ΔW, of W and of a random matrix (W = W_q of the
-    last block, k = r), and the amplification factor ‖ΔW‖_F / ‖UᵀWV‖_F, per task and rank."""
+    last block, k = r), per task and rank; under each group the amplification factor ‖ΔW‖_F / ‖UᵀWV‖_F next to
+    ‖ΔW‖_F / ‖W‖_F (the factor grows with the update's size: the paper's is 0.11 at r = 4)."""
     groups = [(task, key, a) for task, t in results["tasks"].items()
               for key, a in t["analysis"]["amplification"].items() if a]
-    fig, ax = _figure(1, (max(8, 1.6 * len(groups)), 4.8))
+    fig, ax = _figure(1, (max(8, 1.8 * len(groups)), 5))
     for i, (_, _, a) in enumerate(groups):
         for j, (field, color, label) in enumerate((("w_on_delta_w", "tab:blue", "U, V of ΔW"),
                                                    ("w_on_w", "tab:gray", "U, V of W"),
                                                    ("w_on_random", "tab:olive", "U, V random"))):
             ax.bar(i + (j - 1) * 0.27, a[field], 0.25, color=color, label=label if i == 0 else None)
-        ax.text(i, a["w_on_w"] * 1.15, f"factor {a['factor']:.1f}\nk = {a['k']}", ha="center", fontsize=8)
-    ax.set_xticks(range(len(groups)), [f"{task}\n{key}" for task, key, _ in groups], fontsize=9)
+    # the numbers go under each group, with the tick labels, where they cannot run into bars or each other
+    ax.set_xticks(range(len(groups)), [
+        f"{task} {key}" + (f" (k = {a['k']})" if a["k"] != a.get("r", a["k"]) else "")
+        + f"\nfactor {a['factor']:.1f}\n‖ΔW‖/‖W‖ {a['delta_w_norm'] / a['w_norm']:.2f}" for task, key, a in groups],
+        fontsize=8)
     ax.set(yscale="log", ylabel="‖UᵀW_qV‖_F", title="how ΔW_q relates to W_q (Table 7): W projected on k directions")
-    ax.legend(fontsize=9)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, out / "amplification.png")
 
 

@@ -162,6 +162,9 @@ def test_delta_w_equal_to_ws_top_k_part_has_amplification_c(c):
     assert amp.w_on_w == pytest.approx(top_k_norm, rel=1e-10)
     assert amp.factor == pytest.approx(c, rel=1e-10)
     assert amp.w_norm == pytest.approx(np.linalg.norm(W), rel=1e-12)
+    # ‖ΔW‖/‖W‖ = c·‖W_k‖/‖W‖: the update's size next to W's, reported beside the factor
+    assert amp.delta_w_over_w == pytest.approx(c * top_k_norm / np.linalg.norm(W), rel=1e-10)
+    assert amp.to_dict()["delta_w_over_w"] == amp.delta_w_over_w and amp.to_dict()["factor"] == amp.factor
 
 
 def test_delta_w_along_ws_weakest_directions_is_amplified():

@@ -24,19 +24,29 @@ The tasks, ordered by design and measured by the base's own test loss on them (r
             high-rank change by construction. It is artificial on purpose: a far task whose characters are all
             known does not exist among the texts on every machine (Bible -> Python docs has unseen characters).
 
-For every task: LoRA on q, v at ``qv_ranks``, LoRA on every linear at ``all_linear_ranks``, and full fine-tuning,
-each at every learning rate of its grid (``lora_lrs`` or ``full_lrs``); all runs take the same steps on the same
-batches. Each task's text is cut into train / validation / test (the last 10% is test, the 10% before it
-validation). The learning rate of each method is chosen on the validation loss alone (``choose_lr``); the test
-loss of the chosen run is what is reported. Headline: the share of full fine-tuning's gain that LoRA recovers,
-(base − LoRA) / (base − full), on the test split.
+For every task: LoRA on q, v at ``qv_ranks``, LoRA on every linear at ``all_linear_ranks``, and full fine-tuning;
+all runs take the same steps on the same batches. Each task's text is cut into train / validation / test (the last
+10% is test, the 10% before it validation). The learning rate of each method is searched on the validation loss
+alone (``runs.search_lr``): every rate of its grid (``lora_lrs`` or ``full_lrs``), then, while the best sits at an
+edge of what was tried, one more rate past that edge (at most ``lr_extend`` times), so that a method is not held
+back by where its grid happened to stop. Each method's chosen rate, whether it is interior (a tried rate on both
+sides) and the rates tried are in the results; the test loss of the chosen run is what is reported.
+
+Headline, two numbers side by side on the test split: the share of full fine-tuning's gain that LoRA recovers,
+(base − LoRA) / (base − full), and the absolute gap LoRA − full in nats per character. The share alone misleads
+where the base is worse than a uniform guess (loss > ln V): part of "full's gain" is then only undoing confident
+wrong guesses (getting back to ln V), which inflates the share while the gap can stay large; ``base_minus_uniform``
+says per task where that is so. Next to what each run learned (base − test loss) is what it forgot: the rise of
+its loss on the base's own held-out pretraining text.
 
 On ``side_task`` also: LoRA at full rank (r = min(d_in, d_out) = n_embd) on every linear, with the embeddings,
 positions, head and final layer norm trained too, against full fine-tuning (§4.1: LoRA at full rank "roughly
-recovers" full fine-tuning), and rsLoRA (α/√r, Kalajdzievski 2023) against LoRA (α/r) at ``rslora_ranks`` and one
-learning rate. And for every task, the analyses of ``analysis.py`` on the trained models: subspace similarity of A
-between r = 8 and r = 64 and between two seeds of r = 64 (§7.2), amplification for r = 4 and r = 64 (§7.3), the
-spectrum of full fine-tuning's ΔW (§4.1's intrinsic rank).
+recovers" full fine-tuning), its rate searched the same way; and rsLoRA (α/√r, Kalajdzievski 2023) against LoRA
+(α/r) at ``rslora_ranks``, each at its own searched rate (a fair comparison of the two) and both at one rate,
+``rslora_lr`` (rsLoRA's actual claim: high ranks keep learning without retuning the rate). And for every task, the
+analyses of ``analysis.py`` on the trained models: subspace similarity of A between r = 8 and r = 64 and between
+two seeds of r = 64 (§7.2, with a verdict per matrix against chance), amplification for r = 4 and r = 64 (§7.3,
+next to ‖ΔW‖/‖W‖), the spectrum of full fine-tuning's ΔW (§4.1's intrinsic rank).
 
 Computes and returns; writes nothing (the command line does: ``python -m lora_np study``).
 """
@@ -46,6 +56,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -57,6 +68,7 @@ from ..data import CharTokenizer, load_bible_verses, load_python_docs, load_stdl
 from ..lora import EXTRA_MODULES, LoRAConfig, apply_lora, count_parameters, lora_layers
 from ..train import TrainConfig, evaluate
 from .runs import (
+    LR_EXTEND,
     Corpora,
     ExperimentConfig,
     RunSpec,
@@ -64,6 +76,7 @@ from .runs import (
     machine_info,
     pretrain_base,
     pretrain_val_loss,
+    search_lr,
     to_json,
 )
 
@@ -78,7 +91,8 @@ SAMPLE_PROMPTS = {"near": "And I saw", "middle": "The ", "far": "And I saw"}  # 
 
 
 def _study_experiment() -> ExperimentConfig:
-    # 200 steps (the sweep takes 300): the whole study, 83 runs, must fit an hour on 2 cores; see the README
+    # 200 steps (the sweep takes 300): the study must fit about an hour on 2 cores (83 runs took 51 min with fixed
+    # grids; with the searches it makes 90 to 148, ``StudyConfig.run_count``); see the README
     return ExperimentConfig(
         finetune=TrainConfig(max_steps=200, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20, eval_every=50),
         ranks=(1, 2, 4, 8, 64), sample_tokens=100, pretrain_corpus="bible+code", finetune_corpus="study")
@@ -95,8 +109,9 @@ class StudyConfig:
     all_linear_ranks: tuple[int, ...] = (1, 8)  # LoRA on every linear of every block
     lora_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # the learning-rate grid of every LoRA method
     full_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # ... and of full fine-tuning (it moves every weight)
-    rslora_ranks: tuple[int, ...] = (1, 4, 16, 64)  # rsLoRA against LoRA (item 6), at one learning rate:
-    rslora_lr: float = 3e-3
+    lr_extend: int = LR_EXTEND  # how many rates a search may add past its grid's edge (runs.search_lr)
+    rslora_ranks: tuple[int, ...] = (1, 4, 16, 64)  # rsLoRA against LoRA (item 6), each at its own rate and ...
+    rslora_lr: float = 3e-3  # ... both at this one (rsLoRA's claim is about one rate for every rank)
     side_task: str = "middle"  # the task of items 5 (full-rank LoRA) and 6 (rsLoRA)
     cipher_seed: int = 0  # the far task's letter permutation
     phi_size: int = 8  # φ(i, j) for i, j <= phi_size between r = 8 and r = 64 (Fig. 3's zoomed panels)
@@ -124,9 +139,9 @@ class StudyConfig:
         need = {4, 8, 64} - set(self.qv_ranks)  # the analyses read r = 4, 8, 64 (Table 7, Fig. 3 and 4)
         if need:
             raise ValueError(f"StudyConfig.qv_ranks must hold 4, 8 and 64 (the §7 analyses use them), lacks {need}")
-        for name in ("code_chars", "cipher_seed", "phi_size", "seed_phi_size"):
+        for name in ("code_chars", "cipher_seed", "phi_size", "seed_phi_size", "lr_extend"):
             v = getattr(self, name)
-            low = 0 if name == "cipher_seed" else 1
+            low = 0 if name in ("cipher_seed", "lr_extend") else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"StudyConfig.{name} must be an integer >= {low}, got {v!r}")
 
@@ -147,7 +162,25 @@ class StudyConfig:
                    for r in self.all_linear_ranks] + [("full", None)])
 
     def lrs(self, lora: LoRAConfig | None) -> tuple[float, ...]:
+        """The grid a search of this method starts from."""
         return self.full_lrs if lora is None else self.lora_lrs
+
+    def rslora_searches(self) -> list[tuple[str, int]]:
+        """(kind, r) of the rsLoRA comparison's searches that the task grid does not already hold: LoRA at a rank
+        outside ``qv_ranks``, and rsLoRA at every rank but 1 (at r = 1, α/√r = α/r: the same runs as LoRA's)."""
+        return ([("lora", r) for r in self.rslora_ranks if r not in self.qv_ranks]
+                + [("rslora", r) for r in self.rslora_ranks if r != 1])
+
+    def run_count(self) -> dict[str, int]:
+        """How many fine-tuning runs the study makes: "planned" if every search chooses inside its grid (with one
+        run per rank and kind at ``rslora_lr`` where it is outside ``lora_lrs``), "at_most" if every search steps
+        past its edge ``lr_extend`` times."""
+        grids = [len(self.lrs(lora)) for _, lora in self.methods()] * len(TASKS)  # every task's methods
+        grids += [len(self.lora_lrs)] * (1 + len(self.rslora_searches()))  # full-rank LoRA, rsLoRA's searches
+        one_lr = 0 if self.rslora_lr in self.lora_lrs else len(self.rslora_ranks) + len(
+            [r for r in self.rslora_ranks if r != 1])  # LoRA at every rank, rsLoRA at every rank but 1
+        planned = sum(grids) + len(TASKS) + one_lr  # + Fig. 4's second seed of r = 64 per task
+        return {"planned": planned, "at_most": planned + self.lr_extend * len(grids)}
 
     def full_rank_lora(self) -> LoRAConfig:
         """Item 5: r = min(d_in, d_out) (= n_embd for C x C and C x 4C) on every linear, embeddings, positions,
@@ -248,25 +281,46 @@ def task_config(cfg: StudyConfig, task: str, tok: CharTokenizer) -> ExperimentCo
     return replace(cfg.experiment, finetune_corpus=task, samples_prompt=prompt)
 
 
-# -- the learning-rate choice ------------------------------------------------------------------------------------
-
-
-def choose_lr(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """method -> the learning rate of its run with the lowest final VALIDATION loss. Nothing else of a row is
-    read (the test loss never is: the tests check it); runs that diverged (no finite validation loss) lose."""
-    best: dict[str, tuple[float, float]] = {}
-    for row in rows:
-        val = row["final_val_loss"]
-        val = math.inf if val is None or not math.isfinite(val) or row.get("stopped") else val
-        if row["method"] not in best or val < best[row["method"]][0]:
-            best[row["method"]] = (val, row["lr"])
-    return {method: lr for method, (_, lr) in best.items()}
+# -- the measures -------------------------------------------------------------------------------------------------
 
 
 def recovered_share(base: float, lora: float, full: float) -> float | None:
     """(base − LoRA) / (base − full): 1 = all of full fine-tuning's gain, 0 = none; None if full gained nothing."""
     gain = base - full
     return (base - lora) / gain if gain > 0 else None
+
+
+def gaps(task: dict[str, Any]) -> dict[str, float]:
+    """method -> its test loss − full fine-tuning's (nats/char; > 0: worse than full), every method but full. From
+    the task's "gap" where the results have it, else from its test losses (results written before it existed)."""
+    if "gap" in task:
+        return task["gap"]
+    full = task["test_loss"]["full"]
+    return {m: v - full for m, v in task["test_loss"].items() if m != "full"}
+
+
+def uniform_loss(results: dict[str, Any]) -> float:
+    """ln V: the loss of a uniform guess over the vocabulary. A base above it is worse than guessing."""
+    return results.get("uniform_loss", math.log(results["vocab_size"]))
+
+
+# φ(1, 1) of two independent random subspaces is the squared cosine between two uniformly random unit vectors of
+# R^d (the top singular vector of a Gaussian matrix is uniform on the sphere): Beta(1/2, (d − 1)/2), mean 1/d, and
+# d·φ(1, 1) is then about χ²₁, which exceeds 10.83 one time in a thousand. The paper's line for "shared" is 0.5.
+PHI_SHARED = 0.5
+PHI_CHANCE = 10.83
+
+
+def phi_verdict(phi11: float, d: int) -> str:
+    """What φ(1, 1) between two adapters' A says, against chance in R^d: "shared (> 0.5)" (the paper's reading of
+    Fig. 3), "above chance" (d·φ > 10.83, p ≈ 0.001 for random directions) or "at chance"."""
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        raise ValueError(f"phi_verdict: d must be a positive integer, got {d!r}")
+    if isinstance(phi11, bool) or not (isinstance(phi11, numbers.Real) and -1e-9 <= phi11 <= 1 + 1e-9):
+        raise ValueError(f"phi_verdict: φ(1, 1) must be a number in [0, 1], got {phi11!r}")
+    if phi11 > PHI_SHARED:
+        return "shared (> 0.5)"
+    return "above chance" if d * phi11 > PHI_CHANCE else "at chance"
 
 
 # -- the analyses (§7) on the trained models ---------------------------------------------------------------------
@@ -327,10 +381,23 @@ def analyse_task(base: Any, models: dict[str, Any], cfg: StudyConfig) -> dict[st
 
 
 def _slim(row: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """A run's row for the study's results: every step's loss dropped from the history (83 runs x 200 steps would
-    dominate the JSON; the evaluated points stay)."""
+    """A run's row for the study's results: every step's loss dropped from the history (100-odd runs x 200 steps
+    would dominate the JSON; the evaluated points stay)."""
     row = {**row, "history": {k: v for k, v in row["history"].items() if k != "step_loss"}}
     return row | extra
+
+
+ANALYSED = ("lora-qv-r4", "lora-qv-r8", "lora-qv-r64", "full")  # the chosen models analyse_task reads, per task
+
+
+def _chosen(found: dict[str, Any]) -> dict[str, Any]:
+    """The chosen run's row of a ``search_lr`` result."""
+    return next(r for r in found["rows"] if r["chosen"])
+
+
+def _searched(found: dict[str, Any]) -> dict[str, Any]:
+    """What a search decided, for the results: its chosen rate, whether that is interior, and the rates tried."""
+    return {"lr": found["lr"], "interior": found["interior"], "grid": found["grid"]}
 
 
 def run_study(cfg: StudyConfig, progress: bool = True, data: StudyData | None = None) -> dict[str, Any]:
@@ -341,83 +408,124 @@ def run_study(cfg: StudyConfig, progress: bool = True, data: StudyData | None = 
     ecfg = cfg.experiment
     base, base_info = pretrain_base(ecfg, data.corpora("near"), progress)
     T, bs, nb = ecfg.model.block_size, ecfg.finetune.batch_size, ecfg.finetune.eval_batches
+    base_pretrain = pretrain_val_loss(base, data.corpora("near"), ecfg)
+    uniform = math.log(data.tokenizer.vocab_size)  # a uniform guess: the line a base can be above
     results: dict[str, Any] = {"experiment": "study", "config": asdict(cfg), "machine": machine_info(),
-                               "data": data.info, "vocab_size": data.tokenizer.vocab_size,
+                               "data": data.info, "vocab_size": data.tokenizer.vocab_size, "uniform_loss": uniform,
                                "base": {**base_info, "total": count_parameters(base).total,
-                                        "pretrain_val_loss": pretrain_val_loss(base, data.corpora("near"), ecfg)},
+                                        "pretrain_val_loss": base_pretrain},
                                "tasks": {}, "runs": []}
     methods = cfg.methods()
-    total = len(TASKS) * sum(len(cfg.lrs(lora)) for _, lora in methods) + len(TASKS) + len(cfg.lora_lrs) + len(
-        cfg.rslora_ranks) + 1
-    bar = tqdm(total=total, desc="study", disable=not progress)
+    # The bar counts the planned runs; a search that steps past its grid adds one to the total as it does.
+    bar = tqdm(total=cfg.run_count()["planned"], desc="study", disable=not progress)
 
-    def run(task: str, spec: RunSpec, method: str, part: str, tcfg: ExperimentConfig) -> tuple[Any, dict]:
+    def run(task: str, spec: RunSpec, method: str, part: str, tcfg: ExperimentConfig,
+            planned: bool = True) -> tuple[Any, dict]:
+        if not planned:
+            bar.total += 1
+            bar.refresh()
         model, row = finetune_run(base, spec, tcfg, data.corpora(task), progress=False, measure_memory=False)
         row = _slim(row, task=task, method=method, part=part)
         results["runs"].append(row)
         bar.update()
         return model, row
 
+    def search(task: str, method: str, lora: LoRAConfig | None, grid: tuple[float, ...], part: str,
+               tcfg: ExperimentConfig, keep: bool = False) -> tuple[dict[str, Any], Any]:
+        """``search_lr`` of one method on one task (on validation only) -> (its result, the chosen run's model if
+        ``keep``, else None; the other models are not kept)."""
+        models = {}
+
+        def at(lr: float) -> dict[str, Any]:
+            model, row = run(task, RunSpec(f"{task}/{method}/lr{lr:g}", lora, lr), method, part, tcfg,
+                             planned=lr in grid)
+            if keep:
+                models[lr] = model
+            return row
+
+        found = search_lr(at, grid, extend=cfg.lr_extend)
+        return found, models.get(found["lr"])
+
+    searched: dict[str, dict[str, dict[str, Any]]] = {}  # task -> method -> its search_lr result
     for task in TASKS:
         tcfg = task_config(cfg, task, data.tokenizer)
-        train, val, test = data.tasks[task]
-        rows, models = [], {}
+        _, val, test = data.tasks[task]
+        found, picked = {}, {}
         for method, lora in methods:
-            for lr in cfg.lrs(lora):
-                model, row = run(task, RunSpec(f"{task}/{method}/lr{lr:g}", lora, lr), method, "grid", tcfg)
-                rows.append(row)
-                models[method, lr] = model
-        chosen = choose_lr(rows)
-        for row in rows:
-            row["chosen"] = row["lr"] == chosen[row["method"]]
-        best = {r["method"]: r for r in rows if r["chosen"]}
+            found[method], model = search(task, method, lora, cfg.lrs(lora), "grid", tcfg, keep=method in ANALYSED)
+            if model is not None:
+                picked[method] = model
+        searched[task] = found
+        best = {m: _chosen(f) for m, f in found.items()}
         base_test = evaluate(base, test, T, bs, nb)
         full_test = best["full"]["test_loss"]
         # Fig. 4's second seed: r = 64 with another adapter seed AND another batch order, at r = 64's chosen lr
         lora64 = dict(methods)["lora-qv-r64"]
         seed_cfg = replace(tcfg, finetune=replace(tcfg.finetune, seed=1))
         seed_model, _ = run(task, RunSpec(f"{task}/lora-qv-r64-seed1", replace(lora64, seed=1),
-                                          chosen["lora-qv-r64"]), "lora-qv-r64-seed1", "seed", seed_cfg)
-        picked = {m: models[m, chosen[m]] for m in ("lora-qv-r4", "lora-qv-r8", "lora-qv-r64", "full")}
+                                          found["lora-qv-r64"]["lr"]), "lora-qv-r64-seed1", "seed", seed_cfg)
         results["tasks"][task] = {
             "text": TASK_TEXT[task], "base_val_loss": evaluate(base, val, T, bs, nb), "base_test_loss": base_test,
-            "chosen_lr": chosen, "test_loss": {m: r["test_loss"] for m, r in best.items()},
+            "base_minus_uniform": base_test - uniform,  # > 0: the base is worse than a uniform guess
+            "chosen_lr": {m: f["lr"] for m, f in found.items()},
+            "lr_interior": {m: f["interior"] for m, f in found.items()},
+            "lr_grid": {m: f["grid"] for m, f in found.items()},
+            "test_loss": {m: r["test_loss"] for m, r in best.items()},
             "val_loss": {m: r["final_val_loss"] for m, r in best.items()},
             "trainable": {m: r["trainable"] for m, r in best.items()},
             "recovered": {m: recovered_share(base_test, r["test_loss"], full_test) for m, r in best.items()
                           if m != "full"},
+            "gap": {m: r["test_loss"] - full_test for m, r in best.items() if m != "full"},  # nats/char
+            # what each chosen run learned on the task, and what it forgot of the base's own pretraining text
+            "learned": {m: base_test - r["test_loss"] for m, r in best.items()},
+            "forgotten": {m: r["pretrain_val_loss"] - base_pretrain for m, r in best.items()},
             "analysis": analyse_task(base, picked | {"lora-qv-r64-seed1": seed_model}, cfg),
         }
-        del models, picked, seed_model
+        del picked, seed_model
     side = cfg.side_task
     tcfg = task_config(cfg, side, data.tokenizer)
-    side_rows = [r for r in results["runs"] if r["task"] == side and r["part"] == "grid"]
-    # Item 5: LoRA at full rank on every linear + embeddings, its own lr grid chosen on validation
-    full_rank = cfg.full_rank_lora()
-    fr_rows = [run(side, RunSpec(f"{side}/lora-full-rank/lr{lr:g}", full_rank, lr), "lora-full-rank", "full-rank",
-                   tcfg)[1] for lr in cfg.lora_lrs]
-    fr_lr = choose_lr(fr_rows)["lora-full-rank"]
-    for row in fr_rows:
-        row["chosen"] = row["lr"] == fr_lr
-    fr = next(r for r in fr_rows if r["chosen"])
-    full = next(r for r in side_rows if r["method"] == "full" and r["chosen"])
+    full = _chosen(searched[side]["full"])
     side_base = results["tasks"][side]["base_test_loss"]
-    results["full_rank"] = {"task": side, "lora": full_rank.to_dict(), "lr": fr_lr, "test_loss": fr["test_loss"],
-                            "trainable": fr["trainable"], "full_test_loss": full["test_loss"],
-                            "full_trainable": full["trainable"], "full_lr": full["lr"], "base_test_loss": side_base,
+    # Item 5: LoRA at full rank on every linear + embeddings, its rate searched like every method's
+    full_rank = cfg.full_rank_lora()
+    found_fr, _ = search(side, "lora-full-rank", full_rank, cfg.lora_lrs, "full-rank", tcfg)
+    fr = _chosen(found_fr)
+    results["full_rank"] = {"task": side, "lora": full_rank.to_dict(), **_searched(found_fr),
+                            "test_loss": fr["test_loss"], "trainable": fr["trainable"],
+                            "full_test_loss": full["test_loss"], "full_trainable": full["trainable"],
+                            "full_lr": full["lr"], "base_test_loss": side_base,
                             "recovered": recovered_share(side_base, fr["test_loss"], full["test_loss"])}
-    # Item 6: rsLoRA against LoRA on q, v at one lr; a LoRA run of the grid at that lr is reused, not repeated
-    rs: dict[str, dict[str, float]] = {"lora": {}, "rslora": {}}
+    # Item 6: rsLoRA against LoRA on q, v, each at its own searched rate (the fair comparison) and both at
+    # rslora_lr (rsLoRA's claim: one rate serves every rank). LoRA's searches at qv_ranks are the task grid's,
+    # reused; at r = 1, α/√r = α/r, so rsLoRA's runs would repeat LoRA's exactly: reused too.
+    rs_found: dict[str, dict[int, dict[str, Any]]] = {"lora": {}, "rslora": {}}
+    one_lr: dict[str, dict[int, dict[str, Any]]] = {"lora": {}, "rslora": {}}
+    todo = set(cfg.rslora_searches())
     for r in cfg.rslora_ranks:
         for kind in ("lora", "rslora"):
             lora = LoRAConfig(r=r, alpha=ecfg.lora.alpha, targets="q,v", rslora=kind == "rslora")
-            row = next((x for x in side_rows if x["lora"] == lora.to_dict() and x["lr"] == cfg.rslora_lr), None)
-            if row is None:
+            if (kind, r) in todo:
+                rs_found[kind][r], _ = search(side, f"{kind}-qv-r{r}", lora, cfg.lora_lrs, "rslora", tcfg)
+            elif kind == "lora":  # r in qv_ranks: the task grid's search, reused
+                rs_found[kind][r] = searched[side][f"lora-qv-r{r}"]
+            else:  # r = 1: the same runs as LoRA's
+                rs_found[kind][r], one_lr[kind][r] = rs_found["lora"][r], one_lr["lora"][r]
+                continue
+            row = next((x for x in rs_found[kind][r]["rows"] if x["lr"] == cfg.rslora_lr), None)
+            if row is None:  # rslora_lr is not among the rates this search tried: one run at it
                 _, row = run(side, RunSpec(f"{side}/{kind}-qv-r{r}/lr{cfg.rslora_lr:g}", lora, cfg.rslora_lr),
-                             f"{kind}-qv-r{r}", "rslora", tcfg)
-            rs[kind][str(r)] = row["test_loss"]
-    results["rslora"] = {"task": side, "lr": cfg.rslora_lr, "alpha": ecfg.lora.alpha, "test_loss": rs,
-                         "base_test_loss": side_base, "full_test_loss": full["test_loss"]}
+                             f"{kind}-qv-r{r}", "rslora-one-lr", tcfg)
+                row["chosen"] = False
+            one_lr[kind][r] = row
+    results["rslora"] = {
+        "task": side, "alpha": ecfg.lora.alpha, "base_test_loss": side_base, "full_test_loss": full["test_loss"],
+        "lr": cfg.rslora_lr,  # "test_loss": both at this one rate
+        "test_loss": {kind: {str(r): row["test_loss"] for r, row in rows.items()} for kind, rows in one_lr.items()},
+        "own_lr": {kind: {str(r): {**_searched(f), "test_loss": _chosen(f)["test_loss"],
+                                   "val_loss": _chosen(f)["final_val_loss"]} for r, f in found.items()}
+                   for kind, found in rs_found.items()},
+    }
+    bar.total = bar.n  # fewer than planned where a search's extension reached rslora_lr
     bar.close()
     results["seconds"] = time.perf_counter() - start
     return to_json(results)
@@ -430,19 +538,52 @@ def _f(v: Any, fmt: str = ".3f") -> str:
     return "–" if v is None else format(v, fmt)
 
 
+def _interior(results: dict[str, Any], lr: float, interior: bool | None, method: str) -> bool:
+    """Whether a chosen rate had a tried rate on both sides: as the search recorded it, or, for results written
+    before the searches (fixed grids), from the grid in their config."""
+    if interior is not None:
+        return interior
+    grid = results["config"]["full_lrs" if method == "full" else "lora_lrs"]
+    return min(grid) < lr < max(grid)
+
+
+def _lr(results: dict[str, Any], lr: float, interior: bool | None, method: str) -> str:
+    """'lr 0.003', or 'lr 0.01, edge' where the best rate may lie beyond the rates tried."""
+    return f"lr {lr:g}" + ("" if _interior(results, lr, interior, method) else ", edge")
+
+
 def markdown_table(results: dict[str, Any]) -> str:
-    """The headline: per task, the base's test loss, each method's test loss at its chosen lr and the share of
-    full fine-tuning's gain it recovers."""
-    tasks = results["tasks"]
+    """The headline: per task, each method's test loss at its chosen lr, the share of full fine-tuning's gain it
+    recovers and its absolute gap to full fine-tuning, with the base and a uniform guess for scale; then what each
+    method learned and forgot (where the results have it)."""
+    tasks, ln_v = results["tasks"], uniform_loss(results)
     methods = list(next(iter(tasks.values()))["test_loss"])
-    head = "| method | " + " | ".join(f"{t}: test loss | {t}: recovered" for t in tasks) + " |"
-    lines = [head, "|" + "---|" * (1 + 2 * len(tasks))]
-    lines.append("| base (no fine-tuning) | " + " | ".join(f"{v['base_test_loss']:.3f} | 0" for v in tasks.values())
-                 + " |")
+    head = "| method | " + " | ".join(f"{t}: test loss | {t}: recovered | {t}: gap to full" for t in tasks) + " |"
+    lines = [head, "|" + "---|" * (1 + 3 * len(tasks)),
+             f"| uniform guess (ln {results['vocab_size']}) | " + " | ".join(f"{ln_v:.3f} | – | –" for _ in tasks)
+             + " |",
+             "| base (no fine-tuning) | " + " | ".join(
+                 f"{v['base_test_loss']:.3f} | 0 | {v['base_test_loss'] - v['test_loss']['full']:+.3f}"
+                 for v in tasks.values()) + " |"]
     for m in methods:
-        cells = [f"{v['test_loss'][m]:.3f} (lr {v['chosen_lr'][m]:g}) | "
-                 + ("1" if m == "full" else _f(v["recovered"][m], ".2f")) for v in tasks.values()]
+        cells = []
+        for v in tasks.values():
+            lr = _lr(results, v["chosen_lr"][m], v.get("lr_interior", {}).get(m), m)
+            share, gap = ("1", "0") if m == "full" else (_f(v["recovered"][m], ".2f"), f"{gaps(v)[m]:+.3f}")
+            cells.append(f"{v['test_loss'][m]:.3f} ({lr}) | {share} | {gap}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "Test loss in nats/char; gap to full = test loss − full fine-tuning's. \"edge\": the chosen rate is "
+                  "the highest or lowest tried,", "so the best may lie beyond. The recovered share is inflated where "
+                  "the base is above the uniform guess."]
+    if all("forgotten" in v for v in tasks.values()):
+        lines += ["", "| method | " + " | ".join(f"{t}: learned | {t}: forgotten" for t in tasks) + " |",
+                  "|" + "---|" * (1 + 2 * len(tasks))]
+        for m in methods:
+            lines.append(f"| {m} | " + " | ".join(f"{v['learned'][m]:+.3f} | {_f(v['forgotten'][m], '+.3f')}"
+                                                   for v in tasks.values()) + " |")
+        lines += ["", "Learned: base − test loss on the task; forgotten: the rise of the loss on the base's own "
+                      "held-out pretraining text", f"(the base's: {results['base']['pretrain_val_loss']:.3f}), of "
+                      "the run at its chosen rate; nats/char."]
     return "\n".join(lines)
 
 
@@ -458,47 +599,65 @@ PAPER_CLAIMS = (
     ("Fig. 4: two seeds of r = 64 share a few top directions",
      "φ of two seeds well above the random baseline for the top few i, j; near chance beyond"),
     ("Table 7: ΔW amplifies directions W does not emphasise",
-     "r = 4: ‖UᵀWV‖_F 0.32 (ΔW) vs 21.67 (W) vs 0.02 (random), factor 21.5; r = 64: 1.90 / 37.71 / 0.33, factor 1.9"),
+     "r = 4: ‖UᵀWV‖_F 0.32 (ΔW) vs 21.67 (W) vs 0.02 (random), factor 21.5, ‖ΔW‖/‖W‖ = 6.91/61.95 = 0.11; "
+     "r = 64: 1.90 / 37.71 / 0.33, factor 1.9, ‖ΔW‖/‖W‖ = 3.57/61.95 = 0.06"),
     ("rsLoRA: α/√r keeps high ranks learning at one learning rate",
      "Kalajdzievski 2023: with α/r, loss stops improving beyond small r; with α/√r, larger r keeps improving"),
 )
 
 
+def _phi_row(tasks: dict[str, Any], key: str, d: int) -> str:
+    """φ(1, 1) of ``key`` ("r8_vs_r64" or "r64_seeds") per matrix, each task's value with its verdict."""
+    return "; ".join(f"W_{w}: " + ", ".join(
+        f"{t} {(p := v['analysis']['phi'][w][key][0][0]):.2f} {phi_verdict(p, d)}" for t, v in tasks.items())
+        for w in ("q", "v"))
+
+
 def measured_claims(results: dict[str, Any]) -> list[str]:
     """The 'what we measured here' column of the README's table, one line per entry of PAPER_CLAIMS, from the
     study's results (nothing typed by hand)."""
-    tasks, side = results["tasks"], results["full_rank"]["task"]
+    tasks, side, ln_v = results["tasks"], results["full_rank"]["task"], uniform_loss(results)
 
-    def rec(task: str, m: str) -> str:
-        return _f(tasks[task]["recovered"].get(m), ".2f")
+    def rank_row(task: str, v: dict[str, Any]) -> str:
+        qv = [m for m in v["recovered"] if m.startswith("lora-qv-")]
+        return (f"{task} (base − ln V = {v['base_test_loss'] - ln_v:+.2f}): "
+                + ", ".join(f"{m[8:]} {_f(v['recovered'][m], '.2f')} / {gaps(v)[m]:+.3f}" for m in qv))
 
-    qv = [m for m in next(iter(tasks.values()))["recovered"] if m.startswith("lora-qv-")]
-    table6 = "; ".join(f"{t}: " + ", ".join(f"{m[8:]} {rec(t, m)}" for m in qv) for t in tasks)
+    table6 = "; ".join(rank_row(t, v) for t, v in tasks.items())
     fr = results["full_rank"]
-    sec41 = (f"{side}: full-rank LoRA + embeddings {fr['test_loss']:.3f} vs full {fr['full_test_loss']:.3f} "
-             f"(base {fr['base_test_loss']:.3f}; recovered {_f(fr['recovered'], '.2f')})")
-    phi = "; ".join(f"{t}: W_q {v['analysis']['phi']['q']['r8_vs_r64'][0][0]:.2f}, "
-                    f"W_v {v['analysis']['phi']['v']['r8_vs_r64'][0][0]:.2f}" for t, v in tasks.items())
+    sec41 = (f"{side}: full-rank LoRA + embeddings {fr['test_loss']:.3f} "
+             f"({_lr(results, fr['lr'], fr.get('interior'), 'lora-full-rank')}) vs full {fr['full_test_loss']:.3f} "
+             f"(base {fr['base_test_loss']:.3f}; recovered {_f(fr['recovered'], '.2f')}, gap "
+             f"{fr['test_loss'] - fr['full_test_loss']:+.3f})")
     d = next(iter(tasks.values()))["analysis"]["d"]
-    seeds = "; ".join(f"{t}: W_q {v['analysis']['phi']['q']['r64_seeds'][0][0]:.2f}, "
-                      f"W_v {v['analysis']['phi']['v']['r64_seeds'][0][0]:.2f}" for t, v in tasks.items())
+    chance = f"chance 1/d = {1 / d:.3f}; above chance: d·φ > {PHI_CHANCE}"
 
     def amp(v: dict[str, Any]) -> str:
         parts = []
         for key, a in v["analysis"]["amplification"].items():
+            ratio = a["delta_w_norm"] / a["w_norm"] if a else None  # results before "delta_w_over_w" existed
             parts.append(f"{key} –" if a is None else f"{key} {a['w_on_delta_w']:.2f}/{a['w_on_w']:.2f}/"
-                         f"{a['w_on_random']:.2f}, factor {a['factor']:.1f}")
+                         f"{a['w_on_random']:.2f}, factor {a['factor']:.1f}, ‖ΔW‖/‖W‖ {ratio:.2f}")
         return ", ".join(parts)
 
     table7 = "; ".join(f"{t}: {amp(v)}" for t, v in tasks.items())
     rs = results["rslora"]
-    rsl = ", ".join(f"r={r}: {rs['test_loss']['lora'][r]:.3f} vs {rs['test_loss']['rslora'][r]:.3f}"
-                    for r in rs["test_loss"]["lora"])
-    return [f"recovered share of full fine-tuning's gain, q, v, by rank: {table6}", sec41,
-            f"φ(1, 1), r = 8 vs 64: {phi} (two random subspaces: 1/{d} = {1 / d:.3f} in expectation)",
-            f"φ(1, 1), two seeds of r = 64: {seeds} (random: {1 / d:.3f})",
-            f"W_q of the last block, ‖UᵀWV‖_F ΔW/W/random: {table7}",
-            f"{rs['task']}, lr {rs['lr']:g}, test loss α/r vs α/√r: {rsl}"]
+    at_one = ", ".join(f"r={r}: {_f(rs['test_loss']['lora'][r])} vs {_f(rs['test_loss']['rslora'][r])}"
+                       for r in rs["test_loss"]["lora"])
+    rsl = f"{rs['task']}, test loss α/r vs α/√r, both at lr {rs['lr']:g} (the claim's setting): {at_one}"
+    if "own_lr" in rs:
+
+        def own(kind: str, r: str) -> str:
+            o = rs["own_lr"][kind][r]
+            return f"{_f(o['test_loss'])} ({_lr(results, o['lr'], o['interior'], kind)})"
+
+        rsl = (f"{rs['task']}, test loss α/r vs α/√r, each at its own lr: "
+               + ", ".join(f"r={r}: {own('lora', r)} vs {own('rslora', r)}" for r in rs["own_lr"]["lora"])
+               + f"; both at lr {rs['lr']:g} (the claim's setting): {at_one}")
+    return [f"q, v by rank, recovered share / gap to full (nats/char): {table6}", sec41,
+            f"φ(1, 1), r = 8 vs 64 ({chance}): {_phi_row(tasks, 'r8_vs_r64', d)}",
+            f"φ(1, 1), two seeds of r = 64 ({chance}): {_phi_row(tasks, 'r64_seeds', d)}",
+            f"W_q of the last block, ‖UᵀWV‖_F ΔW/W/random, factor ‖ΔW‖/‖UᵀWV‖ and ‖ΔW‖/‖W‖: {table7}", rsl]
 
 
 def paper_table(results: dict[str, Any]) -> str:
