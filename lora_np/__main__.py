@@ -1,8 +1,9 @@
 """The command line: ``python -m lora_np [subcommand] [options]``.
 
 With no subcommand it runs the default experiment (``sweep``): pretrain a base GPT on the King James Bible (cached
-after the first run), fine-tune it on Python's reference docs with LoRA at ranks 1…64 and with full fine-tuning,
-then write ``figures/*.png`` and ``results/sweep.json``. ``--quick`` (or ``LORA_NP_QUICK=1``) runs the same thing
+after the first run), fine-tune it on Python's reference docs with LoRA at ranks 1…64, rsLoRA and full fine-tuning,
+each at the learning rate its validation loss chooses from a grid, then write ``figures/*.png`` and
+``results/sweep.json``. ``--quick`` (or ``LORA_NP_QUICK=1``) runs the same thing
 at a tiny size in seconds.
 
 Every command checks all of its input first (arguments, configs, corpora, prompts, output paths, the backend) and
@@ -45,6 +46,8 @@ from .experiments.minilm import markdown_table as minilm_table
 from .experiments.planted import PlantedConfig, distillation_splits, run_planted
 from .experiments.planted import markdown_table as planted_table
 from .experiments.planted import verdict as planted_verdict
+from .experiments.summary import forgetting_summary, format_forgetting
+from .experiments.summary import markdown_table as runs_table
 from .experiments.task_distance import TASKS, StudyConfig, load_study_data, markdown_table, paper_table, task_config
 from .figures import draw, drawable
 from .lora import LoRAConfig, count_parameters, prepare_finetuning
@@ -213,6 +216,8 @@ def _experiment(args: argparse.Namespace, start: ExperimentConfig | None = None)
         extra = ("wte", "lm_head") if getattr(args, "train_embeddings", False) else ()
         changes["lora"] = LoRAConfig(r=getattr(args, "rank", 8), alpha=args.alpha, targets=args.targets,
                                      rslora=args.rslora, modules_to_save=extra)
+        if args.rslora:  # every LoRA run is rsLoRA already: no α/√r runs to add next to α/r ones
+            changes["rslora_ranks"] = ()
     if getattr(args, "ranks", None):
         changes["ranks"] = args.ranks
     if start is not None:
@@ -319,7 +324,7 @@ def cmd_sweep(args: argparse.Namespace) -> Callable[[], int]:
 
     def work() -> int:
         results = run_sweep(cfg, progress=not args.no_progress)
-        print(summary_table(results))
+        _print_runs(results)
         return _write(results, out, "sweep", results["base"])
     return work
 
@@ -330,13 +335,14 @@ def cmd_targets(args: argparse.Namespace) -> Callable[[], int]:
 
     def work() -> int:
         results = run_targets(cfg, progress=not args.no_progress)
-        print(f"{'adapted':<10} {'rank':>4} {'trainable':>10} {'val loss':>9}")
-        print(f"{'(base)':<10} {'':>4} {0:>10,} {results['base']['finetune_val_loss']:>9.3f}")
-        for r in results["runs"]:
-            adapted, rank = (r["targets"], r["rank"]) if r["mode"] == "lora" else (f"({r['name']})", "")
-            print(f"{adapted:<10} {rank:>4} {r['trainable']:>10,} {r['final_val_loss'] or float('nan'):>9.3f}")
+        _print_runs(results)
         return _write(results, out, "targets", results["base"])
     return work
+
+
+def _print_runs(results: dict[str, Any]) -> None:
+    """An experiment of ``run_experiment``: its table of chosen runs, then learned vs forgotten."""
+    print(runs_table(results) + "\n\n" + format_forgetting(forgetting_summary(results)))
 
 
 def _write(results: dict[str, Any], out: Path, name: str, base_info: dict[str, Any]) -> int:
@@ -353,18 +359,6 @@ def _write(results: dict[str, Any], out: Path, name: str, base_info: dict[str, A
 def _warn_cache(info: dict[str, Any]) -> None:
     if info.get("cache_error"):
         print(f"warning: {info['cache_error']}; the run used the trained model all the same", file=sys.stderr)
-
-
-def summary_table(results: dict) -> str:
-    nan = float("nan")
-    lines = [f"{'run':<24} {'trainable':>10} {'val loss':>9} {'unseen':>8} {'peak MiB':>9} {'s/step':>7}",
-             f"{'base (no fine-tuning)':<24} {0:>10,} {results['base']['finetune_val_loss']:>9.3f} "
-             f"{results['base']['val_loss_unseen'] or nan:>8.3f}"]
-    for r in results["runs"]:
-        peak = r.get("memory", {}).get("measured", {}).get("peak", nan) / 2**20
-        lines.append(f"{r['name']:<24} {r['trainable']:>10,} {r['final_val_loss'] or nan:>9.3f} "
-                     f"{r['val_loss_unseen'] or nan:>8.3f} {peak:>9.1f} {r['step_seconds'] or nan:>7.3f}")
-    return "\n".join(lines)
 
 
 def cmd_study(args: argparse.Namespace) -> Callable[[], int]:

@@ -273,6 +273,15 @@ def train_val_split(ids: Any, val_fraction: float = 0.1) -> tuple[backend.np.nda
     return ids[:n_train], ids[n_train:]
 
 
+def train_val_test_split(ids: Any) -> tuple[backend.np.ndarray, backend.np.ndarray, backend.np.ndarray]:
+    """(train, validation, test): the last 10% of the stream is test, the 10% before it validation. Contiguous,
+    as ``train_val_split`` explains; no training window can reach into the test text. A learning rate chosen on
+    validation is then scored on text that played no part in choosing it."""
+    rest, test = train_val_split(ids, 0.1)
+    train, val = train_val_split(rest, 1 / 9)  # 1/9 of the remaining 90%: 10% of the whole
+    return train, val, test
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import matplotlib
 import matplotlib.ticker
 from matplotlib.figure import Figure
 
+from .experiments.summary import chosen_runs, forgetting_summary, loss_split, method
+
 MIB = 2**20
 
 
@@ -28,10 +30,20 @@ def _figure(ncols: int = 1, figsize: tuple[float, float] = (7, 4.5), **kw: Any) 
     return fig, fig.subplots(1, ncols, **kw)
 
 
-def _lora_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The plain LoRA runs of the rank sweep (no extra trained modules), in rank order."""
-    runs = [r for r in results["runs"] if r["mode"] == "lora" and not r["modules_to_save"]]
+def _lora_runs(results: dict[str, Any], rslora: bool | None = None) -> list[dict[str, Any]]:
+    """The plain LoRA runs of the rank sweep (no extra trained modules), each at its chosen learning rate, in rank
+    order: those of the config's own scaling (α/r, unless the whole sweep ran rsLoRA), or of ``rslora``."""
+    if rslora is None:
+        rslora = bool((results["config"].get("lora") or {}).get("rslora", False))
+    runs = [r for r in chosen_runs(results) if r["mode"] == "lora" and not r["modules_to_save"]
+            and bool(r.get("rslora")) == rslora]
     return sorted(runs, key=lambda r: r["rank"])
+
+
+def _rslora_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sweep's rsLoRA runs (s = α/√r) next to its α/r ones; none where the rank series is rsLoRA itself."""
+    main = _lora_runs(results)
+    return [] if main and main[0].get("rslora") else _lora_runs(results, rslora=True)
 
 
 def _partial_label(run: dict[str, Any]) -> str:
@@ -45,8 +57,8 @@ def _lora_label(runs: list[dict[str, Any]]) -> str:
 
 
 def _run(results: dict[str, Any], mode: str, extra: bool = False) -> dict[str, Any] | None:
-    """The first run of ``mode`` ("lora", "full", "partial"), with or without modules_to_save."""
-    for r in results["runs"]:
+    """The first chosen run of ``mode`` ("lora", "full", "partial"), with or without modules_to_save."""
+    for r in chosen_runs(results):
         if r["mode"] == mode and bool(r["modules_to_save"]) == extra:
             return r
     return None
@@ -90,8 +102,9 @@ def params_vs_rank(results: dict[str, Any], out: Path) -> Path:
 @matplotlib.rc_context(STYLE)
 def loss_curves(results: dict[str, Any], out: Path) -> Path:
     """Training and validation loss during fine-tuning, one line per rank plus full fine-tuning (and the control
-    run, q, v in full). Every validation curve starts at step 0 at the base model's loss: ΔW = 0 (LoRA's B = 0)
-    or W = W0 (full fine-tuning) before the first step, so step 0 IS the base model."""
+    run, q, v in full), each method at its chosen learning rate (the rsLoRA runs are left to ``val_loss_vs_rank``:
+    two lines per rank would hide both). Every validation curve starts at step 0 at the base model's loss: ΔW = 0
+    (LoRA's B = 0) or W = W0 (full fine-tuning) before the first step, so step 0 IS the base model."""
     fig, (ax1, ax2) = _figure(2, (14, 4.8), sharey=True)
     runs = _lora_runs(results)
     cmap = matplotlib.colormaps["viridis"]
@@ -106,7 +119,7 @@ def loss_curves(results: dict[str, Any], out: Path) -> Path:
             styled.append((r, extra))
     base = results["base"]["finetune_val_loss"]
     for r, style in styled:
-        h = r["history"]
+        h, style = r["history"], {**style, "label": f"{style['label']} (lr {r['lr']:g})"}
         ax1.plot(h["steps"], h["train_loss"], **style)
         ax2.plot([0, *h["steps"]], [base, *h["val_loss"]], **style)  # step 0: the base model, for every run
     ax2.plot([0], [base], "o", color="gray", ms=7, label=f"step 0 = base model: {base:.2f}")
@@ -119,26 +132,43 @@ def loss_curves(results: dict[str, Any], out: Path) -> Path:
 
 @matplotlib.rc_context(STYLE)
 def val_loss_vs_rank(results: dict[str, Any], out: Path) -> Path:
-    """Final validation loss vs rank, with full fine-tuning and the base model as horizontal lines."""
-    runs = _lora_runs(results)
-    fig, ax = _figure()
-    ax.plot([r["rank"] for r in runs], [r["final_val_loss"] for r in runs], "o-", label=_lora_label(runs))
-    full, extra = _run(results, "full"), _run(results, "lora", True)
+    """Loss on the new task vs rank, every method at its chosen learning rate: LoRA (α/r) and rsLoRA (α/√r) as
+    lines, full fine-tuning, the control run and the base model as horizontal lines. The loss is the TEST loss
+    (the rates were chosen on validation); results from before the test split show the validation loss. The file
+    keeps its old name, which the README links to."""
+    split, key, base_key = loss_split(results)
+    runs, rs = _lora_runs(results), _rslora_runs(results)
+    fig, ax = _figure(1, (9, 4.8))
+    ax.plot([r["rank"] for r in runs], [r[key] for r in runs], "o-", label=_lora_label(runs) + _scaling(runs))
+    if rs:
+        ax.plot([r["rank"] for r in rs], [r[key] for r in rs], "s--", color="tab:orange",
+                label=_lora_label(rs) + _scaling(rs))
+    full, extra, partial = _run(results, "full"), _run(results, "lora", True), _run(results, "partial")
     if full:
-        ax.axhline(full["final_val_loss"], color="k", ls="--", label=f"full fine-tuning: {full['final_val_loss']:.3f}")
-    partial = _run(results, "partial")
+        ax.axhline(full[key], color="k", ls="--", label=f"full fine-tuning: {full[key]:.3f}")
     if partial:
-        ax.axhline(partial["final_val_loss"], color="tab:purple", ls="-.",
-                   label=f"{_partial_label(partial)}: {partial['final_val_loss']:.3f}")
+        ax.axhline(partial[key], color="tab:purple", ls="-.", label=f"{_partial_label(partial)}: {partial[key]:.3f}")
     if extra:
-        ax.plot([extra["rank"]], [extra["final_val_loss"]], "s", color="tab:red", ms=9,
-                label=f"LoRA r={extra['rank']} + wte, lm_head: {extra['final_val_loss']:.3f}")
-    ax.axhline(results["base"]["finetune_val_loss"], color="gray", lw=1, label="base model")
+        ax.plot([extra["rank"]], [extra[key]], "D", color="tab:red", ms=8,
+                label=f"LoRA r={extra['rank']} + wte, lm_head: {extra[key]:.3f}")
+    ax.axhline(results["base"][base_key], color="gray", lw=1, label=f"base model: {results['base'][base_key]:.3f}")
+    ranks = sorted({r["rank"] for r in runs + rs})
     ax.set_xscale("log", base=2)
-    ax.set_xticks([r["rank"] for r in runs], [str(r["rank"]) for r in runs])
-    ax.set(xlabel="rank r", ylabel="validation loss (nats per character)", title="final validation loss vs rank")
-    ax.legend(fontsize=9)
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.set(xlabel="rank r", ylabel=f"{split} loss (nats per character)")
+    ax.set_title(f"{split} loss vs rank{_rates(results)}", fontsize=11)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
     return _save(fig, out / "val_loss_vs_rank.png")
+
+
+def _rates(results: dict[str, Any]) -> str:
+    """A title's note on the learning rates: chosen per method, or (results from before the search) one each."""
+    return ("\neach method at the rate its validation loss chose" if "lr_search" in results else
+            "\neach method at one learning rate, not searched")
+
+
+def _scaling(runs: list[dict[str, Any]]) -> str:
+    return (", s = α/√r" if runs[0].get("rslora") else ", s = α/r") if runs else ""
 
 
 MEMORY_CATEGORIES = ("weights", "gradients", "optimizer", "activations", "scratch")
@@ -148,7 +178,9 @@ MEMORY_CATEGORIES = ("weights", "gradients", "optimizer", "activations", "scratc
 def memory_by_mode(results: dict[str, Any], out: Path) -> Path:
     """Peak training memory by mode, stacked by ledger category: analytic next to measured. The measured bar also
     holds ``scratch`` (backward's temporaries, which the ledger does not predict), so its top is the measured peak."""
-    picks = [r for r in results["runs"] if "memory" in r]
+    # rsLoRA's ledger is α/r LoRA's at the same rank (the scaling is one number): one bar pair per rank is enough
+    rs = {id(r) for r in _rslora_runs(results)}
+    picks = [r for r in chosen_runs(results) if "memory" in r and id(r) not in rs]
     fig, ax = _figure(1, (max(8, 1.2 * len(picks) + 4), 5.5))
     colors = dict(zip(MEMORY_CATEGORIES, ("tab:blue", "tab:orange", "tab:green", "tab:gray", "silver")))
     for i, r in enumerate(picks):
@@ -160,7 +192,7 @@ def memory_by_mode(results: dict[str, Any], out: Path) -> Path:
                        hatch="//" if kind == "measured" else None, edgecolor="white",
                        label=cat if i == 0 and j == 1 else None)
                 bottom += v
-    ax.set_xticks(range(len(picks)), [r["name"] for r in picks], rotation=30, ha="right")
+    ax.set_xticks(range(len(picks)), [method(r) for r in picks], rotation=30, ha="right")
     batch = picks[0]["memory"]["batch_size"] if picks else "?"
     ax.set(ylabel="MiB", title=f"memory of one training step, batch {batch} (left: analytic, right hatched: measured)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -192,25 +224,75 @@ def step_time(results: dict[str, Any], out: Path) -> Path:
 
 @matplotlib.rc_context(STYLE)
 def targets(results: dict[str, Any], out: Path) -> Path:
-    """Final validation loss by which weights are adapted, at one budget of trainable parameters, with the base
-    model and full fine-tuning (if the results hold it) as reference lines. The y-axis starts at 0: the bars are
-    compared by their length, and a cut axis would make 0.2 nats look like a factor of two."""
+    """Test loss by which weights are adapted, at one budget of trainable parameters, each at its chosen learning
+    rate, with the base model and full fine-tuning (if the results hold it) as reference lines (results from before
+    the test split: the validation loss). The y-axis starts at 0: the bars are compared by their length, and a cut
+    axis would make 0.2 nats look like a factor of two."""
+    split, key, base_key = loss_split(results)
     runs = _lora_runs_in_order(results)
     fig, ax = _figure(1, (10, 4.8))
-    labels = [f"{' + '.join(r['targets'].split(','))}\nr = {r['rank']}" for r in runs]
-    bars = ax.bar(range(len(runs)), [r["final_val_loss"] for r in runs], color="tab:blue")
+    labels = [f"{' + '.join(r['targets'].split(','))}\nr = {r['rank']}\nlr {r['lr']:g}" for r in runs]
+    bars = ax.bar(range(len(runs)), [r[key] for r in runs], color="tab:blue")
     ax.bar_label(bars, fmt="%.3f", fontsize=9)
     ax.set_xticks(range(len(runs)), labels, fontsize=9)
-    base, full = results["base"]["finetune_val_loss"], _run(results, "full")
+    base, full = results["base"][base_key], _run(results, "full")
     ax.axhline(base, color="gray", lw=1.5, label=f"base model (no fine-tuning): {base:.3f}")
     if full:
-        ax.axhline(full["final_val_loss"], color="k", ls="--", lw=1.5,
-                   label=f"full fine-tuning ({full['trainable']:,} trainable): {full['final_val_loss']:.3f}")
-    ax.set_ylim(0, 1.12 * max([base] + [r["final_val_loss"] for r in runs]))
-    ax.set(xlabel="adapted weight matrices of every block, and the rank", ylabel="final validation loss (nats/char)",
+        ax.axhline(full[key], color="k", ls="--", lw=1.5,
+                   label=f"full fine-tuning ({full['trainable']:,} trainable): {full[key]:.3f}")
+    ax.set_ylim(0, 1.12 * max([base] + [r[key] for r in runs]))
+    ax.set(xlabel="adapted weight matrices of every block, the rank and the chosen learning rate",
+           ylabel=f"{split} loss (nats/char)",
            title=f"which weights to adapt, {runs[0]['trainable']:,} trainable parameters each")
-    ax.legend(fontsize=9, loc="upper right")
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2)  # below: clear of the bar labels
     return _save(fig, out / "targets.png")
+
+
+MARKERS = ("o", "v", "^", "<", ">", "p", "h", "*", "X")
+
+
+@matplotlib.rc_context(STYLE)
+def learned_forgotten(results: dict[str, Any], out: Path) -> Path:
+    """Learned against forgotten (Biderman et al. 2024, "LoRA Learns Less and Forgets Less"), one point per
+    method at its chosen learning rate (``summary.forgetting_summary``): x = the base's loss on the new task − the
+    run's, y = the run's loss on the base's held-out pretraining text − the base's. The base model is (0, 0).
+    LoRA is coloured by rank; its marker tells the scaling (or, in the which-weights experiment, the weights)."""
+    summary = forgetting_summary(results)
+    runs = [r for r in summary["runs"] if r["learned"] is not None and r["forgotten"] is not None]
+    lora = [r for r in runs if r["mode"] == "lora"]
+    ranks = sorted({r["rank"] for r in lora})
+    cmap = matplotlib.colormaps["viridis"]
+    colour = {rank: cmap(i / max(len(ranks) - 1, 1)) for i, rank in enumerate(ranks)}
+    targets = list(dict.fromkeys(r["targets"] for r in lora))
+    fig, ax = _figure(1, (9, 5.5))
+    ax.axhline(0, color="gray", lw=1)
+    ax.axvline(0, color="gray", lw=1)
+    ax.plot([0], [0], "o", color="gray", ms=8, label="base model")
+    for r in runs:
+        if r["mode"] == "full":
+            style = {"marker": "D", "color": "k", "label": "full fine-tuning"}
+        elif r["mode"] == "partial":
+            style = {"marker": "P", "color": "tab:purple", "label": f"{r['targets'].replace(',', ', ')} in full"}
+        else:
+            if len(targets) > 1:  # which weights: one marker per set of adapted weights
+                marker = MARKERS[targets.index(r["targets"]) % len(MARKERS)]
+                label = f"LoRA on {r['targets'].replace(',', ', ')}, r={r['rank']}"
+            elif r["modules_to_save"]:
+                marker, label = "s", f"LoRA r={r['rank']} + {', '.join(r['modules_to_save'])}"
+            else:
+                marker, label = ("^", f"rsLoRA r={r['rank']}") if r["rslora"] else ("o", f"LoRA r={r['rank']}")
+            style = {"marker": marker, "color": colour[r["rank"]], "label": label}
+        ax.plot([r["learned"]], [r["forgotten"]], ls="none", ms=8, mec="k", mew=0.5, **style)
+    title = f"learned vs forgotten{_rates(results)}"
+    verdict = summary["learns_more_forgets_more"]
+    if verdict is not None:
+        both = "learns more and forgets more than" if verdict else "does not both learn more and forget more than"
+        title += f"\nfull fine-tuning {both} the best LoRA run ({summary['best_lora']})"
+    ax.set(xlabel=f"learned: base − run, {summary['split']} loss on the new task (nats/char)",
+           ylabel="forgotten: run − base,\nloss on the pretraining text (nats/char)")
+    ax.set_title(title, fontsize=11)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
+    return _save(fig, out / "learned_forgotten.png")
 
 
 # -- the task-distance study (``python -m lora_np study``) ---------------------------------------------------------
@@ -400,8 +482,8 @@ def _is_study(results: dict[str, Any]) -> bool:
 
 
 def _lora_runs_in_order(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The plain LoRA runs in the order they ran (the which-weights experiment's order)."""
-    return [r for r in results["runs"] if r["mode"] == "lora" and not r["modules_to_save"]]
+    """The plain LoRA runs at their chosen learning rates in the order they ran (the which-weights experiment's)."""
+    return [r for r in chosen_runs(results) if r["mode"] == "lora" and not r["modules_to_save"]]
 
 
 @matplotlib.rc_context(STYLE)
@@ -566,6 +648,13 @@ def _lm(has_data: Any) -> Any:
     return lambda results: _language_model(results) and has_data(results)
 
 
+def _has_forgetting(results: dict[str, Any]) -> bool:
+    """The base and a run of a sweep-like experiment hold the loss on the pretraining text (the study's own
+    figures draw its runs; results written before forgetting was measured have no such loss)."""
+    return not _is_study(results) and results["base"].get("pretrain_val_loss") is not None and any(
+        r.get("pretrain_val_loss") is not None for r in chosen_runs(results))
+
+
 def _has_memory(results: dict[str, Any]) -> bool:
     return not _is_study(results) and any("memory" in r for r in results["runs"])
 
@@ -574,6 +663,7 @@ def _has_memory(results: dict[str, Any]) -> bool:
 FIGURES = ((params_vs_rank, _lm(_has_rank_series)), (loss_curves, _lm(_has_rank_series)),
            (val_loss_vs_rank, _lm(_has_rank_series)), (memory_by_mode, _lm(_has_memory)),
            (step_time, _lm(_has_rank_series)), (targets, _lm(_has_target_choices)),
+           (learned_forgotten, _lm(_has_forgetting)),
            (task_distance, _is_study), (lr_grid, _is_study), (full_rank, lambda res: "full_rank" in res),
            (rslora, lambda res: "rslora" in res), (subspace_similarity, _is_study), (amplification, _is_study),
            (spectrum, _is_study), (accuracy_vs_parameters, _classifies), (planted_kl_vs_rank, _is_planted),

@@ -1,6 +1,8 @@
 """The command line: the main job end to end at the quick size, every subcommand, and the bad-input catalogue
 (each bad argument is one line on stderr, exit code 2, no traceback, nothing trained and no file written)."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -10,24 +12,32 @@ from pathlib import Path
 import pytest
 
 from lora_np import experiments
-from lora_np.__main__ import COMMANDS, main
+from lora_np.__main__ import COMMANDS, _experiment, build_parser, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SWEEP_FIGURES = ["loss_curves.png", "memory_by_mode.png", "params_vs_rank.png", "step_time.png",
-                 "val_loss_vs_rank.png"]
+SWEEP_FIGURES = ["learned_forgotten.png", "loss_curves.png", "memory_by_mode.png", "params_vs_rank.png",
+                 "step_time.png", "val_loss_vs_rank.png"]
 
 
 @pytest.fixture(scope="module")
-def sweep_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sweep")
-    assert main(["sweep", "--quick", "--no-progress", "--out", str(out)]) == 0
-    return out
+def sweep_run(tmp_path_factory):
+    """(--out folder, what the command printed) of the quick sweep."""
+    out, printed = tmp_path_factory.mktemp("sweep"), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["sweep", "--quick", "--no-progress", "--out", str(out)]) == 0
+    return out, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sweep_out(sweep_run):
+    return sweep_run[0]
 
 
 def test_sweep_writes_results_with_every_rank(sweep_out):
     results = json.loads((sweep_out / "results" / "sweep.json").read_text())
     assert results["experiment"] == "sweep"
-    runs = {r["name"]: r for r in results["runs"]}
+    runs = {r["method"]: r for r in results["runs"] if r["chosen"]}  # each method at its chosen learning rate
+    assert list(runs) == list(results["lr_search"])
     ranks = results["config"]["ranks"]
     assert ranks == [1, 2, 4, 8, 16, 32, 64]
     for r in ranks:
@@ -46,9 +56,19 @@ def test_sweep_writes_results_with_every_rank(sweep_out):
     assert control["trainable"] == n_layer * 2 * (d * d + d)  # W and b of q and of v in every block
     assert control["memory"]["mode"] == "partial" and control["memory"]["measured"]["peak"] > 0
     assert control["memory"]["analytic"]["gradients"] == control["memory"]["measured"]["gradients"]
-    assert [r["mode"] for r in results["runs"]].count("partial") == 1
-    assert any(r["modules_to_save"] for r in results["runs"])
+    assert [r["mode"] for r in runs.values()].count("partial") == 1
+    assert any(r["modules_to_save"] for r in runs.values())
+    assert [r["rank"] for r in runs.values() if r["rslora"]] == results["config"]["rslora_ranks"] == [1, 4]
     assert results["base"]["finetune_val_loss"] > 0 and results["unseen_chars"]
+    assert results["base"]["finetune_test_loss"] > 0 and results["base"]["pretrain_val_loss"] > 0
+    assert not any("memory" in r for r in results["runs"] if not r["chosen"])  # measured for the chosen run only
+
+
+def test_sweep_prints_gaps_rates_and_forgetting(sweep_run):
+    _, out = sweep_run
+    assert "| run | trainable | lr | test loss | gap to full (nats) | share of full's gain |" in out
+    assert "| full | 65,344 |" in out and "| rslora-r4 |" in out
+    assert "the best LoRA run" in out and "learned" in out and "forgotten" in out
 
 
 def test_sweep_writes_only_results_and_figures(sweep_out):
@@ -64,6 +84,13 @@ def test_sweep_writes_only_results_and_figures(sweep_out):
 def test_figures_redraw_from_results(sweep_out, tmp_path):
     assert main(["figures", "--results", str(sweep_out / "results" / "sweep.json"), "--out", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.glob("*.png")) == SWEEP_FIGURES
+
+
+def test_rslora_flag_makes_every_lora_run_rslora_and_adds_no_comparison_runs():
+    cfg = _experiment(build_parser().parse_args(["sweep", "--quick", "--rslora"]))
+    assert cfg.lora.rslora and cfg.rslora_ranks == ()
+    assert not any(s.name.startswith("rslora-") for s in experiments.sweep_specs(cfg))
+    assert _experiment(build_parser().parse_args(["finetune", "--rslora"])).lora.rslora
 
 
 def test_finetune_save_adapter_then_generate(tmp_path, capsys):
@@ -120,17 +147,20 @@ def test_help_for_every_subcommand(command):
 def test_targets_experiment_has_one_parameter_budget(tmp_path):
     assert main(["targets", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results" / "targets.json").read_text())
-    runs = [r for r in results["runs"] if r["mode"] == "lora"]
+    chosen = [r for r in results["runs"] if r["chosen"]]  # each method at its chosen learning rate
+    runs = [r for r in chosen if r["mode"] == "lora"]
     assert [r["targets"] for r in runs] == ["q", "k", "v", "o", "q,k", "q,v", "q,k,v,o"]
     assert len({r["trainable"] for r in runs}) == 1  # the same budget for every choice of weights
-    assert all(r["final_val_loss"] > 0 for r in runs)
-    full = results["runs"][-1]  # the reference line of the figure
-    assert full["mode"] == "full" and full["trainable"] == full["total"] and len(results["runs"]) == len(runs) + 1
-    assert [p.name for p in (tmp_path / "figures").iterdir()] == ["targets.png"]
-    assert (tmp_path / "figures" / "targets.png").read_bytes().startswith(PNG_MAGIC)
+    assert all(r["final_val_loss"] > 0 and r["test_loss"] > 0 and r["pretrain_val_loss"] > 0 for r in runs)
+    full = chosen[-1]  # the reference line of the figure
+    assert full["mode"] == "full" and full["trainable"] == full["total"] and len(chosen) == len(runs) + 1
+    assert list(results["lr_search"]) == [r["method"] for r in chosen]
+    figures = ["learned_forgotten.png", "targets.png"]
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == figures
+    assert all((tmp_path / "figures" / f).read_bytes().startswith(PNG_MAGIC) for f in figures)
     redraw = tmp_path / "redraw"
     assert main(["figures", "--results", str(tmp_path / "results" / "targets.json"), "--out", str(redraw)]) == 0
-    assert [p.name for p in redraw.iterdir()] == ["targets.png"]
+    assert sorted(p.name for p in redraw.iterdir()) == figures
 
 
 
@@ -144,6 +174,7 @@ def test_run_spec_modes_and_checks():
     assert control.mode == "partial" and control.train_only == ("q", "v")  # checked and put in model order
     names = [s.name for s in experiments.sweep_specs(experiments.ExperimentConfig.quick())]
     assert names.count("full-qv") == 1 and names.index("full") < names.index("full-qv")
+    assert names.index("rslora-r4") < names.index("full")
     for kwargs, match in (({"lora": LoRAConfig(), "train_only": "q,v"}, "not both"),
                           ({"train_only": "q,x"}, r"unknown LoRA target"),
                           ({"lora": "q,v"}, "must be a LoRAConfig"), ({"lr": 0.0}, "lr must be")):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_np import backend, data
-from lora_np.data import BatchSampler, CharTokenizer, iter_eval_batches, train_val_split
+from lora_np.data import BatchSampler, CharTokenizer, iter_eval_batches, train_val_split, train_val_test_split
 
 np = backend.np
 
@@ -227,6 +227,13 @@ def test_split_rejects_bad_fraction(frac):
 def test_split_rejects_too_short_stream():
     with pytest.raises(ValueError, match="too short"):
         train_val_split(np.arange(3), 0.1)
+
+
+def test_three_way_split_is_train_then_validation_then_test():
+    ids = np.arange(1000, dtype=np.int64)
+    train, val, test = train_val_test_split(ids)
+    assert (len(train), len(val), len(test)) == (800, 100, 100)  # the last 10% test, the 10% before validation
+    assert np.array_equal(np.concatenate([train, val, test]), ids)
 
 
 # --- batches -----------------------------------------------------------------------------------------------------

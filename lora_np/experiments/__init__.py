@@ -1,9 +1,13 @@
 """The experiments behind ``python -m lora_np``, one module each, sharing the run machinery of ``runs.py``.
 
     runs.py      ExperimentConfig, the corpora, the cached base model, RunSpec and ``finetune_run`` (one fine-tuning
-                 run from the base model -> the trained model and its row), ``run_experiment`` (a list of runs
+                 run from the base model -> the trained model and its row), ``search_lr`` and ``run_method`` (one
+                 method at the learning rate its validation loss chooses), ``run_experiment`` (a list of methods
                  -> one results dict)
-    sweep.py     the rank sweep: LoRA at ranks 1…64, full fine-tuning, LoRA + embeddings and head
+    summary.py   reading those results: the chosen runs, the gap to full fine-tuning next to the share of its gain,
+                 learned vs forgotten (Biderman et al. 2024)
+    sweep.py     the rank sweep: LoRA at ranks 1…64, rsLoRA, full fine-tuning, the control run, LoRA + embeddings
+                 and head
     targets.py   which weights to adapt at a fixed parameter budget (Hu et al. Table 5, in small)
     task_distance.py  the study of issue 8: three tasks at increasing distance from one base, every method at a
                  learning-rate grid chosen on validation and scored on test, and the §7 analyses of the models
@@ -24,7 +28,9 @@ from .runs import (
     model_config,
     pretrain_base,
     run_experiment,
+    run_method,
     sample_text,
+    search_lr,
     split_loss,
     to_json,
 )
@@ -34,5 +40,5 @@ from .task_distance import StudyConfig, load_study_data, run_study
 
 __all__ = ["TARGET_BUDGET", "Corpora", "ExperimentConfig", "RunSpec", "StudyConfig", "base_model_path", "cache_dir",
            "finetune_run", "load_corpora", "load_study_data", "model_config", "pretrain_base", "run_experiment",
-           "run_study", "run_sweep", "run_targets", "sample_text", "split_loss", "sweep_specs", "targets_specs",
-           "to_json"]
+           "run_method", "run_study", "run_sweep", "run_targets", "sample_text", "search_lr", "split_loss",
+           "sweep_specs", "targets_specs", "to_json"]

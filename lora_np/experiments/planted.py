@@ -75,7 +75,6 @@ from .runs import (
     search_lr,
     to_json,
 )
-from .task_distance import _three_way
 
 # t quantiles t_{0.975, n-1} for a 95% interval of a mean of n = 2..10 seeds (no SciPy here: a table suffices)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -376,18 +375,14 @@ def distil(task: Task, method: str, lora: LoRAConfig | None, only: tuple[str, ..
 
 
 def distillation_splits(corpora: Corpora, cfg: PlantedConfig) -> tuple[Any, Any, Any]:
-    """(train, validation, test) ids of the distillation text (the experiment's fine-tuning corpus, whole: the
-    last 10% test, the 10% before it validation); a ValueError naming the corpus if a part cannot hold one
-    window."""
-    ids = backend.np.concatenate(corpora.finetune)
+    """(train, validation, test) ids of the distillation text: the experiment's fine-tuning corpus as
+    ``load_corpora`` cuts it (``data.train_val_test_split``: the last 10% test, the 10% before it validation); a
+    ValueError naming the corpus if a part cannot hold one window."""
+    splits = (*corpora.finetune, corpora.test)
     need = cfg.experiment.model.block_size + 1
-    try:
-        splits = _three_way(ids)
-    except ValueError as e:
-        raise ValueError(f"distillation corpus {cfg.experiment.finetune_corpus!r}: {e}") from None
-    if min(len(part) for part in splits) < need:
+    if corpora.test is None or min(len(part) for part in splits) < need:
         raise ValueError(f"distillation corpus {cfg.experiment.finetune_corpus!r} is too short: its train, "
-                         f"validation and test parts need {need} characters each; it has {len(ids):,} in all")
+                         f"validation and test parts need {need} characters each")
     return splits
 
 

@@ -5,6 +5,11 @@ The default setting: a character-level GPT pretrained on the King James Bible (s
 fine-tuned on Python's reference documentation (``pydoc_data.topics`` in the standard library). Every fine-tuning run
 starts from the same base weights and sees the same batches in the same order (same data seed).
 
+The fine-tuning text is cut three ways (``data.train_val_test_split``): training, validation and test. An experiment
+(``run_experiment``) runs every method at every learning rate of its grid, chooses the rate on the validation loss
+(``search_lr``) and reports the test loss of the chosen run: the lowest of several validation losses is lower than
+the method's true loss by the luck of the pick, and the test text, which played no part in the pick, has no such luck.
+
 The base model is cached on disk, keyed by a hash of everything that determines it (model and training configs,
 both corpora, the tokenizer), so an experiment pretrains once. Cache folder: ``$LORA_NP_CACHE`` or
 ``~/.cache/lora_np``.
@@ -29,11 +34,35 @@ from tqdm.auto import tqdm
 
 from .. import backend, memory
 from ..checkpoint import encode_adapter, load_model, save_model
-from ..data import CharTokenizer, iter_eval_batches, load_corpus, train_val_split
+from ..data import CharTokenizer, iter_eval_batches, load_corpus, train_val_split, train_val_test_split
 from ..functional import _log_softmax
 from ..lora import LoRAConfig, check_setup, count_parameters, prepare_finetuning
 from ..model import GPT, GPTConfig
 from ..train import TrainConfig, evaluate, train
+
+
+def is_rate(value: Any) -> bool:
+    """A learning rate: a finite number > 0 (not a bool). The one check of every rate field here."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def check_lr_grid(value: Any, what: str) -> tuple[float, ...]:
+    """``value`` as a learning-rate grid for ``search_lr``: at least 2 distinct rates, each ``is_rate``."""
+    grid = tuple(value) if isinstance(value, (list, tuple)) else value
+    if not isinstance(grid, tuple) or len(grid) < 2 or not all(is_rate(v) for v in grid) or len(set(grid)) != len(
+            grid):
+        raise ValueError(f"{what} must be at least 2 distinct finite numbers > 0, got {value!r}")
+    return grid
+
+
+def _check_ranks(value: Any, what: str, allow_empty: bool = False) -> tuple[int, ...]:
+    ranks = tuple(value) if isinstance(value, (list, tuple)) else value
+    if not isinstance(ranks, tuple) or not (ranks or allow_empty) or any(
+            isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
+        raise ValueError(f"{what} must be positive integers, got {value!r}")
+    if len(set(ranks)) != len(ranks):
+        raise ValueError(f"{what} has repeated values: {list(ranks)}")
+    return ranks
 
 
 @dataclass(frozen=True)
@@ -45,11 +74,18 @@ class ExperimentConfig:
         max_steps=2000, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=50, eval_every=100))
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(
         max_steps=300, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20, eval_every=25))
-    full_lr: float = 1e-3  # full fine-tuning moves every weight; a smaller peak lr suits it (chosen, not tuned)
+    # The peak learning rate of a single run (the ``finetune`` command): finetune.lr for LoRA, full_lr for full
+    # fine-tuning (it moves every weight; a smaller rate suits it). Experiments search a grid instead:
+    full_lr: float = 1e-3
+    lora_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # the grid of every LoRA method of an experiment
+    full_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # ... and of full fine-tuning and the control run
     # The LoRA setup of every run: its r is the rank of single runs and of the modules_to_save run; the sweep
     # replaces r by each of ``ranks``. α fixed across ranks, as the paper (§4.1: α set once, then not tuned).
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=8, alpha=16.0, targets=("q", "v")))
     ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    # rsLoRA (s = α/√r, Kalajdzievski 2023) in the sweep at these ranks, each with its own lr search: whether α/√r
+    # beats α/r once both have their best rate; () for none
+    rslora_ranks: tuple[int, ...] = (1, 4, 16, 64)
     extra_modules: tuple[str, ...] = ("wte", "lm_head")  # the extra sweep run trains these too; () for none
     pretrain_corpus: str = "bible"
     finetune_corpus: str = "python-docs"
@@ -62,20 +98,21 @@ class ExperimentConfig:
                            ("lora", LoRAConfig)):
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(f"ExperimentConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
-        if isinstance(self.full_lr, bool) or not isinstance(self.full_lr, (int, float)) or not (
-                math.isfinite(self.full_lr) and self.full_lr > 0):
+        if not is_rate(self.full_lr):
             raise ValueError(f"ExperimentConfig.full_lr must be a finite number > 0, got {self.full_lr!r}")
-        ranks = tuple(self.ranks) if isinstance(self.ranks, (list, tuple)) else self.ranks
-        if not isinstance(ranks, tuple) or not ranks or any(
-                isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
-            raise ValueError(f"ExperimentConfig.ranks must be positive integers, got {self.ranks!r}")
-        if len(set(ranks)) != len(ranks):
-            raise ValueError(f"ExperimentConfig.ranks has repeated values: {list(ranks)}")
+        for name in ("lora_lrs", "full_lrs"):
+            object.__setattr__(self, name, check_lr_grid(getattr(self, name), f"ExperimentConfig.{name}"))
+        ranks = _check_ranks(self.ranks, "ExperimentConfig.ranks")
+        rs_ranks = _check_ranks(self.rslora_ranks, "ExperimentConfig.rslora_ranks", allow_empty=True)
         max_r = self.model.n_embd  # every Linear of a block is C x C or C x 4C
-        too_big = [r for r in (*ranks, self.lora.r) if r > max_r]
+        too_big = sorted({r for r in (*ranks, *rs_ranks, self.lora.r) if r > max_r})
         if too_big:
             raise ValueError(f"LoRA rank(s) {too_big} exceed min(d_in, d_out) = n_embd = {max_r} of this model")
+        if rs_ranks and self.lora.rslora:
+            raise ValueError("ExperimentConfig.rslora_ranks adds rsLoRA runs next to the α/r ones; with lora.rslora "
+                             "the rank series is rsLoRA already: set rslora_ranks=()")
         object.__setattr__(self, "ranks", ranks)
+        object.__setattr__(self, "rslora_ranks", rs_ranks)
         object.__setattr__(self, "extra_modules", replace(self.lora, modules_to_save=self.extra_modules)
                            .modules_to_save)  # checked and ordered by LoRAConfig
         for name in ("pretrain_corpus", "finetune_corpus", "pretrain_prompt", "samples_prompt"):
@@ -84,14 +121,21 @@ class ExperimentConfig:
         if isinstance(self.sample_tokens, bool) or not isinstance(self.sample_tokens, int) or self.sample_tokens < 1:
             raise ValueError(f"ExperimentConfig.sample_tokens must be a positive integer, got {self.sample_tokens!r}")
 
+    def lr_grid(self, lora: LoRAConfig | None) -> tuple[float, ...]:
+        """The learning-rate grid of a method: ``lora_lrs`` for LoRA, ``full_lrs`` for full fine-tuning of every
+        weight or of some layers (the control run)."""
+        return self.full_lrs if lora is None else self.lora_lrs
+
     @classmethod
     def quick(cls, **changes: Any) -> ExperimentConfig:
-        """A tiny configuration for tests and CI: seconds, not minutes. Same code path as the full run."""
+        """A tiny configuration for tests and CI: seconds, not minutes. Same code path as the full run, with grids
+        of two rates and rsLoRA at two ranks."""
         return cls(**{"model": GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=64),
                       "pretrain": TrainConfig(max_steps=30, batch_size=8, warmup_steps=5, eval_every=15,
                                               eval_batches=2),
                       "finetune": TrainConfig(max_steps=10, batch_size=8, warmup_steps=2, eval_every=5,
                                               eval_batches=2),
+                      "lora_lrs": (3e-3, 1e-2), "full_lrs": (1e-3, 3e-3), "rslora_ranks": (1, 4),
                       "sample_tokens": 40, **changes})
 
 
@@ -102,7 +146,7 @@ class ExperimentConfig:
 class Corpora:
     tokenizer: CharTokenizer
     pretrain: tuple[Any, Any]  # (train ids, validation ids)
-    finetune: tuple[Any, Any]
+    finetune: tuple[Any, Any]  # (train ids, validation ids): the learning rate is chosen on validation
     unseen: list[str]  # characters of the fine-tuning corpus that never occur in the pretraining corpus
     digest: str  # identifies both texts (part of the base-model cache key)
     test: Any = None  # a held-out test split of the fine-tuning corpus (ids), scored once after training; or None
@@ -114,8 +158,9 @@ class Corpora:
 
 
 def load_corpora(cfg: ExperimentConfig) -> Corpora:
-    """Both corpora, tokenized with one vocabulary: the union of their characters. Each must be long enough for
-    its training windows and validation windows; otherwise a ValueError that names the corpus."""
+    """Both corpora, tokenized with one vocabulary: the union of their characters. The pretraining text is split
+    into train / validation, the fine-tuning text into train / validation / test (``Corpora.test``). Every part must
+    be long enough for one window; otherwise a ValueError that names the corpus."""
     pre_text, fine_text = load_corpus(cfg.pretrain_corpus), load_corpus(cfg.finetune_corpus)
     tok = CharTokenizer.from_texts(pre_text, fine_text)
     digest = hashlib.sha256(pre_text.encode() + b"\0" + fine_text.encode()).hexdigest()
@@ -124,14 +169,17 @@ def load_corpora(cfg: ExperimentConfig) -> Corpora:
     for name, text in (("pretrain", pre_text), ("finetune", fine_text)):
         corpus = getattr(cfg, f"{name}_corpus")
         try:
-            splits[name] = train_val_split(tok.encode(text))
+            split = train_val_split if name == "pretrain" else train_val_test_split
+            splits[name] = split(tok.encode(text))
         except ValueError as e:
             raise ValueError(f"{name} corpus {corpus!r}: {e}") from None
         need = cfg.model.block_size + 1  # one window of inputs and its shifted targets
         if min(len(part) for part in splits[name]) < need:
-            raise ValueError(f"{name} corpus {corpus!r} is too short: its training and validation parts need at "
-                             f"least {need} characters each (block_size + 1); it has {len(text):,} in all")
-    return Corpora(tok, splits["pretrain"], splits["finetune"], unseen, digest)
+            parts = "training and validation" if name == "pretrain" else "training, validation and test"
+            raise ValueError(f"{name} corpus {corpus!r} is too short: its {parts} parts need at least {need} "
+                             f"characters each (block_size + 1); it has {len(text):,} in all")
+    train, val, test = splits["finetune"]
+    return Corpora(tok, splits["pretrain"], (train, val), unseen, digest, test=test)
 
 
 def model_config(cfg: ExperimentConfig, corpora: Corpora) -> GPTConfig:
@@ -185,14 +233,15 @@ class RunSpec:
 
     name: str  # "lora-r8", "full", "lora-r8+wte+lm_head", "full-qv"
     lora: LoRAConfig | None = None
-    lr: float | None = None  # peak learning rate; None: the experiment's (finetune.lr for LoRA, full_lr otherwise)
+    # peak learning rate. None: for a single run the config's (finetune.lr for LoRA, full_lr otherwise); in an
+    # experiment (run_experiment), a search over the config's grid (ExperimentConfig.lr_grid)
+    lr: float | None = None
     train_only: tuple[str, ...] = ()  # with lora=None: only these Linear layers of every block train ("q,v", ...)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"RunSpec.name must be a non-empty string, got {self.name!r}")
-        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (
-                math.isfinite(self.lr) and self.lr > 0)):
+        if self.lr is not None and not is_rate(self.lr):
             raise ValueError(f"RunSpec.lr must be None or a finite number > 0, got {self.lr!r}")
         only = check_setup(self.lora, self.train_only, "RunSpec", wrong_type=ValueError)
         object.__setattr__(self, "train_only", only)
@@ -235,13 +284,13 @@ def sample_text(model: GPT, tok: CharTokenizer, prompt: str, n: int, seed: int =
 
 
 def finetune_run(base: GPT, spec: RunSpec, cfg: ExperimentConfig, corpora: Corpora, progress: bool = True,
-                 measure_memory: bool = True) -> tuple[GPT, dict[str, Any]]:
+                 measure_memory: bool = True, sample: bool = True) -> tuple[GPT, dict[str, Any]]:
     """One fine-tuning run from a copy of the base model -> (the trained model, its row of the results).
 
     The row holds the setup (name, mode, rank, targets, ...), the parameter counts, the loss history, the final
-    validation loss (also split into seen and unseen characters), the test loss (if ``corpora.test``), the step
-    time, a sample and, with
-    ``measure_memory``, the memory ledger next to a measured step. Nothing is written: the caller decides."""
+    validation loss (also split into seen and unseen characters), the test loss (if ``corpora.test``), the loss on
+    the pretraining text, the step time and, with ``sample`` and ``measure_memory``, the costly extras of
+    ``run_extras``. Nothing is written: the caller decides."""
     model = prepare_finetuning(copy.deepcopy(base), spec.lora, spec.train_only)
     counts = count_parameters(model)
     lr = spec.lr if spec.lr is not None else (cfg.full_lr if spec.lora is None else cfg.finetune.lr)
@@ -261,7 +310,6 @@ def finetune_run(base: GPT, spec: RunSpec, cfg: ExperimentConfig, corpora: Corpo
         "tokens_per_s": _median(history.tokens_per_s), "history": history.to_dict(),
         **split_loss(model, corpora.finetune[1], corpora.unseen_ids, T, cfg.finetune.batch_size,
                      cfg.finetune.eval_batches),
-        "sample": sample_text(model, corpora.tokenizer, cfg.samples_prompt, cfg.sample_tokens),
     }
     # Forgetting (Biderman et al. 2024, "LoRA Learns Less and Forgets Less"): the loss on the base's own held-out
     # pretraining text after fine-tuning, next to the base's ``pretrain_val_loss`` (``run_experiment``'s "base")
@@ -270,9 +318,20 @@ def finetune_run(base: GPT, spec: RunSpec, cfg: ExperimentConfig, corpora: Corpo
         row["test_loss"] = evaluate(model, corpora.test, T, cfg.finetune.batch_size, cfg.finetune.eval_batches)
     if lora is not None:
         row["adapter_bytes"] = len(encode_adapter(model))  # the size save_adapter would write; no file here
-    if measure_memory:  # one more step, of a copy: the returned model is the trained one
-        row["memory"] = memory.measure_model(copy.deepcopy(model), corpora.finetune[0], train_cfg.batch_size)
-    return model, row
+    return model, row | run_extras(model, cfg, corpora, sample, measure_memory)
+
+
+def run_extras(model: GPT, cfg: ExperimentConfig, corpora: Corpora, sample: bool = True,
+               measure_memory: bool = True) -> dict[str, Any]:
+    """The costly parts of a run's row, which play no part in choosing a learning rate, so an experiment makes
+    them for the chosen run of each method only: a ``sample`` of text, and (``measure_memory``) the memory ledger
+    next to one measured training step, taken on a copy (``model`` stays as trained)."""
+    extras: dict[str, Any] = {}
+    if sample:
+        extras["sample"] = sample_text(model, corpora.tokenizer, cfg.samples_prompt, cfg.sample_tokens)
+    if measure_memory:
+        extras["memory"] = memory.measure_model(copy.deepcopy(model), corpora.finetune[0], cfg.finetune.batch_size)
+    return extras
 
 
 # -- learning rates: a grid whose choice is interior ---------------------------------------------------------------
@@ -332,6 +391,31 @@ def search_lr(run: Callable[[float], dict[str, Any]], grid: Sequence[float], key
             "grid": tried}
 
 
+def run_method(base: GPT, spec: RunSpec, cfg: ExperimentConfig, corpora: Corpora, progress: bool = True,
+               measure_memory: bool = True) -> dict[str, Any]:
+    """One method of an experiment at its best learning rate: ``spec`` run at every rate of its grid
+    (``cfg.lr_grid``; ``search_lr`` steps past the grid's edge while the best run sits there), the rate chosen on
+    the validation loss. A ``spec`` with its own ``lr`` runs at that rate alone (not searched: "interior" None).
+
+    Returns search_lr's dict: "rows" (each named "<method>/lr<rate>", with "method" and "chosen"), "lr", "interior"
+    and "grid". Only the chosen row has the extras of ``run_extras``: they cost time and choose nothing."""
+    models: dict[float, GPT] = {}
+
+    def run(lr: float) -> dict[str, Any]:
+        model, row = finetune_run(base, replace(spec, name=f"{spec.name}/lr{lr:g}", lr=lr), cfg, corpora, progress,
+                                  measure_memory=False, sample=False)
+        models[lr] = model
+        return row | {"method": spec.name}
+
+    if spec.lr is None:
+        search = search_lr(run, cfg.lr_grid(spec.lora))
+    else:
+        search = {"rows": [run(spec.lr) | {"chosen": True}], "lr": spec.lr, "interior": None, "grid": [spec.lr]}
+    chosen = next(row for row in search["rows"] if row["chosen"])
+    chosen.update(run_extras(models[search["lr"]], cfg, corpora, measure_memory=measure_memory))
+    return search
+
+
 def _median(values: list[float]) -> float:
     """The median, nan for no values (a run too short to time)."""
     return statistics.median(values) if values else math.nan
@@ -352,26 +436,34 @@ def machine_info() -> dict[str, Any]:
 
 def run_experiment(cfg: ExperimentConfig, specs: list[RunSpec], name: str, progress: bool = True,
                    measure_memory: bool = True) -> dict[str, Any]:
-    """Base model (cached), then every fine-tuning run of ``specs`` -> the results dict (JSON-ready through
-    ``to_json``): config, machine, base model, one row per run, seconds. The trained models are not kept."""
+    """Base model (cached), then every method of ``specs`` at every rate of its learning-rate grid (``run_method``)
+    -> the results dict (JSON-ready through ``to_json``): config, machine, base model, "runs" (one row per run,
+    every rate of every method; the chosen ones marked "chosen"), "lr_search" (method -> the chosen "lr",
+    "interior", the "grid" tried), seconds. The base holds its losses on the fine-tuning text's validation and test
+    splits and on the pretraining text. The trained models are not kept."""
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):  # "lr_search" is keyed by method
+        raise ValueError(f"run_experiment: every method needs its own name, got {names}")
     start = time.perf_counter()
     corpora = load_corpora(cfg)
     base, base_info = pretrain_base(cfg, corpora, progress)
     T = cfg.model.block_size
-    base_val = evaluate(base, corpora.finetune[1], T, cfg.finetune.batch_size, cfg.finetune.eval_batches)
+    bs, nb = cfg.finetune.batch_size, cfg.finetune.eval_batches
     results: dict[str, Any] = {
         "experiment": name, "config": asdict(cfg), "machine": machine_info(), "unseen_chars": "".join(corpora.unseen),
         "vocab_size": corpora.tokenizer.vocab_size,
-        "base": {**base_info, "finetune_val_loss": base_val, "pretrain_val_loss": pretrain_val_loss(base, corpora, cfg),
-                 **split_loss(base, corpora.finetune[1], corpora.unseen_ids, T, cfg.finetune.batch_size,
-                              cfg.finetune.eval_batches),
+        "base": {**base_info, "finetune_val_loss": evaluate(base, corpora.finetune[1], T, bs, nb),
+                 "finetune_test_loss": evaluate(base, corpora.test, T, bs, nb),
+                 "pretrain_val_loss": pretrain_val_loss(base, corpora, cfg),
+                 **split_loss(base, corpora.finetune[1], corpora.unseen_ids, T, bs, nb),
                  "total": count_parameters(base).total,
                  "sample": sample_text(base, corpora.tokenizer, cfg.samples_prompt, cfg.sample_tokens)},
-        "runs": [],
+        "runs": [], "lr_search": {},
     }
     for spec in tqdm(specs, desc=name, disable=not progress):
-        _, row = finetune_run(base, spec, cfg, corpora, progress, measure_memory)
-        results["runs"].append(row)
+        search = run_method(base, spec, cfg, corpora, progress, measure_memory)
+        results["runs"] += search["rows"]
+        results["lr_search"][spec.name] = {"lr": search["lr"], "interior": search["interior"], "grid": search["grid"]}
     results["seconds"] = time.perf_counter() - start
     return to_json(results)
 

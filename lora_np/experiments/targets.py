@@ -1,6 +1,7 @@
 """Which weights to adapt under a fixed budget of trainable parameters (Hu et al. 2021, Table 5, in small): every
 run trains r × (number of adapted matrices) = 8 rank-units per block, so all have the same parameter count. Full
-fine-tuning runs with them as the reference (the figure draws it, and the base model, as lines)."""
+fine-tuning runs with them as the reference (the figure draws it, and the base model, as lines). Every method has its
+own learning-rate search, chosen on validation, and reports the test loss (``runs.run_experiment``)."""
 
 from __future__ import annotations
 

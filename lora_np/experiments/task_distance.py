@@ -64,7 +64,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .. import analysis, backend
-from ..data import CharTokenizer, load_bible_verses, load_python_docs, load_stdlib_sources, train_val_split
+from ..data import (
+    CharTokenizer,
+    load_bible_verses,
+    load_python_docs,
+    load_stdlib_sources,
+    train_val_split,
+    train_val_test_split,
+)
 from ..lora import EXTRA_MODULES, LoRAConfig, apply_lora, count_parameters, lora_layers
 from ..train import TrainConfig, evaluate
 from .runs import (
@@ -232,14 +239,6 @@ def _keep_lines(text: str, chars: set[str]) -> tuple[str, int]:
     return "\n".join(kept), len(lines) - len(kept)
 
 
-def _three_way(ids: Any) -> tuple[Any, Any, Any]:
-    """(train, validation, test): the last 10% of the stream is test, the 10% before it validation. Contiguous,
-    as ``train_val_split`` explains; no training window can reach into the test text."""
-    rest, test = train_val_split(ids, 0.1)
-    train, val = train_val_split(rest, 1 / 9)
-    return train, val, test
-
-
 def load_study_data(cfg: StudyConfig) -> StudyData:
     """The base's pretraining text (Bible without ``HELD_OUT_BOOKS``, then the code), its vocabulary, and the
     three tasks made of that vocabulary only. The Bible and the code are split into train / validation
@@ -267,7 +266,7 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
     for task in TASKS:
         text, dropped = _keep_lines(raw[task], known)
         texts[task] = text
-        tasks[task] = _three_way(tok.encode(text))
+        tasks[task] = train_val_test_split(tok.encode(text))
         info["tasks"][task] = {"text": TASK_TEXT[task], "chars": len(text), "dropped_lines": dropped,
                                "distinct_chars": len(set(text)),
                                **{f"{s}_tokens": len(ids) for s, ids in zip(("train", "val", "test"), tasks[task])}}
