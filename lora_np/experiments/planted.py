@@ -68,6 +68,8 @@ from ..train import TrainConfig, train
 from .runs import (
     Corpora,
     ExperimentConfig,
+    check_lr_grid,
+    is_rate,
     load_corpora,
     machine_info,
     pretrain_base,
@@ -123,12 +125,9 @@ class PlantedConfig:
                 or list(sv) != sorted(sv, reverse=True)):
             raise ValueError(f"PlantedConfig.singular_values must be k = {self.k} numbers > 0, largest first, "
                              f"got {sv!r}")
-        if isinstance(self.target_kl, bool) or not isinstance(self.target_kl, (int, float)) or not (
-                math.isfinite(self.target_kl) and self.target_kl > 0):
-            raise ValueError(f"PlantedConfig.target_kl must be a number > 0, got {self.target_kl!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (
-                math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"PlantedConfig.alpha must be a number > 0, got {self.alpha!r}")
+        for name in ("target_kl", "alpha"):
+            if not is_rate(getattr(self, name)):  # a finite number > 0, as every rate
+                raise ValueError(f"PlantedConfig.{name} must be a number > 0, got {getattr(self, name)!r}")
         if not isinstance(self.placements, tuple) or len(self.placements) < 2:
             raise ValueError(f"PlantedConfig.placements must name at least two placements (each teacher's "
                              f"'wrong' matrices are the next placement's), got {self.placements!r}")
@@ -143,11 +142,7 @@ class PlantedConfig:
         if self.k not in r or max(r) <= self.k or min(r) >= self.k:
             raise ValueError(f"PlantedConfig.ranks must hold ranks below k, k = {self.k} itself and above, got {r!r}")
         for name in ("lora_lrs", "full_lrs"):
-            lrs = getattr(self, name)
-            if not isinstance(lrs, tuple) or len(lrs) < 2 or len(set(lrs)) != len(lrs) or any(
-                    isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0)
-                    for v in lrs):
-                raise ValueError(f"PlantedConfig.{name} must be at least 2 distinct numbers > 0, got {lrs!r}")
+            object.__setattr__(self, name, check_lr_grid(getattr(self, name), f"PlantedConfig.{name}"))
 
     @classmethod
     def quick(cls, **changes: Any) -> PlantedConfig:

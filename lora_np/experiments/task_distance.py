@@ -79,6 +79,7 @@ from .runs import (
     Corpora,
     ExperimentConfig,
     RunSpec,
+    check_lr_grid,
     finetune_run,
     machine_info,
     pretrain_base,
@@ -86,6 +87,7 @@ from .runs import (
     search_lr,
     to_json,
 )
+from .summary import recovered_share
 
 HELD_OUT_BOOKS = ("Hebrews", "James", "1 Peter", "2 Peter", "1 John", "2 John", "3 John", "Jude", "Revelation")
 TASKS = ("near", "middle", "far")
@@ -134,10 +136,8 @@ class StudyConfig:
                     isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= d for r in ranks):
                 raise ValueError(f"StudyConfig.{name} must be a tuple of integers in [1, n_embd = {d}], got {ranks!r}")
         for name in ("lora_lrs", "full_lrs"):
-            lrs = getattr(self, name)
-            if not isinstance(lrs, tuple) or len(lrs) < 3 or len(set(lrs)) != len(lrs) or any(
-                    isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0)
-                    for v in lrs):
+            lrs = check_lr_grid(getattr(self, name), f"StudyConfig.{name}")
+            if len(lrs) < 3:  # a choice with a tried rate on both sides needs three to start from
                 raise ValueError(f"StudyConfig.{name} must be at least 3 distinct numbers > 0, got {lrs!r}")
         if not (isinstance(self.rslora_lr, (int, float)) and math.isfinite(self.rslora_lr) and self.rslora_lr > 0):
             raise ValueError(f"StudyConfig.rslora_lr must be a number > 0, got {self.rslora_lr!r}")
@@ -281,12 +281,6 @@ def task_config(cfg: StudyConfig, task: str, tok: CharTokenizer) -> ExperimentCo
 
 
 # -- the measures -------------------------------------------------------------------------------------------------
-
-
-def recovered_share(base: float, lora: float, full: float) -> float | None:
-    """(base − LoRA) / (base − full): 1 = all of full fine-tuning's gain, 0 = none; None if full gained nothing."""
-    gain = base - full
-    return (base - lora) / gain if gain > 0 else None
 
 
 def gaps(task: dict[str, Any]) -> dict[str, float]:
