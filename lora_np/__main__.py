@@ -318,26 +318,22 @@ def main(argv: list[str] | None = None) -> int:
 # -- the commands: each checks its input, then returns a function that does the work -------------------------------
 
 
-def cmd_sweep(args: argparse.Namespace) -> Callable[[], int]:
-    cfg, _ = _prepare(args)
-    out = _out_dir(args)
+def _runs_command(name: str, run: Callable[..., dict[str, Any]]) -> Callable[[argparse.Namespace], Callable[[], int]]:
+    """A command of ``run_experiment``'s kind (sweep, targets): check, then run, print the table, write."""
+    def command(args: argparse.Namespace) -> Callable[[], int]:
+        cfg, _ = _prepare(args)
+        out = _out_dir(args)
 
-    def work() -> int:
-        results = run_sweep(cfg, progress=not args.no_progress)
-        _print_runs(results)
-        return _write(results, out, "sweep", results["base"])
-    return work
+        def work() -> int:
+            results = run(cfg, progress=not args.no_progress)
+            _print_runs(results)
+            return _write(results, out, name, results["base"])
+        return work
+    return command
 
 
-def cmd_targets(args: argparse.Namespace) -> Callable[[], int]:
-    cfg, _ = _prepare(args)
-    out = _out_dir(args)
-
-    def work() -> int:
-        results = run_targets(cfg, progress=not args.no_progress)
-        _print_runs(results)
-        return _write(results, out, "targets", results["base"])
-    return work
+cmd_sweep = _runs_command("sweep", run_sweep)
+cmd_targets = _runs_command("targets", run_targets)
 
 
 def _print_runs(results: dict[str, Any]) -> None:
