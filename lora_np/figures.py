@@ -375,7 +375,7 @@ def full_rank(results: dict[str, Any], out: Path) -> Path:
         -len(bars):] if len(bars) == 5 else "tab:blue")
     ax.bar_label(b, [f"{v:.3f}\n{n:,} trained" if n else f"{v:.3f}" for _, v, n in bars], fontsize=8)
     ax.set_xticks(range(len(bars)), [n for n, _, _ in bars], fontsize=8)
-    ax.set_ylim(0.9 * min(v for _, v, _ in bars), 1.05 * max(v for _, v, _ in bars))
+    ax.set_ylim(0, 1.15 * max(v for _, v, _ in bars))  # from 0: a bar's length is its loss, never a cut-off part
     ax.set(ylabel="test loss (nats/char)", title=f"{fr['task']}: LoRA at full rank against full fine-tuning (§4.1)")
     return _save(fig, out / "full_rank.png")
 
@@ -411,20 +411,24 @@ def subspace_similarity(results: dict[str, Any], out: Path) -> Path:
     """§7.2, Fig. 3 and 4: φ(i, j) between A of r = 8 and r = 64, and between two seeds of r = 64, on W_q and W_v
     of the last block, per task; the last two columns are random Gaussian matrices of the same shapes."""
     tasks = list(results["tasks"])
-    cols = [("q", "r8_vs_r64", "A r=8 vs r=64, W_q"), ("v", "r8_vs_r64", "A r=8 vs r=64, W_v"),
-            ("q", "r64_seeds", "r=64 two seeds, W_q"), ("v", "r64_seeds", "r=64 two seeds, W_v"),
-            ("q", "random_8_vs_64", "random (d,8) vs (d,64)"), ("q", "random_64_vs_64", "random (d,64) vs (d,64)")]
-    fig, axes = _figure(len(cols), (3.1 * len(cols), 2.9 * len(tasks)), squeeze=False)
+    cols = [("q", "r8_vs_r64", "W_q: A r=8 vs r=64"), ("v", "r8_vs_r64", "W_v: A r=8 vs r=64"),
+            ("q", "r64_seeds", "W_q: r=64, 2 seeds"), ("v", "r64_seeds", "W_v: r=64, 2 seeds"),
+            ("q", "random_8_vs_64", "random (d,8), (d,64)"), ("q", "random_64_vs_64", "random (d,64), (d,64)")]
+    fig, axes = _figure(len(cols), (3.3 * len(cols), 3.2 * len(tasks)), squeeze=False)
     fig.clear()
     axes = fig.subplots(len(tasks), len(cols), squeeze=False)
-    for row, task in zip(axes, tasks):
+    for r, (row, task) in enumerate(zip(axes, tasks)):
         phi = results["tasks"][task]["analysis"]["phi"]
-        for ax, (w, key, title) in zip(row, cols):
+        for c, (ax, (w, key, title)) in enumerate(zip(row, cols)):
             m = phi[w][key]
             im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", extent=(0.5, len(m[0]) + 0.5, len(m) + 0.5, 0.5))
-            ax.set_title(f"{task}: {title}", fontsize=8)
-            ax.set_xlabel("j", fontsize=8)
-            ax.set_ylabel("i", fontsize=8)
+            if r == 0:  # column titles once, row names once: the panels keep room for their own numbers
+                ax.set_title(title, fontsize=12)
+            if c == 0:
+                ax.set_ylabel(f"{task}\ni", fontsize=13)
+            if r == len(tasks) - 1:
+                ax.set_xlabel("j", fontsize=12)
+            ax.tick_params(labelsize=10)
             ax.grid(False)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="φ(i, j)")
     fig.savefig(_mkdir(out) / "subspace_similarity.png")  # colorbar over all axes: no tight_layout
@@ -464,15 +468,20 @@ def spectrum(results: dict[str, Any], out: Path) -> Path:
     """The normalised singular values of full fine-tuning's ΔW = W_ft − W_base, per task, one line per layer
     (W_q and W_v of every block), with the effective rank (90% of the energy) of each in the legend."""
     tasks = list(results["tasks"])
-    fig, axes = _figure(len(tasks), (5 * len(tasks), 4.2), squeeze=False)
+    fig, axes = _figure(len(tasks), (6 * len(tasks), 6.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for name, sp in results["tasks"][task]["analysis"]["spectrum"].items():
+        spectra = results["tasks"][task]["analysis"]["spectrum"]
+        for name, sp in spectra.items():
             er = sp["effective_rank"]
             ax.plot(range(1, len(sp["full"]) + 1), sp["full"], lw=1,
                     label=f"{name.replace('blocks.', 'b').replace('.attn', '')}: {er['full']} "
-                          f"(LoRA r8 {er['lora-r8']}, r64 {er['lora-r64']}, random {er['random']})")
-        ax.set(yscale="log", xlabel="k", title=f"{task}: full fine-tuning's ΔW")
-        ax.legend(fontsize=6, title="rank holding 90% of the energy", title_fontsize=7)
+                          f"({er['lora-r8']}, {er['lora-r64']})")
+        random = sorted({sp["effective_rank"]["random"] for sp in spectra.values()})
+        ax.set(yscale="log", xlabel="k", title=f"{task}: full fine-tuning's ΔW\n(a random matrix: "
+               f"{'–'.join(str(v) for v in (random[0], random[-1]) if v is not None)} directions hold 90%)")
+        # below the axes, in two columns: eight layers' ranks stay readable without covering the curves
+        ax.legend(fontsize=10, title="directions holding 90% of the energy:\nfull FT (LoRA r = 8, r = 64)",
+                  title_fontsize=10, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     axes[0][0].set_ylabel("σ_k / ‖ΔW‖_F")
     return _save(fig, out / "spectrum.png")
 
