@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import stat
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,25 +53,113 @@ def write_file(path: str | os.PathLike, tensors: dict[str, Any], meta: dict[str,
     write_atomic(path, encode_file(tensors, meta))
 
 
+TEMP_PREFIX = ".lora_np-"  # temporary files: .lora_np-<pid>-<random>.tmp, in the target's folder
+_pending: set[str] = set()  # temporary files being written now, removed by _remove_pending on SIGTERM / SIGINT
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so a crash or an
-    error leaves the old file (or none), never half of a new one."""
+    """Write ``data`` to ``path`` so that a crash, an error or a signal leaves the old file (or none), never half
+    of a new one, and no temporary file.
+
+    The bytes go to a temporary file in the same folder, are flushed to the disk (fsync) and the file is renamed
+    over the target. An existing target keeps its permission bits (a 0600 file stays 0600). The temporary file is
+    removed on any exception, on Ctrl-C and on SIGTERM (a handler, while the write lasts); one left by a process
+    that was killed outright (SIGKILL) is removed by the next write into the same folder."""
+    if not str(path):
+        raise ValueError("no file name given (an empty path)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name")
+    _remove_stale_temporaries(path.parent)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)  # overwriting: keep the file's permissions
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask  # a new file: the usual permissions (mkstemp makes it owner-only)
     # a short temporary name: the target's own name may already be as long as the filesystem allows
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".lora_np-", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=".tmp")
+    _pending.add(tmp)
+    restore = _handle_signals()
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file owner-only; give it the usual permissions
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on the disk before the name points at them
+        os.chmod(tmp, mode)
         os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old file or the new one
+        _fsync_folder(path.parent)  # ... and the rename itself survives a power cut
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        _pending.discard(tmp)
+        restore()
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder; the rename is as durable as the OS makes it
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_pending(signum: int, frame: Any) -> None:
+    """Signal handler during a write: remove the temporary files, then let the signal do what it did before."""
+    for tmp in list(_pending):
+        Path(tmp).unlink(missing_ok=True)
+    _pending.clear()
+    previous = _previous_handlers.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        previous(signum, frame)  # Python's own SIGINT handler: KeyboardInterrupt, as without us
+    elif previous != signal.SIG_IGN:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # die of the signal, as the process would have
+
+
+_previous_handlers: dict[int, Any] = {}
+
+
+def _handle_signals() -> Callable[[], None]:
+    """Install ``_remove_pending`` for SIGTERM and SIGINT (main thread only: Python allows no other) -> a function
+    that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread() or _previous_handlers:
+        return lambda: None
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        _previous_handlers[signum] = signal.signal(signum, _remove_pending)
+
+    def restore() -> None:
+        for signum, previous in _previous_handlers.items():
+            signal.signal(signum, previous)
+        _previous_handlers.clear()
+    return restore
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files of lora_np processes that no longer run (killed by SIGKILL mid-write)."""
+    for tmp in folder.glob(f"{TEMP_PREFIX}*.tmp"):
+        pid = tmp.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill there terminates the process instead of asking after it
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or a platform that cannot tell: leave its file alone
+    return True
 
 
 def read_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:

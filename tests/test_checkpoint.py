@@ -544,6 +544,53 @@ def test_write_file_creates_folders_and_overwrites(tmp_path):
     assert_only(path.parent, {"f.safetensors"})
 
 
+def test_overwriting_keeps_the_file_mode(tmp_path):
+    path = tmp_path / "private.safetensors"
+    save_adapter(adapted_gpt(), path)
+    path.chmod(0o600)
+    save_adapter(adapted_gpt(seed=1), path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    checkpoint.write_atomic(path, b"x")
+    assert path.stat().st_mode & 0o777 == 0o600 and path.read_bytes() == b"x"
+
+
+def test_an_empty_path_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="no file name"):
+        checkpoint.write_atomic("", b"x")
+    assert_only(tmp_path, set())
+
+
+def test_a_write_removes_temporaries_of_dead_processes_only(tmp_path):
+    """A process killed outright (SIGKILL) mid-write leaves its temporary file; the next write into that folder
+    removes it, and leaves alone those of processes still running (they may be writing now)."""
+    dead = tmp_path / f"{checkpoint.TEMP_PREFIX}{2**22 + 1}-abc.tmp"  # above Linux's pid_max default: never alive
+    alive = tmp_path / f"{checkpoint.TEMP_PREFIX}{os.getppid()}-abc.tmp"
+    other = tmp_path / ".lora_np-notes.txt"  # not one of ours: untouched
+    for p in (dead, alive, other):
+        p.write_bytes(b"half")
+    checkpoint.write_atomic(tmp_path / "f.bin", b"new")
+    assert_only(tmp_path, {alive.name, other.name, "f.bin"})
+
+
+def test_ctrl_c_during_a_write_keeps_the_old_file(tmp_path, monkeypatch):
+    import signal
+
+    path = tmp_path / "f.bin"
+    checkpoint.write_atomic(path, b"old")
+    previous = signal.getsignal(signal.SIGINT)
+
+    def interrupted(fd):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the bytes go to the disk
+
+    monkeypatch.setattr(checkpoint.os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.write_atomic(path, b"new")
+    assert path.read_bytes() == b"old"
+    assert_only(tmp_path, {"f.bin"})
+    assert signal.getsignal(signal.SIGINT) is previous  # the handler is put back
+
+
 # --- model checkpoints -------------------------------------------------------------------------------------------
 
 
