@@ -279,7 +279,9 @@ def pretrain_val_loss(model: GPT, corpora: Corpora, cfg: ExperimentConfig) -> fl
 
 
 def sample_text(model: GPT, tok: CharTokenizer, prompt: str, n: int, seed: int = 0) -> str:
-    ids = model.generate(tok.encode(prompt)[None], n, temperature=0.8, top_k=20, seed=seed)
+    """``n`` characters after ``prompt``: temperature 0.8, the 20 most likely characters (all of them, for a
+    vocabulary of fewer)."""
+    ids = model.generate(tok.encode(prompt)[None], n, temperature=0.8, top_k=min(20, tok.vocab_size), seed=seed)
     return tok.decode(ids[0])
 
 
