@@ -39,6 +39,8 @@ from .model import GPT, GPTConfig
 from .nn import Module, TensorSpec, check_state
 
 FORMAT_VERSION = 1
+# the fields of a base model's config that decide which adapters fit it (vocab_size: the tokenizer's characters)
+SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_weights")
 
 
 def encode_file(tensors: dict[str, Any], meta: dict[str, Any]) -> bytes:
@@ -249,17 +251,44 @@ def encode_adapter(model: Module) -> bytes:
         tensors.update({f"{mod}.{n}": p.data for n, p in vars(model)[mod].named_parameters()})
     meta = {"kind": "adapter", "lora": config.to_dict(),
             "base_fingerprint": base_fingerprint(model, config.modules_to_save)}
+    if hasattr(getattr(model, "config", None), "to_dict"):  # the base's config: checked before any base is built
+        meta["base_config"] = model.config.to_dict()
     return encode_file(tensors, meta)
 
 
 def load_adapter(model: Module, path: str | os.PathLike) -> Module:
     """Load an adapter file into ``model``: a plain base model gets LoRA applied with the file's config; a model
-    that already has LoRA must have the same config. The file's metadata, the base model's fingerprint and every
-    tensor (name, shape, dtype, finite values) are checked before anything changes, so a bad file leaves the
-    model untouched."""
+    that already has LoRA must have the same config. The file's metadata, the base model's config and fingerprint
+    and every tensor (name, shape, dtype, finite values) are checked before anything changes, so a bad file leaves
+    the model untouched."""
+    path = Path(path)
+    tensors, config = check_adapter(model, path, fingerprint=True)
+    if not lora_layers(model):
+        apply_lora(model, config)
+    for n, m in lora_layers(model).items():
+        m.A.data = backend.to_device(tensors[f"{n}.A"], dtype=m.A.dtype)
+        m.B.data = backend.to_device(tensors[f"{n}.B"], dtype=m.B.dtype)
+    for mod in config.modules_to_save:
+        for n, p in vars(model)[mod].named_parameters():
+            p.data = backend.to_device(tensors[f"{mod}.{n}"], dtype=p.dtype)
+    return model
+
+
+def check_adapter(model: Module, path: str | os.PathLike, fingerprint: bool = False) -> tuple[dict[str, Any],
+                                                                                              LoRAConfig]:
+    """Every check of ``load_adapter``, changing nothing -> (tensors, LoRA config). Without ``fingerprint`` the
+    base's weights are not compared, so a freshly built model of the base's config will do: the command line
+    checks that an adapter fits the base before it pretrains one."""
     path = Path(path)
     tensors, meta = read_file(path, "adapter")
     config, stored = _adapter_meta(path, meta)
+    own = getattr(model, "config", None)
+    if isinstance(meta.get("base_config"), dict) and hasattr(own, "to_dict"):
+        theirs, ours = meta["base_config"], own.to_dict()
+        diff = [k for k in SHAPE_FIELDS if k in ours and theirs.get(k) != ours[k]]
+        if diff:
+            raise ValueError(f"load_adapter: {path} was trained on a base model of another shape ("
+                             + ", ".join(f"{k} {theirs.get(k)!r}, this model {ours[k]!r}" for k in diff) + ")")
     has_lora = bool(lora_layers(model))
     if has_lora:
         if model.lora_config != config:
@@ -272,10 +301,11 @@ def load_adapter(model: Module, path: str | os.PathLike) -> Module:
             check_lora(model, config)
         except ValueError as e:
             raise ValueError(f"load_adapter: {path} does not fit this model: {e}") from None
-    fingerprint = base_fingerprint(model, config.modules_to_save)
-    if fingerprint != stored:
-        raise ValueError(f"load_adapter: {path} was trained on a different base model "
-                         f"(fingerprint {stored[:12]}…, this model {fingerprint[:12]}…)")
+    if fingerprint:
+        own_print = base_fingerprint(model, config.modules_to_save)
+        if own_print != stored:
+            raise ValueError(f"load_adapter: {path} was trained on a different base model "
+                             f"(fingerprint {stored[:12]}…, this model {own_print[:12]}…)")
 
     expected = {}  # name -> a parameter of the shape and dtype it will fill, found without changing anything
     for name, _, _, layer in target_layers(model, config.targets):
@@ -288,16 +318,7 @@ def load_adapter(model: Module, path: str | os.PathLike) -> Module:
         check_state(expected, tensors)
     except ValueError as e:
         raise ValueError(f"load_adapter: {path} does not fit this model: {e}") from None
-
-    if not has_lora:
-        apply_lora(model, config)
-    for n, m in lora_layers(model).items():
-        m.A.data = backend.to_device(tensors[f"{n}.A"], dtype=m.A.dtype)
-        m.B.data = backend.to_device(tensors[f"{n}.B"], dtype=m.B.dtype)
-    for mod in config.modules_to_save:
-        for n, p in vars(model)[mod].named_parameters():
-            p.data = backend.to_device(tensors[f"{mod}.{n}"], dtype=p.dtype)
-    return model
+    return tensors, config
 
 
 def read_adapter_config(path: str | os.PathLike) -> LoRAConfig:
@@ -312,4 +333,6 @@ def _adapter_meta(path: Path, meta: dict[str, Any]) -> tuple[LoRAConfig, str]:
         config = LoRAConfig.from_dict(_meta(path, meta, "lora", dict))
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: bad LoRA config in metadata: {e}") from None
+    if "base_config" in meta and not isinstance(meta["base_config"], dict):
+        raise ValueError(f"{path}: metadata key 'base_config' is not a dict")
     return config, _meta(path, meta, "base_fingerprint", str)

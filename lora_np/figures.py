@@ -73,8 +73,14 @@ def _save(fig: Any, path: Path, tight: bool = True) -> Path:
         fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png")
-    write_atomic(path, png.getvalue())
+    if _rendered is not None:
+        _rendered[path] = png.getvalue()
+    else:
+        write_atomic(path, png.getvalue())
     return path
+
+
+_rendered: dict[Path, bytes] | None = None  # while ``render`` runs, the PNGs are kept here instead of written
 
 
 @matplotlib.rc_context(STYLE)
@@ -692,6 +698,24 @@ def drawable(results: Any) -> list[Any]:
     return todo
 
 
+def render(results: dict[str, Any], out: str | Path) -> dict[Path, bytes]:
+    """Every figure that ``results`` holds the data for, drawn in memory -> {path under ``out``: PNG bytes}. A
+    figure that cannot be drawn fails here, before any file is written."""
+    global _rendered
+    todo = drawable(results)
+    _rendered = {}
+    try:
+        for f in todo:
+            f(results, Path(out))
+        return _rendered
+    finally:
+        _rendered = None
+
+
 def draw(results: dict[str, Any], out: str | Path) -> list[Path]:
-    """Every figure that ``results`` holds the data for, written to the folder ``out``; returns their paths."""
-    return [f(results, Path(out)) for f in drawable(results)]
+    """Every figure that ``results`` holds the data for, written to the folder ``out``; returns their paths. All are
+    drawn before the first is written, and each is written atomically."""
+    pngs = render(results, out)
+    for path, png in pngs.items():
+        write_atomic(path, png)
+    return list(pngs)
