@@ -13,6 +13,7 @@ finite values. A bad file is a ``ValueError`` naming the file and the culprit, a
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import stat
@@ -164,29 +165,100 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+KNOWN_VERSIONS = (1,)  # format versions this code reads
+MAX_HEADER_BYTES = 16 * 2**20  # a safetensors JSON header (names, shapes, offsets) longer than this is refused
+MAX_META_BYTES = 2**20  # lora_np's own metadata: configs and a short history
+MAX_JSON_DEPTH = 32  # nesting of [ and {: deeper is hostile (Python's parser would hit its recursion limit)
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
 def read_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Read a lora_np safetensors file of the given ``kind`` ("model" or "adapter") -> (tensors, meta)."""
+    """Read a lora_np safetensors file of the given ``kind`` ("model" or "adapter") -> (tensors, meta).
+
+    The header is read and checked first (its length against the file's, every tensor's dtype, shape and byte
+    range within the file, the metadata's size, nesting, format version and kind); only then are the tensors
+    read, so a file that claims more than it holds is refused before anything large is allocated."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no {kind} file at {path}")
-    data = path.read_bytes()
+    bad = f"{path} is not a valid safetensors file"
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little")
+        if len(head) < 8 or header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"{bad}: its header claims {header_len:,} bytes, the file has {size:,}")
+        header_raw = f.read(header_len)
+        header = _parse_json(header_raw, bad)
+        _check_tensor_entries(header, size - 8 - header_len, bad)
+        meta_raw = header.get("__metadata__", {}).get("lora_np") if isinstance(header.get("__metadata__"), dict) \
+            else None
+        if not isinstance(meta_raw, str):
+            raise ValueError(f"{path} is a safetensors file but not one written by lora_np (no 'lora_np' metadata)")
+        if len(meta_raw) > MAX_META_BYTES:
+            raise ValueError(f"{path}: its lora_np metadata is {len(meta_raw):,} bytes, more than the "
+                             f"{MAX_META_BYTES:,} a lora_np file holds")
+        meta = _parse_json(meta_raw.encode(), f"{path}: its lora_np metadata is not valid JSON")
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path}: its lora_np metadata is not a JSON object")
+        if meta.get("format_version") not in KNOWN_VERSIONS:
+            raise ValueError(f"{path}: format_version {meta.get('format_version')!r} is not one this lora_np reads "
+                             f"{list(KNOWN_VERSIONS)} (written by a newer lora_np?)")
+        if meta.get("kind") != kind:
+            raise ValueError(f"{path} holds a {meta.get('kind')!r} file, expected a {kind!r} file")
+        data = head + header_raw + f.read()
     try:
         tensors = load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        meta_raw = json.loads(data[8 : 8 + header_len]).get("__metadata__", {}).get("lora_np")
-    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as e:
-        raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
-    if meta_raw is None:
-        raise ValueError(f"{path} is a safetensors file but not one written by lora_np (no 'lora_np' metadata)")
-    try:
-        meta = json.loads(meta_raw)
-    except ValueError as e:
-        raise ValueError(f"{path}: its lora_np metadata is not valid JSON: {e}") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: its lora_np metadata is not a JSON object")
-    if meta.get("kind") != kind:
-        raise ValueError(f"{path} holds a {meta.get('kind')!r} file, expected a {kind!r} file")
+    except (SafetensorError, ValueError) as e:
+        raise ValueError(f"{bad}: {e}") from None
     return tensors, meta
+
+
+def _parse_json(raw: bytes, bad: str) -> Any:
+    """JSON from ``raw``, its nesting checked first; a ValueError starting with ``bad`` otherwise."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:  # [ and { outside strings
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (byte == 0x5C, byte != 0x22)
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_JSON_DEPTH:
+                raise ValueError(f"{bad}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{bad}: {e}") from None
+
+
+def _check_tensor_entries(header: Any, data_bytes: int, bad: str) -> None:
+    """Every tensor entry of a safetensors header: a known dtype, a shape of non-negative integers and a byte
+    range inside the file's data, of the size the shape and dtype make."""
+    if not isinstance(header, dict):
+        raise ValueError(f"{bad}: its header is not a JSON object")
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or entry.get("dtype") not in DTYPE_BYTES:
+            raise ValueError(f"{bad}: tensor {name!r} has no known dtype")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise ValueError(f"{bad}: tensor {name!r} has shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+            raise ValueError(f"{bad}: tensor {name!r} has byte range {offsets!r} outside the file's "
+                             f"{data_bytes:,} bytes of data")
+        need = math.prod(shape) * DTYPE_BYTES[entry["dtype"]]
+        if offsets[1] - offsets[0] != need:
+            raise ValueError(f"{bad}: tensor {name!r} of shape {shape} needs {need:,} bytes, its range holds "
+                             f"{offsets[1] - offsets[0]:,}")
 
 
 def _meta(path: Path, meta: dict[str, Any], key: str, kind: type) -> Any:
@@ -220,12 +292,27 @@ def load_model(path: str | os.PathLike) -> tuple[GPT, dict[str, Any]]:
     extra = meta.get("extra", {})
     if not isinstance(extra, dict):
         raise ValueError(f"{path}: metadata key 'extra' is not a dict")
+    _check_sizes(path, config, tensors)
     model = GPT(config)
     try:
         model.load_state_dict(tensors)
     except ValueError as e:
         raise ValueError(f"{path}: cannot load its tensors: {e}") from None
     return model, extra
+
+
+def _check_sizes(path: Path, config: GPTConfig, tensors: dict[str, Any]) -> None:
+    """The config's sizes are those of the file's tensors, checked before the model is built: a config that
+    claims a million layers is refused, not allocated."""
+    wte, wpe = tensors.get("wte.weight"), tensors.get("wpe.weight")
+    blocks = {name.split(".")[1] for name in tensors if name.startswith("blocks.")}
+    found = {"vocab_size": wte.shape[0] if wte is not None and wte.ndim == 2 else None,
+             "n_embd": wte.shape[1] if wte is not None and wte.ndim == 2 else None,
+             "block_size": wpe.shape[0] if wpe is not None and wpe.ndim == 2 else None,
+             "n_layer": len(blocks)}
+    wrong = [f"{k} {getattr(config, k)} (the tensors say {v})" for k, v in found.items() if v != getattr(config, k)]
+    if wrong:
+        raise ValueError(f"{path}: its config does not match its tensors: {', '.join(wrong)}")
 
 
 # -- adapter files -----------------------------------------------------------------------------------------------
