@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_np import backend, engine, memory
+from lora_np.checkpoint import write_atomic
 from lora_np.lora import TARGETS, LoRAConfig, prepare_finetuning
 from lora_np.model import GPT, GPTConfig
 from lora_np.optim import AdamW
@@ -305,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     with limit_blas_threads(args.threads):
         result = run(args)
     out = Path(args.out or Path(__file__).parent / "results" / f"bench_step{'_quick' if args.quick else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_atomic(out, (json.dumps(result, indent=1) + "\n").encode())
     print(report(result))
     print(f"\nwrote {out}")
     return 0

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_step import BENCH, _step, build  # noqa: E402
 
 from lora_np import backend, memory  # noqa: E402
+from lora_np.checkpoint import write_atomic  # noqa: E402
 
 SERIES = {"n_embd": [128, 256, 512, 1024], "block_size": [64, 128, 256, 512]}
 
@@ -68,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), file=sys.stderr)
         fits = {k: slope(sizes, [r[k] for r in rows]) for k in rows[0] if k != knob}
         result["series"][knob] = {"rows": rows, "exponent": fits}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_atomic(args.out, (json.dumps(result, indent=1) + "\n").encode())
     for knob, series in result["series"].items():
         print(f"\n{knob:>10} {'full s':>8} {'LoRA s':>8} {'full MiB':>9} {'LoRA MiB':>9}")
         for r in series["rows"]:

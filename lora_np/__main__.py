@@ -25,8 +25,8 @@ from typing import Any
 
 from . import backend, memory
 from .bert import minilm_dir
-from .checkpoint import load_adapter, read_adapter_config, save_adapter, write_atomic
-from .data import CharTokenizer
+from .checkpoint import check_adapter, load_adapter, save_adapter, write_atomic
+from .data import CORPORA, CharTokenizer
 from .experiments import (
     Corpora,
     ExperimentConfig,
@@ -49,7 +49,7 @@ from .experiments.planted import verdict as planted_verdict
 from .experiments.summary import forgetting_summary, format_forgetting
 from .experiments.summary import markdown_table as runs_table
 from .experiments.task_distance import TASKS, StudyConfig, load_study_data, markdown_table, paper_table, task_config
-from .figures import draw, drawable
+from .figures import draw, drawable, render
 from .lora import LoRAConfig, count_parameters, prepare_finetuning
 from .model import GPT
 
@@ -66,7 +66,9 @@ class _Parser(argparse.ArgumentParser):
 # -- argument types: each turns a string into a checked value or says, in one line, what is wrong -----------------
 
 
-def _int_at_least(low: int, what: str) -> Callable[[str], int]:
+def _int_in(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An argument type: an integer in [low, high] (``high`` keeps a typo of many digits from overflowing a C
+    integer, or from asking for years of work, after the checks)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -74,12 +76,39 @@ def _int_at_least(low: int, what: str) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{text!r} is more than {high:,}")
         return value
     return parse
 
 
-positive_int = _int_at_least(1, "a positive integer")
-nonnegative_int = _int_at_least(0, "a non-negative integer")
+MAX_STEPS = 10_000_000
+positive_int = _int_in(1, MAX_STEPS, "a positive integer")
+nonnegative_int = _int_in(0, 2**63 - 1, "a non-negative integer")
+batch_size = _int_in(1, 4096, "a positive integer")
+
+
+def path_text(text: str) -> str:
+    """An argument type: a file or folder name, which must not be empty ("" would mean the current folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder name")
+    return text
+
+
+def quick_default() -> bool:
+    """``$LORA_NP_QUICK``: unset, "", 0, false, no or off: full size; 1, true, yes or on: quick; else an error."""
+    text = os.environ.get("LORA_NP_QUICK", "").strip().lower()
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    if text in ("1", "true", "yes", "on"):
+        return True
+    raise UsageError(f"LORA_NP_QUICK={os.environ['LORA_NP_QUICK']!r}: expected 1/true/yes/on or 0/false/no/off")
+
+
+def one_line(message: object) -> str:
+    """``message`` on one line: a newline or other control character in a path or a value is shown escaped, so
+    it cannot forge extra lines of output."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
 
 
 def positive_float(text: str) -> float:
@@ -101,10 +130,11 @@ def rank_list(text: str) -> tuple[int, ...]:
 
 
 def _common(p: argparse.ArgumentParser, corpus_help: str) -> None:
-    p.add_argument("--quick", action="store_true", default=os.environ.get("LORA_NP_QUICK", "") not in ("", "0"),
+    p.add_argument("--quick", action="store_true", default=quick_default(),
                    help="tiny model and few steps (seconds); also set by LORA_NP_QUICK=1")
-    p.add_argument("--corpus", metavar="PATH", help=corpus_help)
-    p.add_argument("--pretrain-corpus", metavar="PATH", help="pretraining corpus: 'bible' (default) or a text file")
+    p.add_argument("--corpus", metavar="PATH", type=path_text, help=corpus_help)
+    p.add_argument("--pretrain-corpus", metavar="PATH", type=path_text,
+                   help="pretraining corpus: 'bible' (default) or a text file")
     p.add_argument("--backend", choices=("numpy", "cupy"), help="array backend (default: numpy or $LORA_NP_BACKEND)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -123,8 +153,8 @@ def _steps_opt(p: argparse.ArgumentParser) -> None:
 
 
 def _out_opt(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=None, help="folder for figures/ and results/ (default: the current folder; "
-                   "with --quick, runs/quick, so a quick run never overwrites the full run's files)")
+    p.add_argument("--out", default=None, type=path_text, help="folder for figures/ and results/ (default: the "
+                   "current folder; with --quick, runs/quick, so a quick run never overwrites the full run's files)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("study", help="why low rank works, and when not: three tasks at increasing distance from "
                        "one base, learning rates chosen on validation, the paper's §7 analyses (issue 8)")
-    p.add_argument("--quick", action="store_true", default=os.environ.get("LORA_NP_QUICK", "") not in ("", "0"),
+    p.add_argument("--quick", action="store_true", default=quick_default(),
                    help="tiny model and few steps (seconds); also set by LORA_NP_QUICK=1")
     p.add_argument("--backend", choices=("numpy", "cupy"), help="array backend (default: numpy or $LORA_NP_BACKEND)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -168,13 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     _lora_opts(p)
     _steps_opt(p)
     p.add_argument("--train-embeddings", action="store_true", help="also train wte and lm_head (modules_to_save)")
-    p.add_argument("--save-adapter", metavar="PATH", help="write the adapter (safetensors) to this file")
+    p.add_argument("--save-adapter", metavar="PATH", type=path_text,
+                   help="write the adapter (safetensors) to this file")
 
     p = sub.add_parser("generate", help="sample text from the base model, optionally with an adapter")
     _common(p, "fine-tuning corpus of the base model's vocabulary (default 'python-docs')")
-    p.add_argument("--adapter", metavar="PATH", help="an adapter file from 'finetune --save-adapter'")
+    p.add_argument("--adapter", metavar="PATH", type=path_text, help="an adapter file from 'finetune --save-adapter'")
     p.add_argument("--prompt", default="def ", help="text to continue")
-    p.add_argument("--max-new-tokens", type=positive_int, default=300)
+    p.add_argument("--max-new-tokens", type=_int_in(1, 1_000_000, "a positive integer"), default=300)
     p.add_argument("--temperature", type=positive_float, default=0.8)
     p.add_argument("--top-k", type=positive_int, default=20)
     p.add_argument("--seed", type=nonnegative_int, default=0)
@@ -182,22 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="parameter and memory table (analytic vs measured) for a config")
     _common(p, "corpus for the measured step (default 'python-docs')")
     _lora_opts(p)
-    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--batch-size", type=batch_size, default=16)
 
     p = sub.add_parser("minilm", help="LoRA on a real pretrained model: all-MiniLM-L6-v2 learns a verse's genre "
                        "(probe, LoRA, full fine-tuning)")
-    p.add_argument("--quick", action="store_true", default=os.environ.get("LORA_NP_QUICK", "") not in ("", "0"),
+    p.add_argument("--quick", action="store_true", default=quick_default(),
                    help="a few verses and one step per run (seconds); also set by LORA_NP_QUICK=1")
     p.add_argument("--steps", type=positive_int, help="training steps of every run (default: the lab's, 75)")
-    p.add_argument("--batch-size", type=positive_int, help="verses per step (default 16)")
+    p.add_argument("--batch-size", type=batch_size, help="verses per step (default 16)")
     p.add_argument("--backend", choices=("numpy", "cupy"), help="array backend (default: numpy or $LORA_NP_BACKEND)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _out_opt(p)
 
     p = sub.add_parser("figures", help="redraw the figures from a results file")
-    p.add_argument("--results", default="results/sweep.json",
+    p.add_argument("--results", default="results/sweep.json", type=path_text,
                    help="results file: results/sweep.json (default), results/targets.json, ...")
-    p.add_argument("--out", default="figures", help="folder for the PNGs (default figures)")
+    p.add_argument("--out", default="figures", type=path_text, help="folder for the PNGs (default figures)")
     return parser
 
 
@@ -236,6 +267,7 @@ def _out_dir(args: argparse.Namespace) -> Path:
     out = Path(args.out or ("runs/quick" if args.quick else "."))
     for sub in ("", "results", "figures"):
         check_writable_dir(out / sub, "--out")
+    check_not_input(args, [out / "results" / f"{args.command}.json"], "--out", pngs_in=out / "figures")
     return out
 
 
@@ -269,6 +301,33 @@ def check_writable_file(path: Path, what: str) -> None:
                          f"allows")
     if path.is_dir():
         raise UsageError(f"{what} {path} is a folder; give a file name")
+
+
+def _input_files(args: argparse.Namespace) -> list[Path]:
+    """The files the command reads: corpora given as files (a built-in name wins over a file), --adapter,
+    --results."""
+    names = [getattr(args, "corpus", None), getattr(args, "pretrain_corpus", None)]
+    files = [getattr(args, "adapter", None), getattr(args, "results", None)]
+    paths = [n for n in names if n and n not in CORPORA] + [f for f in files if f]
+    return [Path(p) for p in paths if Path(p).is_file()]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_not_input(args: argparse.Namespace, outputs: list[Path], what: str, pngs_in: Path | None = None) -> None:
+    """No file the command writes (``outputs``, and any PNG in the folder ``pngs_in``) is one it reads: writing
+    the adapter over the corpus it was trained on would lose the corpus."""
+    for source in _input_files(args):
+        for out in outputs:
+            if _same_file(source, out):
+                raise UsageError(f"{what} {out} is a file this command reads ({source}); write elsewhere")
+        if pngs_in is not None and source.suffix.lower() == ".png" and _same_file(source.parent, pngs_in):
+            raise UsageError(f"{what} would draw figures over {source}, a file this command reads; write elsewhere")
 
 
 def check_encodable(tok: CharTokenizer, text: str, what: str) -> None:
@@ -306,12 +365,12 @@ def main(argv: list[str] | None = None) -> int:
             backend.set_backend(args.backend)
         work = COMMANDS[args.command](args)  # checks everything, returns the work to do
     except (UsageError, ValueError, FileNotFoundError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     try:
         return work()
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
 
 
@@ -345,8 +404,11 @@ def _write(results: dict[str, Any], out: Path, name: str, base_info: dict[str, A
     """The command line's side of an experiment: results JSON, figures, and where they went."""
 
     path = out / "results" / f"{name}.json"
-    write_atomic(path, json.dumps(results, indent=1, allow_nan=False).encode())
-    figures = draw(results, out / "figures")
+    text = json.dumps(results, indent=1, allow_nan=False).encode()  # NaN or inf in the results: an error, now
+    figures = render(results, out / "figures")  # a figure that cannot be drawn fails before any file is written
+    write_atomic(path, text)
+    for figure, png in figures.items():
+        write_atomic(figure, png)
     _warn_cache(base_info)
     print(f"\nwrote {path} and {len(figures)} figures in {out / 'figures'} ({results['seconds']:.0f} s)")
     return 0
@@ -354,7 +416,7 @@ def _write(results: dict[str, Any], out: Path, name: str, base_info: dict[str, A
 
 def _warn_cache(info: dict[str, Any]) -> None:
     if info.get("cache_error"):
-        print(f"warning: {info['cache_error']}; the run used the trained model all the same", file=sys.stderr)
+        print(f"warning: {one_line(info['cache_error'])}; the run used the trained model all the same", file=sys.stderr)
 
 
 def cmd_study(args: argparse.Namespace) -> Callable[[], int]:
@@ -392,7 +454,7 @@ def cmd_pretrain(args: argparse.Namespace) -> Callable[[], int]:
             print(f"pretraining validation loss {h['val_loss'][-1]:.3f} after {h['steps'][-1]} steps")
         print("sample:\n" + sample_text(model, corpora.tokenizer, prompt, cfg.sample_tokens))
         if info.get("cache_error"):
-            print(f"error: {info['cache_error']}", file=sys.stderr)
+            print(f"error: {one_line(info['cache_error'])}", file=sys.stderr)
             return 1
         return 0
     return work
@@ -404,6 +466,7 @@ def cmd_finetune(args: argparse.Namespace) -> Callable[[], int]:
     cfg, corpora = _prepare(args)
     if args.save_adapter:
         check_writable_file(Path(args.save_adapter), "--save-adapter")
+        check_not_input(args, [Path(args.save_adapter)], "--save-adapter")
     spec = RunSpec("full") if args.full else RunSpec(f"lora-r{cfg.lora.r}", cfg.lora)
 
     def work() -> int:
@@ -427,8 +490,8 @@ def cmd_generate(args: argparse.Namespace) -> Callable[[], int]:
     check_encodable(tok, args.prompt, "--prompt")
     if args.top_k > tok.vocab_size:
         raise UsageError(f"--top-k {args.top_k} is larger than the vocabulary ({tok.vocab_size} characters)")
-    if args.adapter:
-        read_adapter_config(args.adapter)  # a missing or malformed file is refused before any training
+    if args.adapter:  # a missing or malformed file, or one that cannot fit this base, is refused before training
+        check_adapter(GPT(model_config(cfg, corpora)), args.adapter)
 
     def work() -> int:
         model, info = pretrain_base(cfg, corpora, progress=not args.no_progress)
@@ -481,6 +544,7 @@ def cmd_figures(args: argparse.Namespace) -> Callable[[], int]:
         raise UsageError(f"--results {path} is not a JSON file: {e}") from None
     out = Path(args.out)
     check_writable_dir(out, "--out")
+    check_not_input(args, [], "--out", pngs_in=out)
     drawable(results)  # results that no figure can draw are refused here, before any file is written
 
     def work() -> int:

@@ -39,6 +39,10 @@ from typing import Any
 
 from . import backend
 
+# Bumped whenever a change to the engine (or the ops and layers built on it) changes the numbers a training run
+# produces: cached base models of an older version are then retrained, never reused (part of the cache key).
+NUMERICS_VERSION = 1
+
 _grad_enabled = True
 
 
@@ -134,12 +138,24 @@ class Tensor:
     def __init__(self, data: Any, requires_grad: bool = False, dtype: Any = None, name: str = "") -> None:
         self.data = _as_array(data, dtype)
         self.grad: Any = None
-        self.requires_grad = requires_grad
+        self.requires_grad = requires_grad  # checked by the setter below
         self.name = name  # a label for pictures of the graph (notebook 01); the engine does not use it
         self._parents: tuple[Tensor, ...] = ()
         self._backward: Callable[[Any], Sequence[Any]] | None = None
         self._op = ""
         self._retain = False
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        # Only floating-point tensors can require gradients (as in PyTorch): a gradient is a small change, and an
+        # integer tensor (token ids) cannot change by a small amount. Its gradient would silently stay zero.
+        if value and self.data.dtype.kind not in "fc":
+            raise TypeError(f"only floating-point tensors can require gradients, got dtype {self.data.dtype}")
+        self._requires_grad = bool(value)
 
     # -- plumbing ----------------------------------------------------------------------------------------------
     shape = property(lambda self: self.data.shape)

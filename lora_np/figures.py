@@ -8,6 +8,7 @@ every figure in ``figures/`` can be redrawn from a committed results file:
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import matplotlib
 import matplotlib.ticker
 from matplotlib.figure import Figure
 
+from .checkpoint import write_atomic
 from .experiments.summary import chosen_runs, forgetting_summary, loss_split, method
 
 MIB = 2**20
@@ -64,11 +66,21 @@ def _run(results: dict[str, Any], mode: str, extra: bool = False) -> dict[str, A
     return None
 
 
-def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
+def _save(fig: Any, path: Path, tight: bool = True) -> Path:
+    """Write the figure as a PNG, atomically (``checkpoint.write_atomic``): a full disk or a Ctrl-C never leaves a
+    truncated PNG in place of the old one."""
+    if tight:
+        fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    if _rendered is not None:
+        _rendered[path] = png.getvalue()
+    else:
+        write_atomic(path, png.getvalue())
     return path
+
+
+_rendered: dict[Path, bytes] | None = None  # while ``render`` runs, the PNGs are kept here instead of written
 
 
 @matplotlib.rc_context(STYLE)
@@ -431,13 +443,7 @@ def subspace_similarity(results: dict[str, Any], out: Path) -> Path:
             ax.tick_params(labelsize=10)
             ax.grid(False)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="φ(i, j)")
-    fig.savefig(_mkdir(out) / "subspace_similarity.png")  # colorbar over all axes: no tight_layout
-    return out / "subspace_similarity.png"
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _save(fig, out / "subspace_similarity.png", tight=False)  # colorbar over all axes: no tight_layout
 
 
 @matplotlib.rc_context(STYLE)
@@ -692,6 +698,24 @@ def drawable(results: Any) -> list[Any]:
     return todo
 
 
+def render(results: dict[str, Any], out: str | Path) -> dict[Path, bytes]:
+    """Every figure that ``results`` holds the data for, drawn in memory -> {path under ``out``: PNG bytes}. A
+    figure that cannot be drawn fails here, before any file is written."""
+    global _rendered
+    todo = drawable(results)
+    _rendered = {}
+    try:
+        for f in todo:
+            f(results, Path(out))
+        return _rendered
+    finally:
+        _rendered = None
+
+
 def draw(results: dict[str, Any], out: str | Path) -> list[Path]:
-    """Every figure that ``results`` holds the data for, written to the folder ``out``; returns their paths."""
-    return [f(results, Path(out)) for f in drawable(results)]
+    """Every figure that ``results`` holds the data for, written to the folder ``out``; returns their paths. All are
+    drawn before the first is written, and each is written atomically."""
+    pngs = render(results, out)
+    for path, png in pngs.items():
+        write_atomic(path, png)
+    return list(pngs)

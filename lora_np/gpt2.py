@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
+from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from . import backend
@@ -77,7 +78,7 @@ def gpt_config_from_hf(hf: dict[str, Any], **overrides: Any) -> GPTConfig:
     if missing:
         raise ValueError(f"config.json: missing key(s) {missing}, needed to build the GPT")
     n_inner = hf.get("n_inner")
-    if n_inner is not None and n_inner != 4 * hf["n_embd"]:
+    if n_inner is not None and isinstance(hf["n_embd"], int) and n_inner != 4 * hf["n_embd"]:
         raise ValueError(f"config.json: cannot map n_inner={n_inner!r} (our MLP is 4 x n_embd = {4 * hf['n_embd']})")
     values = dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
                   n_head=hf["n_head"], n_embd=hf["n_embd"], layer_norm_eps=hf["layer_norm_epsilon"], dropout=0.0,
@@ -105,6 +106,29 @@ def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def check_gpt2_weights(cfg: GPTConfig, tensors: dict[str, Any], source: str, dtype: Any) -> dict[str, Any]:
+    """The GPT-2 state dict ``tensors`` checked against config ``cfg`` (names, shapes, ``dtype`` held without loss,
+    finite values), its accepted variations normalised -> the tensors by HF name. It needs no model, so a folder
+    is checked before a model of its config is built."""
+    np = backend.np
+    tensors = {(n[len("transformer."):] if n.startswith("transformer.") else n): a for n, a in tensors.items()}
+    tensors = {n: a for n, a in tensors.items() if not BUFFER.fullmatch(n)}
+    if cfg.tie_weights and "lm_head.weight" in tensors:
+        head, wte = tensors.pop("lm_head.weight"), tensors.get("wte.weight")
+        if wte is None or head.shape != wte.shape or not np.array_equal(head, wte):
+            raise ValueError(f"{source}: lm_head.weight differs from wte.weight, but the config ties them "
+                             f"(tie_word_embeddings)")
+    layers = {n.split(".")[1] for n in tensors if n.startswith("h.")}
+    if cfg.n_layer > len(layers):  # checked first: the expected names of a million layers are not even listed
+        raise ValueError(f"{source}: the config says n_layer {cfg.n_layer}, the file holds {len(layers)} layers")
+    expected = {name: TensorSpec(shape, dtype) for name, shape in _expected_shapes(cfg).items()}
+    try:
+        check_state(expected, tensors)
+    except ValueError as e:
+        raise ValueError(f"{source} (a GPT-2 with {cfg.n_layer} layers): {e}") from None
+    return tensors
+
+
 def load_gpt2_weights(model: GPT, tensors: dict[str, Any], source: str = "state dict") -> GPT:
     """Copy a Hugging Face GPT-2 state dict (name -> host array) into ``model`` (a ``GPT`` with biases).
 
@@ -115,19 +139,7 @@ def load_gpt2_weights(model: GPT, tensors: dict[str, Any], source: str = "state 
     np, cfg = backend.np, model.config
     if not cfg.bias:
         raise ValueError("load_gpt2_weights: GPT-2 has biases; the model was built with bias=False")
-    tensors = {(n[len("transformer."):] if n.startswith("transformer.") else n): a for n, a in tensors.items()}
-    tensors = {n: a for n, a in tensors.items() if not BUFFER.fullmatch(n)}
-    if cfg.tie_weights and "lm_head.weight" in tensors:
-        head, wte = tensors.pop("lm_head.weight"), tensors.get("wte.weight")
-        if wte is None or head.shape != wte.shape or not np.array_equal(head, wte):
-            raise ValueError(f"{source}: lm_head.weight differs from wte.weight, but the config ties them "
-                             f"(tie_word_embeddings)")
-    dtype = model.parameters()[0].dtype
-    expected = {name: TensorSpec(shape, dtype) for name, shape in _expected_shapes(cfg).items()}
-    try:
-        check_state(expected, tensors)
-    except ValueError as e:
-        raise ValueError(f"{source} (a GPT-2 with {cfg.n_layer} layers): {e}") from None
+    tensors = check_gpt2_weights(cfg, tensors, source, model.parameters()[0].dtype)
 
     params = dict(model.named_parameters())
 
@@ -161,9 +173,22 @@ def load_gpt2(folder: str | os.PathLike, **overrides: Any) -> GPT:
         if not (folder / name).is_file():
             hint = " (a pytorch_model.bin is a pickle, which lora_np never loads)" if name.endswith("tensors") else ""
             raise FileNotFoundError(f"{folder}: no {name}{hint}")
-    cfg = gpt_config_from_hf(json.loads((folder / "config.json").read_text(encoding="utf-8")), **overrides)
-    tensors = load_file(str(folder / "model.safetensors"))
-    return load_gpt2_weights(GPT(cfg), tensors, source=str(folder / "model.safetensors"))
+    config_file, weights = folder / "config.json", folder / "model.safetensors"
+    try:
+        hf = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{config_file} is not a JSON file: {e}") from None
+    try:
+        cfg = gpt_config_from_hf(hf, **overrides)
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {str(e).removeprefix('config.json: ')}") from None
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, ValueError) as e:
+        raise ValueError(f"{weights} is not a valid safetensors file: {e}") from None
+    # the shapes against the config before the model is built: a config of a million layers is refused here
+    check_gpt2_weights(cfg, tensors, str(weights), backend.DEFAULT_DTYPE)
+    return load_gpt2_weights(GPT(cfg), tensors, source=str(weights))
 
 
 class GPT2Tokenizer:

@@ -47,6 +47,11 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # NumPy integers too; never True/False
 
 
+# α beyond this is no setup anyone trains (published ones stay below a few thousand); s·A·B would blow up float32
+# activations, and an adapter file claiming it is refused as malformed.
+MAX_ALPHA = 1e4
+
+
 def _is_real(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
@@ -72,8 +77,8 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if not _is_int(self.r) or self.r < 1:
             raise ValueError(f"LoRAConfig.r must be a positive integer, got {self.r!r}")
-        if not _is_real(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ValueError(f"LoRAConfig.alpha must be a finite number > 0, got {self.alpha!r}")
+        if not _is_real(self.alpha) or not 0 < self.alpha <= MAX_ALPHA:  # NaN and inf fail the range check too
+            raise ValueError(f"LoRAConfig.alpha must be a finite number > 0, at most {MAX_ALPHA:g}, got {self.alpha!r}")
         if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:  # NaN fails the range check too
             raise ValueError(f"LoRAConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         if not isinstance(self.rslora, bool):

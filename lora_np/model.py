@@ -156,12 +156,14 @@ class GPT(Module):
         re-reads the last block_size tokens, which is simple and fast enough at this size. ``temperature``
         divides the logits; ``top_k`` keeps the k most likely tokens; sampling uses a host generator from ``seed``.
         """
-        if temperature <= 0:
-            raise ValueError(f"generate: temperature must be > 0, got {temperature}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"generate: temperature must be a finite number > 0, got {temperature}")
         if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
             raise ValueError(f"generate: top_k must be in [1, {self.config.vocab_size}], got {top_k}")
         np, gen = backend.np, backend.rng(seed)
         ids = np.array(backend.to_numpy(idx), dtype=np.int64, ndmin=2)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"generate: idx must be (B, T) with T >= 1 tokens to continue, got shape {ids.shape}")
         with self.inference():
             for _ in range(max_new_tokens):
                 logits, _ = self(ids[:, -self.config.block_size:])

@@ -246,6 +246,21 @@ def with_nan(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def crafted(header, data: bytes = b"", claim: int | None = None):
+    """A hand-made safetensors file: ``header`` (a dict, as JSON, or a str verbatim), then ``data``; ``claim``: the
+    header length it states (default: the true one)."""
+    raw = (header if isinstance(header, str) else json.dumps(header)).encode()
+
+    def change(good: bytes) -> bytes:
+        return (len(raw) if claim is None else claim).to_bytes(8, "little") + raw + data
+
+    return raw_bytes(change)
+
+
+def good_meta(kind: str = "adapter", **more) -> dict:
+    return {"__metadata__": {"lora_np": json.dumps({"format_version": 1, "kind": kind, **more})}}
+
+
 # Defects of any lora_np file, adapter or model: (make, error type, what the message must say).
 FILE_ERRORS = {
     "no such file": (no_file, FileNotFoundError, r"no (adapter|model) file at"),
@@ -261,6 +276,30 @@ FILE_ERRORS = {
     "metadata not JSON": (meta_text("{kind: adapter"), ValueError, "lora_np metadata is not valid JSON"),
     "metadata a JSON list": (meta_text("[1, 2]"), ValueError, "lora_np metadata is not a JSON object"),
     "metadata a JSON string": (meta_text('"adapter"'), ValueError, "lora_np metadata is not a JSON object"),
+    # hostile files: each is refused from its header, before its tensors are read
+    "header claims a terabyte": (crafted({}, claim=2**40), ValueError,
+                                 r"not a valid safetensors file: its header claims 1,099,511,627,776 bytes"),
+    "header longer than the file": (crafted({}, claim=1000), ValueError, r"header claims 1,000 bytes, the file has"),
+    "tensor claims gigabytes": (crafted({**good_meta(), "x": {"dtype": "F32", "shape": [10**9],
+                                                              "data_offsets": [0, 4 * 10**9]}}, b"\0" * 16),
+                                ValueError, r"tensor 'x' has byte range \[0, 4000000000\] outside the file's 16"),
+    "tensor range and shape disagree": (crafted({**good_meta(), "x": {"dtype": "F32", "shape": [8],
+                                                                      "data_offsets": [0, 16]}}, b"\0" * 16),
+                                        ValueError, r"tensor 'x' of shape \[8\] needs 32 bytes, its range holds 16"),
+    "negative shape": (crafted({**good_meta(), "x": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}},
+                               b"\0" * 16), ValueError, r"tensor 'x' has shape \[-4\]"),
+    "unknown dtype": (crafted({**good_meta(), "x": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}},
+                              b"\0" * 16), ValueError, r"tensor 'x' has no known dtype"),
+    "header nested 10000 deep": (crafted('{"a": ' + "[" * 10_000 + "]" * 10_000 + "}"), ValueError,
+                                 r"not a valid safetensors file: JSON nested deeper than 32 levels"),
+    "metadata nested 10000 deep": (meta_text('{"kind": ' + "[" * 10_000 + "]" * 10_000 + "}"), ValueError,
+                                   r"lora_np metadata is not valid JSON: JSON nested deeper than 32 levels"),
+    "metadata of 2 MB": (meta_text(json.dumps({"format_version": 1, "kind": "x", "pad": "x" * 2**21})), ValueError,
+                         r"lora_np metadata is 2,097,\d+ bytes, more than the 1,048,576"),
+    "format version 2": (meta_set(format_version=2), ValueError,
+                         r"format_version 2 is not one this lora_np reads \[1\] \(written by a newer lora_np\?\)"),
+    "no format version": (meta_set(format_version=DROP), ValueError, r"format_version None is not one"),
+    "format version a string": (meta_set(format_version="1"), ValueError, r"format_version '1' is not one"),
     "no kind": (meta_set(kind=DROP), ValueError, r"holds a None file, expected a '(adapter|model)' file"),
     "the other kind": (other_kind(), ValueError, r"holds a '(model|adapter)' file, expected a '(adapter|model)' file"),
 }
@@ -271,8 +310,9 @@ ADAPTER_ERRORS = {
     "LoRA config a list": (meta_set(lora=[2, 4.0]), ValueError, r"metadata key 'lora' is missing or not a dict"),
     "r=0": (lora_set(r=0), ValueError, r"bad LoRA config in metadata: LoRAConfig\.r must be a positive integer, got 0"),
     "r a string": (lora_set(r="2"), ValueError, r"LoRAConfig\.r must be a positive integer, got '2'"),
-    "alpha=nan": (lora_set(alpha=math.nan), ValueError, r"LoRAConfig\.alpha must be a finite number > 0, got nan"),
-    "alpha=inf": (lora_set(alpha=math.inf), ValueError, r"LoRAConfig\.alpha must be a finite number > 0, got inf"),
+    "alpha=nan": (lora_set(alpha=math.nan), ValueError, r"LoRAConfig\.alpha must be a finite number > 0, .*got nan"),
+    "alpha=inf": (lora_set(alpha=math.inf), ValueError, r"LoRAConfig\.alpha must be a finite number > 0, .*got inf"),
+    "alpha=1e308": (lora_set(alpha=1e308), ValueError, r"LoRAConfig\.alpha must be .*at most 10000, got 1e\+308"),
     "seed=-1": (lora_set(seed=-1), ValueError, r"LoRAConfig\.seed must be a non-negative integer, got -1"),
     "zero='both'": (lora_set(zero="both"), ValueError, r"LoRAConfig\.zero must be 'B' \(paper\) or 'A', got 'both'"),
     "dropout=1": (lora_set(dropout=1.0), ValueError, r"LoRAConfig\.dropout must be a number in \[0, 1\), got 1\.0"),
@@ -283,6 +323,9 @@ ADAPTER_ERRORS = {
                        r"metadata key 'base_fingerprint' is missing or not a str"),
     "fingerprint not a string": (meta_set(base_fingerprint=123), ValueError,
                                  r"metadata key 'base_fingerprint' is missing or not a str"),
+    "base of another vocabulary": (edit(lambda t, m: {**m, "base_config": {**m["base_config"], "vocab_size": 40}}),
+                                   ValueError, r"base model of another shape \(vocab_size 40, this model 11\)"),
+    "base config a list": (meta_set(base_config=[1]), ValueError, r"metadata key 'base_config' is not a dict"),
     "other base model": (meta_set(base_fingerprint=OTHER_BASE), ValueError,
                          r"trained on a different base model \(fingerprint " + OTHER_BASE[:12]),
     "wrong shape": (tensor_set("blocks.1.attn.v.B", np.zeros((3, C), np.float32)), ValueError,
@@ -328,8 +371,11 @@ MODEL_ERRORS = {
                          r"bad model config in metadata: GPTConfig: n_embd=8 must be divisible by n_head=3"),
     "config value a bool": (config_set(n_layer=True), ValueError, r"GPTConfig\.n_layer must be a positive integer"),
     "unknown config key": (config_set(n_experts=4), ValueError, r"bad model config in metadata: .*n_experts"),
-    "config of another size": (config_set(n_embd=16), ValueError, r"cannot load its tensors: "
-                               r".*wte\.weight: shape \(11, 8\), expected \(11, 16\)"),
+    "config of another size": (config_set(n_embd=16), ValueError,
+                               r"its config does not match its tensors: n_embd 16 \(the tensors say 8\)"),
+    "a million layers": (config_set(n_layer=10**6), ValueError, r"n_layer 1000000 \(the tensors say 2\)"),
+    "another vocabulary": (config_set(vocab_size=50_000), ValueError, r"vocab_size 50000 \(the tensors say 11\)"),
+    "n_layer null": (config_set(n_layer=None), ValueError, r"GPTConfig\.n_layer must be a positive integer, got None"),
     "extra not an object": (meta_set(extra=[1]), ValueError, r"metadata key 'extra' is not a dict"),
     "missing tensor": (tensor_drop("blocks.0.mlp.up.bias"), ValueError,
                        r"missing tensors \['blocks\.0\.mlp\.up\.bias'\]"),
@@ -542,6 +588,53 @@ def test_write_file_creates_folders_and_overwrites(tmp_path):
     tensors, meta = read_file(path, "model")
     assert np.array_equal(tensors["x"], np.arange(4)) and meta["n"] == 2
     assert_only(path.parent, {"f.safetensors"})
+
+
+def test_overwriting_keeps_the_file_mode(tmp_path):
+    path = tmp_path / "private.safetensors"
+    save_adapter(adapted_gpt(), path)
+    path.chmod(0o600)
+    save_adapter(adapted_gpt(seed=1), path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    checkpoint.write_atomic(path, b"x")
+    assert path.stat().st_mode & 0o777 == 0o600 and path.read_bytes() == b"x"
+
+
+def test_an_empty_path_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="no file name"):
+        checkpoint.write_atomic("", b"x")
+    assert_only(tmp_path, set())
+
+
+def test_a_write_removes_temporaries_of_dead_processes_only(tmp_path):
+    """A process killed outright (SIGKILL) mid-write leaves its temporary file; the next write into that folder
+    removes it, and leaves alone those of processes still running (they may be writing now)."""
+    dead = tmp_path / f"{checkpoint.TEMP_PREFIX}{2**22 + 1}-abc.tmp"  # above Linux's pid_max default: never alive
+    alive = tmp_path / f"{checkpoint.TEMP_PREFIX}{os.getppid()}-abc.tmp"
+    other = tmp_path / ".lora_np-notes.txt"  # not one of ours: untouched
+    for p in (dead, alive, other):
+        p.write_bytes(b"half")
+    checkpoint.write_atomic(tmp_path / "f.bin", b"new")
+    assert_only(tmp_path, {alive.name, other.name, "f.bin"})
+
+
+def test_ctrl_c_during_a_write_keeps_the_old_file(tmp_path, monkeypatch):
+    import signal
+
+    path = tmp_path / "f.bin"
+    checkpoint.write_atomic(path, b"old")
+    previous = signal.getsignal(signal.SIGINT)
+
+    def interrupted(fd):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the bytes go to the disk
+
+    monkeypatch.setattr(checkpoint.os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.write_atomic(path, b"new")
+    assert path.read_bytes() == b"old"
+    assert_only(tmp_path, {"f.bin"})
+    assert signal.getsignal(signal.SIGINT) is previous  # the handler is put back
 
 
 # --- model checkpoints -------------------------------------------------------------------------------------------

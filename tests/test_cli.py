@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 from lora_np import experiments
-from lora_np.__main__ import COMMANDS, _experiment, build_parser, main
+from lora_np.__main__ import COMMANDS, _experiment, build_parser, main, one_line
+from lora_np.checkpoint import save_adapter
+from lora_np.lora import LoRAConfig, apply_lora
+from lora_np.model import GPT, GPTConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SWEEP_FIGURES = ["learned_forgotten.png", "loss_curves.png", "memory_by_mode.png", "params_vs_rank.png",
@@ -245,6 +248,33 @@ def test_minilm_without_the_wheel_says_how_to_install_it(tmp_path, monkeypatch, 
     assert not (tmp_path / "out").exists()
 
 
+def test_one_line_escapes_control_characters():
+    assert one_line("a\nerror: forged\r\tb") == "a\\nerror: forged\\r\\tb"
+    assert one_line("é ü 日本") == "é ü 日本"  # printable text is left as it is
+
+
+@pytest.mark.parametrize("value, quick", [("", False), ("0", False), ("false", False), ("No", False),
+                                          ("off", False), ("1", True), ("true", True), ("YES", True)])
+def test_lora_np_quick_false_means_full_size(monkeypatch, value, quick):
+    monkeypatch.setenv("LORA_NP_QUICK", value)
+    assert build_parser().parse_args(["finetune"]).quick is quick
+
+
+def test_an_empty_lora_np_cache_is_the_default_folder_not_the_current_one(monkeypatch):
+    monkeypatch.setenv("LORA_NP_CACHE", "")
+    assert experiments.runs.cache_dir() == Path.home() / ".cache" / "lora_np"
+
+
+def test_a_corpus_of_fewer_characters_than_the_samples_top_k(tmp_path, monkeypatch, capsys):
+    """5 characters, top-k 20: the sample draws from all 5 (it used to fail after training and caching)."""
+    monkeypatch.setenv("LORA_NP_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "ab.txt"
+    corpus.write_text("def fed\n" * 300, encoding="utf-8")
+    assert main(["finetune", "--quick", "--no-progress", "--corpus", str(corpus), "--pretrain-corpus",
+                 str(corpus), "--steps", "2"]) == 0
+    assert "sample:\n" in capsys.readouterr().out
+
+
 # -- a failure after training never loses the trained model --------------------------------------------------------
 
 
@@ -285,6 +315,17 @@ def _setup_files(tmp: Path) -> None:
     (tmp / "results.json").write_text('{"runs": 3}')
     (tmp / "notjson.json").write_text("{")
     (tmp / "fake.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    (tmp / "notes.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    (tmp / "out" / "results").mkdir(parents=True)
+    (tmp / "out" / "results" / "sweep.json").write_text("my own notes, not results\n" * 300)
+    (tmp / "figs").mkdir()
+    (tmp / "figs" / "params_vs_rank.png").write_text('{"runs": 3}')
+    # an adapter of a base with the quick model's shape but another vocabulary (40 characters)
+    quick = experiments.ExperimentConfig.quick().model
+    base = GPT(GPTConfig(**{**quick.to_dict(), "vocab_size": 40}))
+    save_adapter(apply_lora(base, LoRAConfig(r=2, targets="q,v")), tmp / "other-vocab.safetensors")
+    (tmp / "private.txt").write_text("mine\n")
+    (tmp / "private.txt").chmod(0o600)
 
 
 # (arguments, environment, words the one-line message must hold). Every row runs in a fresh folder with an empty
@@ -347,6 +388,42 @@ BAD_INPUT = {
     "figures: not JSON": (["figures", "--results", "notjson.json"], {}, "not a JSON file"),
     "figures: not results": (["figures", "--results", "results.json"], {}, "not a results file"),
     "figures: out is a file": (["figures", "--results", "results.json", "--out", "afile"], {}, "afile"),
+    # files the command reads are never written over
+    "save-adapter over the corpus": (["finetune", "--corpus", "notes.txt", "--save-adapter", "notes.txt"], {},
+                                     "--save-adapter notes.txt is a file this command reads (notes.txt)"),
+    "save-adapter over the corpus, another spelling": (["finetune", "--corpus", "notes.txt", "--save-adapter",
+                                                        "folder/../notes.txt"], {}, "is a file this command reads"),
+    "save-adapter over the pretraining corpus": (["finetune", "--pretrain-corpus", "notes.txt", "--save-adapter",
+                                                  "notes.txt"], {}, "is a file this command reads"),
+    "results over the corpus": (["sweep", "--corpus", "out/results/sweep.json", "--out", "out"], {},
+                                "--out out/results/sweep.json is a file this command reads"),
+    "figures over the results": (["figures", "--results", "figs/params_vs_rank.png", "--out", "figs"], {},
+                                 "would draw figures over figs/params_vs_rank.png"),
+    # empty paths and environment
+    "save-adapter empty": (["finetune", "--save-adapter", ""], {}, "--save-adapter: an empty path"),
+    "out empty": (["sweep", "--out", ""], {}, "--out: an empty path"),
+    "corpus empty": (["finetune", "--corpus", ""], {}, "--corpus: an empty path"),
+    "adapter empty": (["generate", "--adapter", ""], {}, "--adapter: an empty path"),
+    "figures results empty": (["figures", "--results", ""], {}, "--results: an empty path"),
+    "LORA_NP_QUICK not a flag": (["finetune"], {"LORA_NP_QUICK": "maybe"}, "LORA_NP_QUICK='maybe': expected"),
+    # numbers: ranges and overflow
+    "steps overflow": (["finetune", "--steps", "99999999999999999999"], {}, "is more than 10,000,000"),
+    "steps 2**63": (["sweep", "--steps", "9223372036854775808"], {}, "--steps: '9223372036854775808' is more"),
+    "max-new-tokens overflow": (["generate", "--max-new-tokens", "10000000000"], {}, "is more than 1,000,000"),
+    "batch size huge": (["report", "--batch-size", "99999999"], {}, "--batch-size: '99999999' is more than 4,096"),
+    "rank overflow": (["finetune", "--rank", "99999999999999999999"], {}, "--rank: '99999999999999999999' is more"),
+    "seed above 2**63": (["generate", "--seed", str(2**64)], {}, "--seed"),
+    "temperature nan": (["generate", "--temperature", "nan"], {}, "--temperature: 'nan' is not a finite number"),
+    "temperature inf": (["generate", "--temperature", "inf"], {}, "--temperature: 'inf'"),
+    "alpha 1e308": (["finetune", "--alpha", "1e308"], {}, "at most 10000"),
+    "sweep alpha 1e308": (["sweep", "--alpha", "1e308"], {}, "at most 10000"),
+    # one line, whatever the path holds
+    "newline in a corpus path": (["finetune", "--corpus", "no\nerror: forged"], {}, "no\\nerror: forged"),
+    "newline in save-adapter": (["finetune", "--save-adapter", "afile/x\nerror: forged"], {}, "afile is a file"),
+    "carriage return in out": (["sweep", "--out", "afile/x\rerror: forged"], {}, "afile/x\\rerror: forged"),
+    # an adapter that cannot fit this base: refused before any pretraining
+    "adapter of another vocabulary": (["generate", "--adapter", "other-vocab.safetensors"], {},
+                                      "trained on a base model of another shape (vocab_size 40, this model "),
 }
 
 
@@ -356,7 +433,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path):
     if case == "cupy without a GPU" and "cupy" in sys.modules:
         pytest.skip("CuPy is importable here")
     _setup_files(tmp_path)
-    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    before = {p.relative_to(tmp_path): (p.read_bytes() if p.is_file() else None, p.stat().st_mode)
+              for p in tmp_path.rglob("*")}
     env = {**os.environ, "LORA_NP_CACHE": str(tmp_path / "cache"), "LORA_NP_QUICK": "1", **env_extra}
     run = subprocess.run([sys.executable, "-m", "lora_np", *args, "--no-progress"] if args[0] != "figures" else
                          [sys.executable, "-m", "lora_np", *args], cwd=tmp_path, env=env, capture_output=True,
@@ -366,4 +444,6 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in run.stderr, run.stderr
     assert message in lines[0], lines[0]
     assert run.stdout == ""  # no work started: no progress, no table
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no cache, no output file
+    after = {p.relative_to(tmp_path): (p.read_bytes() if p.is_file() else None, p.stat().st_mode)
+             for p in tmp_path.rglob("*")}
+    assert after == before  # no cache, no output file, every file byte for byte and mode for mode

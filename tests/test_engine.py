@@ -478,6 +478,10 @@ ERRORS = [
     ("stack-shapes",   lambda: stack([zeros(2, 3), zeros(3, 2)]),    ValueError, "got [(2, 3), (3, 2)]"),
     ("concat-shapes",  lambda: concat([zeros(2, 3), zeros(2, 4)]),   ValueError, "[(2, 3), (2, 4)] do not match"),
     ("item-many",      lambda: zeros(2).item(),                      ValueError, "one element, got shape (2,)"),
+    ("int-grad",       lambda: Tensor(np.arange(3), requires_grad=True), TypeError, "only floating-point tensors can"),
+    ("int64-grad",     lambda: Tensor(np.arange(3), requires_grad=True), TypeError, "got dtype int64"),
+    ("bool-grad",      lambda: Tensor(np.ones(2, bool), requires_grad=True), TypeError, "got dtype bool"),
+    ("int-grad-later", lambda: setattr(Tensor(np.arange(3)), "requires_grad", True), TypeError, "floating-point"),
 ]  # fmt: skip
 
 

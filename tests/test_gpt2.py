@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 
+from lora_np import gpt2
 from lora_np.checkpoint import load_model, save_model
 from lora_np.gpt2 import GPT2Tokenizer, gpt_config_from_hf, load_gpt2, load_gpt2_weights
 from lora_np.gradcheck import gradcheck
@@ -185,6 +186,53 @@ CONFIG_ERRORS = [
 def test_unmappable_configs_are_refused_naming_the_key(change, message):
     with pytest.raises(ValueError, match=message):
         gpt_config_from_hf(hf_config(GPTConfig(**TINY, tie_weights=True), **change))
+
+
+def _config(**changes):
+    def make(folder, src):
+        write_folder(src, folder, config=hf_config(src.config, **changes))
+    return make
+
+
+def _config_text(text):
+    def make(folder, src):
+        write_folder(src, folder)
+        (folder / "config.json").write_text(text)
+    return make
+
+
+def _weights_bytes(data):
+    def make(folder, src):
+        write_folder(src, folder)
+        (folder / "model.safetensors").write_bytes(data)
+    return make
+
+
+# (the folder's defect, the file the message names, what it says): each refused before a model is built
+FOLDER_ERRORS = {
+    "a million layers": (_config(n_layer=10**6), "model.safetensors", "the config says n_layer 1000000, the file "
+                         "holds 2 layers"),
+    "null where a number belongs": (_config(n_embd=None), "config.json", "n_embd must be a positive integer, got None"),
+    "a string where a number belongs": (_config(n_layer="2"), "config.json", "n_layer must be a positive integer"),
+    "config not JSON": (_config_text("{n_layer: 2"), "config.json", "is not a JSON file"),
+    "config nested 100000 deep": (_config_text("[" * 100_000 + "]" * 100_000), "config.json", "is not a JSON file"),
+    "config a list": (_config_text("[1, 2]"), "config.json", "expected the dict of a config.json"),
+    "corrupt weights": (_weights_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}"), "model.safetensors",
+                        "is not a valid safetensors file"),
+    "weights empty": (_weights_bytes(b""), "model.safetensors", "is not a valid safetensors file"),
+}
+
+
+@pytest.mark.parametrize("case", FOLDER_ERRORS)
+def test_a_broken_folder_is_refused_naming_the_file(tmp_path, case, monkeypatch):
+    make, culprit, message = FOLDER_ERRORS[case]
+    make(tmp_path, tiny_gpt())
+    built = []
+    monkeypatch.setattr(gpt2, "GPT", lambda cfg: built.append(cfg))  # any model built before the checks shows
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
+        load_gpt2(tmp_path)
+    assert str(tmp_path / culprit) in str(refused.value) and "\n" not in str(refused.value)
+    assert not built
 
 
 def test_bad_folders_are_refused(tmp_path):

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from helpers import TINY, tiny_gpt
+from helpers import TINY, assert_untouched, snapshot, tiny_gpt
 
 from lora_np import lora
 from lora_np.gradcheck import gradcheck
@@ -142,10 +142,23 @@ def test_generate_same_seed_same_output_different_seed_differs():
     assert any(not np.array_equal(a, o) for o in others)
 
 
-@pytest.mark.parametrize("temperature", [0.0, -1.0])
-def test_generate_rejects_nonpositive_temperature(temperature):
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        tiny_gpt().generate(np.array([[0]]), 1, temperature=temperature)
+GENERATE_ERRORS = {  # (prompt ids, keyword arguments, what the message says)
+    "temperature 0": ([[0]], {"temperature": 0.0}, r"temperature must be a finite number > 0, got 0\.0"),
+    "temperature < 0": ([[0]], {"temperature": -1.0}, r"temperature must be a finite number > 0, got -1\.0"),
+    "temperature NaN": ([[0]], {"temperature": math.nan}, r"temperature must be a finite number > 0, got nan"),
+    "temperature inf": ([[0]], {"temperature": math.inf}, r"temperature must be a finite number > 0, got inf"),
+    "empty prompt": (np.zeros((1, 0), np.int64), {}, r"T >= 1 tokens to continue, got shape \(1, 0\)"),
+}
+
+
+@pytest.mark.parametrize("case", GENERATE_ERRORS)
+def test_generate_refuses_bad_arguments(case):
+    idx, kwargs, message = GENERATE_ERRORS[case]
+    model = tiny_gpt()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        model.generate(np.asarray(idx), 1, **kwargs)
+    assert_untouched(before, model)
 
 
 @pytest.mark.parametrize("top_k", [0, -1, 12])

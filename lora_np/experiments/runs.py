@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .. import backend, memory
 from ..checkpoint import encode_adapter, load_model, save_model
 from ..data import CharTokenizer, iter_eval_batches, load_corpus, train_val_split, train_val_test_split
+from ..engine import NUMERICS_VERSION
 from ..functional import _log_softmax
 from ..lora import LoRAConfig, check_setup, count_parameters, prepare_finetuning
 from ..model import GPT, GPTConfig
@@ -163,7 +164,7 @@ def load_corpora(cfg: ExperimentConfig) -> Corpora:
     be long enough for one window; otherwise a ValueError that names the corpus."""
     pre_text, fine_text = load_corpus(cfg.pretrain_corpus), load_corpus(cfg.finetune_corpus)
     tok = CharTokenizer.from_texts(pre_text, fine_text)
-    digest = hashlib.sha256(pre_text.encode() + b"\0" + fine_text.encode()).hexdigest()
+    digest = hash_parts(pre_text, fine_text)
     unseen = sorted(set(fine_text) - set(pre_text))
     splits = {}
     for name, text in (("pretrain", pre_text), ("finetune", fine_text)):
@@ -188,15 +189,27 @@ def model_config(cfg: ExperimentConfig, corpora: Corpora) -> GPTConfig:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LORA_NP_CACHE", Path.home() / ".cache" / "lora_np"))
+    """``$LORA_NP_CACHE``, or ``~/.cache/lora_np`` where it is unset or empty (an empty one would be the current
+    folder)."""
+    return Path(os.environ.get("LORA_NP_CACHE") or Path.home() / ".cache" / "lora_np")
+
+
+def hash_parts(*parts: str | bytes) -> str:
+    """SHA-256 of ``parts``, each preceded by its length: no two different lists of parts give the same bytes (with
+    a separator instead, ("a\\0b", "c") and ("a", "b\\0c") would)."""
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
 
 
 def base_model_path(cfg: ExperimentConfig, corpora: Corpora) -> Path:
-    """Where the base model for this config is cached: a hash of everything that determines its weights."""
-    # "progress": None keeps the keys of base models cached before progress left TrainConfig (it never mattered)
-    key = json.dumps({"model": asdict(model_config(cfg, corpora)), "train": {**asdict(cfg.pretrain), "progress": None},
-                      "corpora": corpora.digest, "backend": backend.get_backend()}, sort_keys=True)
-    return cache_dir() / f"base-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    """Where the base model for this config is cached: a hash of everything that determines its weights (the
+    texts, the model and training configs, the backend and the engine's ``NUMERICS_VERSION``)."""
+    model, train = (json.dumps(asdict(c), sort_keys=True) for c in (model_config(cfg, corpora), cfg.pretrain))
+    key = hash_parts("lora_np base model", corpora.digest, model, train, backend.get_backend(), str(NUMERICS_VERSION))
+    return cache_dir() / f"base-{key[:16]}.safetensors"
 
 
 def pretrain_base(cfg: ExperimentConfig, corpora: Corpora, progress: bool = True,
@@ -209,6 +222,13 @@ def pretrain_base(cfg: ExperimentConfig, corpora: Corpora, progress: bool = True
     path = base_model_path(cfg, corpora)
     if path.exists() and not force:
         model, extra = load_model(path)
+        expected = {"config": model_config(cfg, corpora).to_dict(), "tokenizer": corpora.tokenizer.to_dict()}
+        stored = {"config": model.config.to_dict(), "tokenizer": extra.get("tokenizer")}
+        wrong = [k for k in expected if stored[k] != expected[k]]
+        if wrong:
+            raise ValueError(f"the cached base model {path} has another {' and '.join(wrong)} than this run needs "
+                             "(a stale or foreign file): delete it, or retrain it with `python -m lora_np pretrain "
+                             "--force`")
         return model, {"path": str(path), "cached": True, "history": extra.get("history", {})}
     model = GPT(model_config(cfg, corpora))
     history = train(model, corpora.pretrain, cfg.pretrain, progress=progress)
@@ -279,7 +299,9 @@ def pretrain_val_loss(model: GPT, corpora: Corpora, cfg: ExperimentConfig) -> fl
 
 
 def sample_text(model: GPT, tok: CharTokenizer, prompt: str, n: int, seed: int = 0) -> str:
-    ids = model.generate(tok.encode(prompt)[None], n, temperature=0.8, top_k=20, seed=seed)
+    """``n`` characters after ``prompt``: temperature 0.8, the 20 most likely characters (all of them, for a
+    vocabulary of fewer)."""
+    ids = model.generate(tok.encode(prompt)[None], n, temperature=0.8, top_k=min(20, tok.vocab_size), seed=seed)
     return tok.decode(ids[0])
 
 
