@@ -304,7 +304,10 @@ def learned_forgotten(results: dict[str, Any], out: Path) -> Path:
            ylabel="forgotten: run − base,\nloss on the pretraining text (nats/char)")
     ax.set_title(title, fontsize=11)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
-    return _save(fig, out / "learned_forgotten.png")
+    # the sweep's is learned_forgotten.png; another experiment's (targets) gets its name in the file's, so that the
+    # two commands writing into one figures/ folder never draw over each other's
+    name = "learned_forgotten" + ("" if results.get("experiment", "sweep") == "sweep" else f"_{results['experiment']}")
+    return _save(fig, out / f"{name}.png")
 
 
 # -- the task-distance study (``python -m lora_np study``) ---------------------------------------------------------

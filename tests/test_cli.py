@@ -158,7 +158,7 @@ def test_targets_experiment_has_one_parameter_budget(tmp_path):
     full = chosen[-1]  # the reference line of the figure
     assert full["mode"] == "full" and full["trainable"] == full["total"] and len(chosen) == len(runs) + 1
     assert list(results["lr_search"]) == [r["method"] for r in chosen]
-    figures = ["learned_forgotten.png", "targets.png"]
+    figures = ["learned_forgotten_targets.png", "targets.png"]
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == figures
     assert all((tmp_path / "figures" / f).read_bytes().startswith(PNG_MAGIC) for f in figures)
     redraw = tmp_path / "redraw"
