@@ -122,7 +122,7 @@ def _remove_pending(signum: int, frame: Any) -> None:
     previous = _previous_handlers.get(signum, signal.SIG_DFL)
     if callable(previous):
         previous(signum, frame)  # Python's own SIGINT handler: KeyboardInterrupt, as without us
-    elif previous != signal.SIG_IGN:
+    else:  # SIG_DFL (an ignored signal gets no handler at all: see _handle_signals)
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)  # die of the signal, as the process would have
 
@@ -136,6 +136,8 @@ def _handle_signals() -> Callable[[], None]:
     if threading.current_thread() is not threading.main_thread() or _previous_handlers:
         return lambda: None
     for signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(signum) == signal.SIG_IGN:  # a process told to ignore it (a background job's SIGINT)
+            continue  # goes on ignoring it: the write finishes, nothing to clean up
         _previous_handlers[signum] = signal.signal(signum, _remove_pending)
 
     def restore() -> None:

@@ -624,17 +624,38 @@ def test_ctrl_c_during_a_write_keeps_the_old_file(tmp_path, monkeypatch):
 
     path = tmp_path / "f.bin"
     checkpoint.write_atomic(path, b"old")
-    previous = signal.getsignal(signal.SIGINT)
 
     def interrupted(fd):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the bytes go to the disk
 
     monkeypatch.setattr(checkpoint.os, "fsync", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        checkpoint.write_atomic(path, b"new")
+    started_with = signal.getsignal(signal.SIGINT)
+    # Ctrl-C as in a terminal, even where pytest runs as a background job (which starts with SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.write_atomic(path, b"new")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    finally:
+        signal.signal(signal.SIGINT, started_with)
     assert path.read_bytes() == b"old"
     assert_only(tmp_path, {"f.bin"})
-    assert signal.getsignal(signal.SIGINT) is previous  # the handler is put back
+
+
+def test_an_ignored_signal_stays_ignored_and_the_write_completes(tmp_path, monkeypatch):
+    import signal
+
+    path = tmp_path / "f.bin"
+    checkpoint.write_atomic(path, b"old")
+    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: os.kill(os.getpid(), signal.SIGINT))
+    started_with = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job: SIGINT ignored
+    try:
+        checkpoint.write_atomic(path, b"new")
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, started_with)
+    assert path.read_bytes() == b"new"
+    assert_only(tmp_path, {"f.bin"})
 
 
 # --- model checkpoints -------------------------------------------------------------------------------------------

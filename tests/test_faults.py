@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # The child saves a model over an old one; its fsync (the bytes are in the temporary file, not yet renamed) says
 # "writing" and waits, so that the test can signal it at exactly that moment.
 CHILD = textwrap.dedent("""
-    import os, sys, time
+    import os, signal, sys, time
+    # Ctrl-C as in a terminal, even where the test runner was started as a background job (SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {tests!r})
     from helpers import tiny_gpt, adapted_gpt
     from lora_np import checkpoint
