@@ -218,10 +218,24 @@ def step_time(results: dict[str, Any], out: Path) -> Path:
     full = _run(results, "full")
     fig, (ax1, ax2) = _figure(2, (12, 4.5))
     ranks = [r["rank"] for r in runs]
+    tokens = results["config"]["finetune"]["batch_size"] * results["config"]["model"]["block_size"]
+
+    def spread(run: dict[str, Any], key: str) -> list[float]:
+        """The run's measurement per interval between evaluations (a shared machine's load moves each one)."""
+        tps = [v for v in run.get("history", {}).get("tokens_per_s", []) if v]
+        return tps if key == "tokens_per_s" else [tokens / v for v in tps]
+
     for ax, key, ylabel in ((ax1, "step_seconds", "seconds per step"), (ax2, "tokens_per_s", "tokens per second")):
-        ax.plot(ranks, [r[key] for r in runs], "o-", label=_lora_label(runs))
+        # the median (the table's number) with bars from the lowest to the highest interval: overlapping bars are
+        # differences the load made, not the method
+        lows = [r[key] - min(spread(r, key), default=r[key]) for r in runs]
+        highs = [max(spread(r, key), default=r[key]) - r[key] for r in runs]
+        ax.errorbar(ranks, [r[key] for r in runs], [lows, highs], fmt="o-", capsize=3,
+                    label=_lora_label(runs) + " (median; bars: min–max over intervals)")
         if full:
-            ax.axhline(full[key], color="k", ls="--", label="full fine-tuning")
+            ax.axhline(full[key], color="k", ls="--", label="full fine-tuning (median)")
+            ax.axhspan(min(spread(full, key), default=full[key]), max(spread(full, key), default=full[key]),
+                       color="k", alpha=0.08)
         partial = _run(results, "partial")
         if partial:
             ax.axhline(partial[key], color="tab:purple", ls="-.", label=_partial_label(partial))
@@ -229,7 +243,8 @@ def step_time(results: dict[str, Any], out: Path) -> Path:
         ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.set(xlabel="rank r", ylabel=ylabel, ylim=(0, None))
         ax.legend()
-    ax1.set_title(f"training step time ({results['machine']['cores']} CPU cores, {results['machine']['backend']})")
+    ax1.set_title(f"training step time ({results['machine']['cores']} CPU cores, {results['machine']['backend']}, "
+                  "shared: noisy)")
     ax2.set_title("training throughput")
     return _save(fig, out / "step_time.png")
 
