@@ -297,7 +297,10 @@ class SentenceTokenizer:
             raise ValueError(f"SentenceTokenizer: max_length must be an integer >= 2 ([CLS] and [SEP]), "
                              f"got {max_length!r}")
         self.path, self.max_length = Path(path), max_length
-        self.tok = Tokenizer.from_file(str(self.path))
+        try:  # the tokenizers library raises a bare Exception on a broken file: one ValueError naming it instead
+            self.tok = Tokenizer.from_file(str(self.path))
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{self.path}: not a readable tokenizer file ({str(e).splitlines()[0][:200]})") from None
         self.pad_id = self.tok.token_to_id("[PAD]")
         if self.pad_id is None:
             raise ValueError(f"{self.path}: the vocabulary has no [PAD] token")

@@ -201,15 +201,22 @@ class GPT2Tokenizer:
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
-        if (self.folder / "tokenizer.json").is_file():
-            self.tok = tokenizers.Tokenizer.from_file(str(self.folder / "tokenizer.json"))
-        elif (self.folder / "vocab.json").is_file() and (self.folder / "merges.txt").is_file():
-            bpe = tokenizers.models.BPE.from_file(str(self.folder / "vocab.json"), str(self.folder / "merges.txt"))
-            self.tok = tokenizers.Tokenizer(bpe)
-            self.tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-            self.tok.decoder = tokenizers.decoders.ByteLevel()
-        else:
-            raise FileNotFoundError(f"{self.folder}: no tokenizer.json, and not both vocab.json and merges.txt")
+        try:  # the tokenizers library raises a bare Exception on a broken file: one ValueError naming it instead
+            if (self.folder / "tokenizer.json").is_file():
+                self.tok = tokenizers.Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+            elif (self.folder / "vocab.json").is_file() and (self.folder / "merges.txt").is_file():
+                bpe = tokenizers.models.BPE.from_file(str(self.folder / "vocab.json"),
+                                                      str(self.folder / "merges.txt"))
+                self.tok = tokenizers.Tokenizer(bpe)
+                self.tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+                self.tok.decoder = tokenizers.decoders.ByteLevel()
+            else:
+                raise FileNotFoundError(f"{self.folder}: no tokenizer.json, and not both vocab.json and merges.txt")
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{self.folder}: its tokenizer files are not readable "
+                             f"({str(e).splitlines()[0][:200]})") from None
         self.tok.no_padding()
         self.tok.no_truncation()
 

@@ -354,3 +354,13 @@ def test_minilm_padding_does_not_change_an_embedding(minilm):
         masked_junk = minilm.sentence_embedding(junk, mask[:1]).data[0]
     assert np.abs(batched - alone).max() < 1e-5  # measured 8.6e-8
     assert np.abs(masked_junk - alone).max() < 1e-5  # measured 8.6e-8
+
+
+@pytest.mark.parametrize("content", ["{", '{"model": 3}', ""], ids=["truncated", "wrong-structure", "empty"])
+def test_a_broken_tokenizer_file_is_a_value_error_naming_it(tmp_path, content):
+    from lora_np.bert import SentenceTokenizer
+
+    path = tmp_path / "tokenizer.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        SentenceTokenizer(path)

@@ -319,3 +319,14 @@ def test_tokenizer_needs_its_files(tmp_path):
     pytest.importorskip("tokenizers", reason="needs Hugging Face's tokenizers: pip install tokenizers")
     with pytest.raises(FileNotFoundError, match="no tokenizer.json, and not both vocab.json and merges.txt"):
         GPT2Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("files", [{"tokenizer.json": "{"}, {"vocab.json": "[1]", "merges.txt": "a b\n"}],
+                         ids=["tokenizer.json", "vocab+merges"])
+def test_broken_tokenizer_files_are_a_value_error_naming_the_folder(tmp_path, files):
+    from lora_np.gpt2 import load_gpt2_tokenizer
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path))):
+        load_gpt2_tokenizer(tmp_path)
