@@ -163,6 +163,7 @@ CONFIG_ERRORS = [
     ("one placement", {"placements": ("q,v",)}, "at least two placements"),
     ("repeated placement", {"placements": ("q,v", "v,q")}, "repeats a placement"),
     ("unknown placement", {"placements": ("q,v", "zz")}, "unknown LoRA target"),
+    ("unplantable placement", {"placements": ("q,v", "o,down")}, "cannot plant in ['down', 'o']"),
     ("ranks without k", {"ranks": (1, 4)}, "below k, k = 2 itself and above"),
     ("ranks unsorted", {"ranks": (4, 2, 1)}, "increasing integers"),
     ("rank too big", {"ranks": (1, 2, 65)}, "in [1, n_embd = 64]"),

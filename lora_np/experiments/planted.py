@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 from .. import analysis, backend
 from ..data import BatchSampler, iter_eval_batches
 from ..functional import _log_softmax, _softmax
-from ..lora import LoRAConfig, count_parameters, lora_layers, prepare_finetuning, resolve_targets
+from ..lora import LoRAConfig, count_parameters, lora_layers, prepare_finetuning, resolve_targets, target_layers
 from ..model import GPT
 from ..nn import Module
 from ..train import TrainConfig, train
@@ -77,6 +77,10 @@ from .runs import (
     search_lr,
     to_json,
 )
+
+# The layer norm whose output a plantable matrix reads: its Σ is measured there (input_moments). o and down read
+# the attention's and the MLP's inner activations, which no module outputs, so they cannot be planted in.
+INPUT_NORM = {"q": "ln1", "k": "ln1", "v": "ln1", "up": "ln2"}
 
 # t quantiles t_{0.975, n-1} for a 95% interval of a mean of n = 2..10 seeds (no SciPy here: a table suffices)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -132,6 +136,10 @@ class PlantedConfig:
             raise ValueError(f"PlantedConfig.placements must name at least two placements (each teacher's "
                              f"'wrong' matrices are the next placement's), got {self.placements!r}")
         norm = tuple(",".join(resolve_targets(p)) for p in self.placements)  # checked names, canonical order
+        unplantable = sorted({t for p in norm for t in p.split(",")} - set(INPUT_NORM))
+        if unplantable:
+            raise ValueError(f"PlantedConfig.placements: cannot plant in {unplantable} (their inputs are no module's "
+                             f"output: Σ is not measured); plantable: {list(INPUT_NORM)}")
         if len(set(norm)) != len(norm):
             raise ValueError(f"PlantedConfig.placements repeats a placement: {self.placements!r}")
         object.__setattr__(self, "placements", norm)
@@ -170,10 +178,7 @@ class PlantedConfig:
 
 def planted_layers(model: GPT, placement: str) -> dict[str, Any]:
     """name -> the Linear layer of every block that ``placement`` ("q,v", "up") names, in model order."""
-    names = set(placement.split(","))
-    return {f"blocks.{b}.{part}.{w}": getattr(getattr(block, part), w) for b, block in enumerate(model.blocks)
-            for part, w in (("attn", "q"), ("attn", "k"), ("attn", "v"), ("attn", "o"), ("mlp", "up"), ("mlp", "down"))
-            if w in names}
+    return {name: layer for name, _, _, layer in target_layers(model, placement.split(","))}
 
 
 class _InputMoment(Module):
@@ -194,17 +199,19 @@ def input_moments(base: GPT, ids: Any, cfg: PlantedConfig) -> dict[str, Any]:
     """Σ = E[xᵀx] (C, C), float64 host, of the inputs of every block's attention (ln1's output: what q, k, v
     read) and MLP (ln2's output: what up reads), over ``sigma_batches`` training batches of the base model."""
     model = copy.deepcopy(base)
+    norms = sorted(set(INPUT_NORM.values()))
     for block in model.blocks:
-        block.ln1, block.ln2 = _InputMoment(block.ln1), _InputMoment(block.ln2)
+        for ln in norms:
+            setattr(block, ln, _InputMoment(getattr(block, ln)))
     sampler = BatchSampler(ids, cfg.experiment.model.block_size, cfg.experiment.finetune.batch_size, seed=12345)
     with model.inference():
         for _ in range(cfg.sigma_batches):
             model(sampler.sample()[0])
     out = {}
-    for b, block in enumerate(model.blocks):
-        for ln, part, ws in ((block.ln1, "attn", ("q", "k", "v")), (block.ln2, "mlp", ("up",))):
-            for w in ws:
-                out[f"blocks.{b}.{part}.{w}"] = ln.sum / ln.count
+    for name, *_ in target_layers(base, list(INPUT_NORM)):  # "blocks.{b}.attn.q", ...
+        _, b, _, w = name.split(".")
+        ln = getattr(model.blocks[int(b)], INPUT_NORM[w])
+        out[name] = ln.sum / ln.count
     return out
 
 
@@ -396,7 +403,8 @@ def run_planted(cfg: PlantedConfig, progress: bool = True, corpora: Corpora | No
         "base": {**base_info, "total": count_parameters(base).total,
                  "pretrain_val_loss": pretrain_val_loss(base, corpora, ecfg)},
         "placements": {}, "runs": []}
-    n_runs = sum(len(cfg.methods(p)) * (len(cfg.full_lrs) + cfg.seeds - 1) for p in cfg.placements)
+    n_runs = sum(len(cfg.full_lrs if lora is None else cfg.lora_lrs) + cfg.seeds - 1  # the grid may grow past it
+                 for p in cfg.placements for _, lora, _ in cfg.methods(p))
     bar = tqdm(total=n_runs, desc="planted", disable=not progress)
     for placement in cfg.placements:
         linears = planted_layers(base, placement)
