@@ -361,8 +361,9 @@ def distil(task: Task, method: str, lora: LoRAConfig | None, only: tuple[str, ..
     model = prepare_finetuning(copy.deepcopy(task.base), None if lora is None else replace(lora, seed=seed), only)
     tcfg = replace(ecfg.finetune, lr=lr, min_lr=min(ecfg.finetune.min_lr, lr), seed=seed)
     history = train(model, (train_ids, val_ids), tcfg, progress=False, targets=task.teacher)
+    adapters = lora_layers(model)
     adapted = [name for name in task.layers  # the planted layers this student changes (none: the wrong matrices)
-               if (lora is not None and name in lora_layers(model))
+               if (lora is not None and name in adapters)
                or (lora is None and (not only or name.rsplit(".", 1)[1] in only))]
     return {"placement": task.placement, "method": method, "lr": lr, "seed": seed,
             "mode": "lora" if lora is not None else "partial" if only else "full",
