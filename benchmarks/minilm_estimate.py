@@ -4,9 +4,12 @@
     python benchmarks/minilm_estimate.py --steps 8
 
 It runs the lab's own code (``experiments.minilm``: the same data, batches and models) for a few of the full run's
-training steps of every method (after one untimed step), one validation pass and one measured-memory step each,
-and multiplies out: every method trains ``len(grid)`` times for ``cfg.steps`` steps, is evaluated on validation
-after each run and on test once, and has one measured step.
+training steps of every method (after one untimed step; batches drawn as the lab draws them, bucketed by length),
+one validation pass and one measured-memory step each, times the probe (embeddings once, one logistic regression
+per L2 strength), and multiplies out: every encoder method trains ``len(grid) + len(seeds) - 1`` times for
+``cfg.steps`` steps (a search that steps past its grid's edge adds up to ``lr_extend`` more: the estimate is
+for an interior choice), is evaluated on validation after each run and on test once per seed, and has one
+measured step.
 
 Time is CPU time of this process with BLAS pinned to ONE thread (threadpoolctl), not wall time: on a shared
 machine the wall clock measures the neighbours, while one-thread CPU time is close to what an idle core takes.
@@ -35,30 +38,34 @@ def cpu(fn, *args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=4, help="timed training steps per method")
+    parser.add_argument("--steps", type=int, default=8, help="timed training steps per method")
     args = parser.parse_args()
     cfg = lab.MiniLMConfig()
-    head_lr, lora_lr, full_lr = cfg.head_lrs[1], cfg.lora_lrs[1], cfg.full_lrs[1]
     total = 0.0
     with threadpool_limits(limits=1, user_api="blas"):
         t, base = cpu(load_minilm, cfg.max_length)
         t2, (data, _) = cpu(lab.load_data, cfg, base.tokenizer)
         total += t + t2
         print(f"loading {t + t2:.1f} s")
-        batches = lab.batch_order(cfg, len(data["train"]))
+        t, feats = cpu(lab.embeddings, base, data["train"], cfg.eval_batch_size)
+        embed = t * (len(data["train"]) + len(data["val"]) + len(data["test"])) / len(data["train"])
+        fit, (head, _) = cpu(lab.fit_probe, feats, data["train"].labels, cfg.probe_l2s[0], cfg)
+        total += embed + len(cfg.probe_l2s) * fit
+        print(f"probe        embeddings {embed:.1f} s, {len(cfg.probe_l2s)} fits x {fit:.1f} s")
+        batches = lab.batch_order(cfg, data["train"].lengths(), cfg.seeds[0])
         few = replace(cfg, steps=args.steps, warmup_steps=1)
-        for method in lab.methods(cfg):
-            model = lab.build(base, method, len(GENRES), cfg.seed)
-            enc_lr = None if method.kind == "probe" else lora_lr if method.kind == "lora" else full_lr
-            lab.train_run(model, data["train"], batches[:1], replace(few, steps=1), head_lr, enc_lr)  # warm-up
-            step, _ = cpu(lab.train_run, model, data["train"], batches[1 : args.steps + 1], few, head_lr, enc_lr)
+        for method in lab.methods(cfg)[1:]:
+            model = lab.build(base, method, len(GENRES), cfg.seeds[0], head=head)
+            grid = cfg.lora_lrs if method.kind == "lora" else cfg.full_lrs
+            lr = grid[1]
+            lab.train_run(model, data["train"], batches[:1], replace(few, steps=1), lr)  # warm-up
+            step, _ = cpu(lab.train_run, model, data["train"], batches[1 : args.steps + 1], few, lr)
             step /= args.steps
-            val, _ = cpu(lab.accuracy, model, data["val"], cfg.eval_batch_size)
+            val, _ = cpu(lab.scores, model, data["val"], cfg.eval_batch_size)
             test = val * len(data["test"]) / len(data["val"])  # the same forward passes, on more verses
-            mem, _ = cpu(lab.measure_memory, model, data["train"], batches[0], head_lr, enc_lr)
-            runs = len(cfg.head_lrs if method.kind == "probe" else cfg.lora_lrs if method.kind == "lora"
-                       else cfg.full_lrs)
-            seconds = runs * (cfg.steps * step + val) + test + mem
+            mem, _ = cpu(lab.measure_memory, model, data["train"], batches[0], lr)
+            runs = len(grid) + len(cfg.seeds) - 1
+            seconds = runs * (cfg.steps * step + val) + len(cfg.seeds) * test + mem
             total += seconds
             print(f"{method.name:<12} {step:.3f} CPU s/step, validation pass {val:.1f} s, memory step {mem:.1f} s: "
                   f"{runs} runs x {cfg.steps} steps -> {seconds:.0f} s")

@@ -42,6 +42,7 @@ from .experiments import (
     sample_text,
 )
 from .experiments.minilm import MiniLMConfig, run_minilm
+from .experiments.minilm import differences_table as minilm_differences
 from .experiments.minilm import markdown_table as minilm_table
 from .experiments.planted import PlantedConfig, distillation_splits, run_planted
 from .experiments.planted import markdown_table as planted_table
@@ -219,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(probe, LoRA, full fine-tuning)")
     p.add_argument("--quick", action="store_true", default=quick_default(),
                    help="a few verses and one step per run (seconds); also set by LORA_NP_QUICK=1")
-    p.add_argument("--steps", type=positive_int, help="training steps of every run (default: the lab's, 75)")
+    p.add_argument("--steps", type=positive_int, help="training steps of every run (default: the lab's, 200)")
     p.add_argument("--batch-size", type=batch_size, help="verses per step (default 16)")
     p.add_argument("--backend", choices=("numpy", "cupy"), help="array backend (default: numpy or $LORA_NP_BACKEND)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -566,6 +567,8 @@ def cmd_minilm(args: argparse.Namespace) -> Callable[[], int]:
     def work() -> int:
         results = run_minilm(cfg, progress=not args.no_progress)
         print(minilm_table(results))
+        print()
+        print(minilm_differences(results))
         return _write(results, out, "minilm", {})
     return work
 

@@ -521,18 +521,24 @@ def _lora_runs_in_order(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 @matplotlib.rc_context(STYLE)
 def accuracy_vs_parameters(results: dict[str, Any], out: Path) -> Path:
-    """The MiniLM lab: test accuracy against trainable parameters (log x), one point per method, LoRA on q, v as a
-    line over its ranks, chance as a horizontal line."""
+    """The MiniLM lab: balanced test accuracy (mean over seeds) against trainable parameters (log x), one point per
+    method, LoRA on q, v as a line over its ranks, the probe and chance as horizontal lines; error bars: the 95%
+    chapter-bootstrap interval (how much another draw of test chapters would move the point)."""
     runs = results["runs"]
-    fig, ax = _figure(1, (8, 4.8))
+    fig, ax = _figure(1, (8.5, 5))
+
+    def bars(rs: list[dict[str, Any]]) -> list[list[float]]:  # asymmetric: [below], [above], in points
+        return [[100 * (r["test_accuracy"] - r["test_interval"][0]) for r in rs],
+                [100 * (r["test_interval"][1] - r["test_accuracy"]) for r in rs]]
+
     qv = sorted([r for r in runs if r["mode"] == "lora" and r["targets"] == "q,v"], key=lambda r: r["rank"])
     if qv:
-        ax.plot([r["trainable"] for r in qv], [100 * r["test_accuracy"] for r in qv], "o-", color="tab:blue",
-                label="LoRA on q, v")
+        ax.errorbar([r["trainable"] for r in qv], [100 * r["test_accuracy"] for r in qv], bars(qv), fmt="o-",
+                    color="tab:blue", capsize=3, label="LoRA on q, v")
         for r in qv:
             ax.annotate(f"r={r['rank']}", (r["trainable"], 100 * r["test_accuracy"]), textcoords="offset points",
-                        xytext=(4, -12), fontsize=9)
-    marks = {"probe": ("s", "tab:green", "linear probe (head only)"), "full": ("D", "k", "full fine-tuning")}
+                        xytext=(6, -14), fontsize=9)
+    marks = {"probe": ("s", "tab:green", "linear probe (head only, converged)"), "full": ("D", "k", "full fine-tuning")}
     for r in runs:
         if r["mode"] in marks:
             m, c, text = marks[r["mode"]]
@@ -540,13 +546,18 @@ def accuracy_vs_parameters(results: dict[str, Any], out: Path) -> Path:
             m, c, text = "^", "tab:red", f"LoRA r={r['rank']} on {r['targets'].replace(',', ', ')}"
         else:
             continue
-        ax.plot([r["trainable"]], [100 * r["test_accuracy"]], m, color=c, ms=8, label=text)
-    ax.axhline(100 * results["base"]["chance"], color="gray", lw=1, ls=":", label="chance")
+        ax.errorbar([r["trainable"]], [100 * r["test_accuracy"]], bars([r]), fmt=m, color=c, ms=8, capsize=3,
+                    label=text)
+        if r["mode"] == "probe":
+            ax.axhline(100 * r["test_accuracy"], color=c, lw=1, ls="--")
+    ax.axhline(100 * results["base"]["chance"], color="gray", lw=1, ls=":", label="chance (1/7)")
     ax.set_xscale("log")
-    ax.set_ylim(0, None)
-    ax.set(xlabel="trainable parameters (head included)", ylabel="test accuracy (%)",
-           title=f"all-MiniLM-L6-v2: genre of a Bible verse, {results['config']['steps']} steps each")
-    ax.legend(fontsize=9, loc="best")
+    ax.set_ylim(0, 100)
+    seeds = len(results["config"]["seeds"])
+    ax.set(xlabel="trainable parameters (head included)", ylabel="balanced test accuracy (%)",
+           title=f"all-MiniLM-L6-v2: genre of a Bible verse, {results['config']['steps']} steps, mean of {seeds} seeds"
+                 "\nbars: 95% bootstrap over test chapters")
+    ax.legend(fontsize=9, loc="lower right")
     return _save(fig, out / "minilm_accuracy.png")
 
 

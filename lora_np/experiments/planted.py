@@ -66,9 +66,11 @@ from ..model import GPT
 from ..nn import Module
 from ..train import TrainConfig, train
 from .runs import (
+    T975,
     Corpora,
     ExperimentConfig,
     check_lr_grid,
+    interval,
     is_rate,
     load_corpora,
     machine_info,
@@ -81,9 +83,6 @@ from .runs import (
 # The layer norm whose output a plantable matrix reads: its Σ is measured there (input_moments). o and down read
 # the attention's and the MLP's inner activations, which no module outputs, so they cannot be planted in.
 INPUT_NORM = {"q": "ln1", "k": "ln1", "v": "ln1", "up": "ln2"}
-
-# t quantiles t_{0.975, n-1} for a 95% interval of a mean of n = 2..10 seeds (no SciPy here: a table suffices)
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def _planted_experiment() -> ExperimentConfig:
@@ -329,13 +328,6 @@ def phi_to_planted(learned: Any, upd: PlantedUpdate, k: int) -> dict[str, float]
         return {"input": None, "output": None, "i": 0}
     return {"input": float(analysis.subspace_similarity(mine, star, i, k)[i - 1, k - 1]),
             "output": float(analysis.subspace_similarity(mine.T, star.T, i, k)[i - 1, k - 1]), "i": int(i)}
-
-
-def interval(values: list[float]) -> dict[str, Any]:
-    """Mean, standard deviation and the half-width of a 95% t-interval of the mean (None for one value)."""
-    n, mean = len(values), statistics.fmean(values)
-    sd = statistics.stdev(values) if n > 1 else None
-    return {"mean": mean, "sd": sd, "ci95": T975[n - 1] * sd / math.sqrt(n) if n > 1 else None, "values": values}
 
 
 @dataclass

@@ -358,6 +358,17 @@ def run_extras(model: GPT, cfg: ExperimentConfig, corpora: Corpora, sample: bool
 
 # -- learning rates: a grid whose choice is interior ---------------------------------------------------------------
 
+# t quantiles t_{0.975, n-1} for a 95% interval of a mean of n = 2..10 seeds (no SciPy here: a table suffices)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def interval(values: list[float]) -> dict[str, Any]:
+    """Mean, standard deviation and the half-width of a 95% t-interval of the mean (None for one value)."""
+    n, mean = len(values), statistics.fmean(values)
+    sd = statistics.stdev(values) if n > 1 else None
+    return {"mean": mean, "sd": sd, "ci95": T975[n - 1] * sd / math.sqrt(n) if n > 1 else None, "values": values}
+
+
 LR_STEP = 3.0  # the ratio between neighbouring learning rates of every grid (1e-3, 3e-3, 1e-2, ...)
 LR_EXTEND = 2  # how many times a search may step past the edge of its grid
 
