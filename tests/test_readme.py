@@ -52,6 +52,16 @@ def test_readme_run_tables_are_the_committed_results_files(path):
     assert all((README.parent / "figures" / name).exists() for name in RUN_TABLES[path])
 
 
+def test_readme_practice_table_is_the_committed_results_files():
+    """The README's table for choosing r, α, the learning rate and the targets is what ``summary.practice_table``
+    prints from the committed results: when any results file is regenerated (results/minilm.json included), print
+    the table again and paste it, never edit it by hand."""
+    from lora_np.experiments.summary import practice_evidence, practice_table, read_practice_results
+
+    table = practice_table(practice_evidence(read_practice_results(README.parent / "results")))
+    assert table in README.read_text(encoding="utf-8"), "README's practice table is stale"
+
+
 def test_readme_gpt2_example_runs_on_a_tiny_checkpoint(tmp_path, monkeypatch, capsys):
     """The GPT-2 block, offline: the folder is a tiny GPT-2 written in Hugging Face's exact layout (test_gpt2's
     writer) with a byte-level BPE trained here; only the folder name and the number of steps change."""
