@@ -16,7 +16,7 @@ one helper ``unbroadcast``.
 ``backward()`` frees the graph as it goes (each node drops its closure and its inputs once it has passed its
 gradient on), so activations die as early as possible; ``backward(retain_graph=True)`` keeps it for a second pass.
 
-How to write a new op (the ops below, ``functional.py`` and ``lora.fused_linear`` all follow it)::
+How to write a new op (the ops below, ``functional.py``, ``lora.lora_linear`` and ``fused.py`` all follow it)::
 
     def cube(x: Tensor) -> Tensor:
         out = x.data ** 3                                   # the forward value, a plain array
