@@ -57,7 +57,7 @@ def step_flops(cfg: GPTConfig, B: int, T: int, mode: str, r: int) -> dict[str, f
 
     The engine computes a product's input gradient g @ Bᵀ only if the input requires a gradient, and its weight
     gradient Aᵀ @ g only if the weight trains (engine.py, ``__matmul__``); everything below follows from that and
-    from ``lora.fused_linear``: an adapted layer runs x @ (W + s·A@B) (merging costs d_in·r·d_out) and x @ A, and
+    from ``fused.fused_linear``: an adapted layer runs x @ (W + s·A@B) (merging costs d_in·r·d_out) and x @ A, and
     its backward dx = g @ (W + s·A@B)ᵀ, dh = s·g @ Bᵀ, dA = xᵀ dh, dB = s·hᵀ g.
     """
     N, C, V, L = B * T, cfg.n_embd, cfg.vocab_size, cfg.n_layer

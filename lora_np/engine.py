@@ -16,7 +16,7 @@ one helper ``unbroadcast``.
 ``backward()`` frees the graph as it goes (each node drops its closure and its inputs once it has passed its
 gradient on), so activations die as early as possible; ``backward(retain_graph=True)`` keeps it for a second pass.
 
-How to write a new op (the ops below, ``functional.py`` and ``lora.fused_linear`` all follow it)::
+How to write a new op (the ops below, ``functional.py``, ``lora.lora_linear`` and ``fused.py`` all follow it)::
 
     def cube(x: Tensor) -> Tensor:
         out = x.data ** 3                                   # the forward value, a plain array
@@ -207,6 +207,11 @@ class Tensor:
 
         The graph is freed on the way (every node lets go of its inputs and closure once used), so the arrays
         the forward pass kept die as soon as backward is past them; ``retain_graph=True`` keeps it."""
+        pending = {id(self): self._output_gradient(grad)}  # dL/d(node) summed so far, for nodes not yet visited
+        _backpropagate(_topological_order(self), pending, retain_graph)
+
+    def _output_gradient(self, grad: Any) -> Any:
+        """dL/d(self) to start backward from: ``grad`` checked against this tensor, or 1 for a scalar."""
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad (no input requires_grad)")
         if grad is None:
@@ -219,51 +224,7 @@ class Tensor:
         grad = _as_array(grad, self.dtype)
         if grad.shape != self.shape:
             raise ValueError(f"backward(): gradient of shape {grad.shape} for a tensor of shape {self.shape}")
-
-        # Iterative post-order DFS (a recursive one overflows Python's stack on deep graphs).
-        order: list[Tensor] = []
-        seen: set[int] = set()
-        stack: list[tuple[Tensor, bool]] = [(self, False)]
-        while stack:
-            node, expanded = stack.pop()
-            if expanded:
-                order.append(node)
-                continue
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            stack.append((node, True))
-            stack.extend((p, False) for p in node._parents if p.requires_grad and id(p) not in seen)
-
-        grads: dict[int, Any] = {id(self): grad}
-        owned: set[int] = set()  # nodes whose pending gradient is an array made here (safe to add into in place)
-        while order:  # popping (not iterating) lets each node go as soon as it is done: memory is freed early
-            node = order.pop()  # every consumer of a node comes before it in this order
-            g = grads.pop(id(node), None)
-            if g is None:
-                continue
-            if node._backward is None or node._retain:  # a leaf, or asked to keep it: accumulate into .grad
-                if node.grad is None:
-                    node.grad = backend.xp.array(g, dtype=node.dtype)  # a copy: g may be a read-only view
-                else:
-                    node.grad += g
-            if node._backward is None:
-                continue
-            parents, parent_grads = node._parents, node._backward(g)
-            if not retain_graph:  # drop the closure (and the arrays it captured) and the links to the inputs
-                node._parents, node._backward = (), _freed_graph
-            del g
-            for parent, pg in zip(parents, parent_grads):
-                if pg is None or not parent.requires_grad:
-                    continue
-                prev = grads.get(id(parent))
-                if prev is None:
-                    grads[id(parent)] = pg
-                elif id(parent) in owned:
-                    prev += pg  # in place: this buffer is ours (pg itself may be shared, e.g. by both sides of +)
-                else:
-                    grads[id(parent)], _ = prev + pg, owned.add(id(parent))
-            del parents, parent_grads
+        return grad
 
     # -- elementwise arithmetic --------------------------------------------------------------------------------
     def _lift(self, other: Any) -> Tensor:
@@ -460,6 +421,68 @@ class Tensor:
     def masked_fill(self, mask: Any, value: float) -> Tensor:
         """Elements where ``mask`` is True become ``value`` (e.g. -inf above the causal diagonal)."""
         return where(mask, self._lift(value), self)
+
+
+# -- the backward pass, in three steps: an order, one node's local gradients, their sum per input -----------------
+
+
+def _topological_order(root: Tensor) -> list[Tensor]:
+    """Every graph node that ``root`` depends on, each after all of its inputs (root last): an iterative
+    post-order depth-first search, since a recursive one overflows Python's stack on deep graphs."""
+    order: list[Tensor] = []
+    seen: set[int] = set()
+    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    while stack:
+        node, inputs_done = stack.pop()
+        if inputs_done:
+            order.append(node)
+        elif id(node) not in seen:
+            seen.add(id(node))
+            stack.append((node, True))  # comes off the stack again once its inputs are in the order
+            stack.extend((p, False) for p in node._parents if p.requires_grad and id(p) not in seen)
+    return order
+
+
+def _backpropagate(order: list[Tensor], pending: dict[int, Any], retain_graph: bool) -> None:
+    """Walk ``order`` from the root back, each node once all its consumers have given it their gradient:
+    ``pending`` holds the sum so far per node, ``_local_gradients`` turns it into one gradient per input."""
+    owned: set[int] = set()  # see _accumulate
+    while order:  # popping (not iterating) lets each node go as soon as it is done: memory is freed early
+        node = order.pop()
+        if id(node) in pending:
+            for parent, g in _local_gradients(node, pending.pop(id(node)), retain_graph):
+                _accumulate(pending, owned, parent, g)
+
+
+def _local_gradients(node: Tensor, g: Any, retain_graph: bool) -> list[tuple[Tensor, Any]]:
+    """(input, gradient) for every input of ``node`` that needs one, given g = dL/d(node). A leaf (or a node asked
+    to ``retain_grad``) adds g into its ``.grad``. The node then lets go of its closure and inputs, unless
+    ``retain_graph``; g itself is not kept past this call."""
+    if node._backward is None or node._retain:
+        if node.grad is None:
+            node.grad = backend.xp.array(g, dtype=node.dtype)  # a copy: g may be a read-only view
+        else:
+            node.grad += g
+    if node._backward is None:
+        return []
+    parents, grads = node._parents, node._backward(g)
+    if not retain_graph:  # drop the closure (and the arrays it captured) and the links to the inputs
+        node._parents, node._backward = (), _freed_graph
+    return [(p, pg) for p, pg in zip(parents, grads) if pg is not None and p.requires_grad]
+
+
+def _accumulate(pending: dict[int, Any], owned: set[int], node: Tensor, g: Any) -> None:
+    """pending[node] += g. Ownership rule: a gradient an op returns may be shared (``a + b`` hands the same g to
+    both inputs), so the first one is stored as it came and never written into; the first sum is a fresh array,
+    ``owned`` from then on, and later ones are added into it in place (no new array per consumer)."""
+    key = id(node)
+    if key not in pending:
+        pending[key] = g
+    elif key in owned:
+        pending[key] += g
+    else:
+        pending[key] = pending[key] + g
+        owned.add(key)
 
 
 def _freed_graph(g: Any) -> Sequence[Any]:

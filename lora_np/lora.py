@@ -37,6 +37,7 @@ from typing import Any
 from . import backend, engine
 from . import functional as F
 from .engine import Tensor
+from .fused import LinearPart, fused_linear
 from .nn import Linear, Module, Parameter
 
 TARGETS = ("q", "k", "v", "o", "up", "down")  # the Linear layers inside each block that LoRA can adapt
@@ -172,7 +173,7 @@ class LoRALinear(Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:  # W already holds W0 + s·A·B: the low-rank path would count twice
             return F.linear(x, self.weight, self.bias)
-        return fused_linear(x, [linear_part(self, x.shape)])  # x @ W + b + s·((x ⊙ keep) @ A) @ B, one op
+        return fused_linear(x, [linear_part(self, x.shape)])  # lora_linear's y, by the fast op (fused.py)
 
     def dropout_keep(self, shape: tuple[int, ...]) -> Any:
         """LoRA's dropout mask (already divided by 1 - p) on the input of the low-rank path, as loralib and peft;
@@ -210,109 +211,52 @@ class LoRALinear(Module):
                 f"scaling={self.scaling:g}, merged={self.merged})")
 
 
-LinearPart = tuple  # (W, b, A, B, s, keep): a Linear has A = B = keep = None; keep is LoRA's dropout mask
+def lora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, s: float, keep: Any = None) -> Tensor:
+    """y = x @ W + b + s · ((x ⊙ keep) @ A) @ B: one LoRA layer as one op, its backward a few lines below.
+
+    Shapes: x (..., d_in), W (d_in, d_out), b (d_out,) or None, A (d_in, r), B (r, d_out) -> y (..., d_out).
+    ``keep``: LoRA's dropout mask on the input of the low-rank path (already divided by 1 - p), or None. The graph
+    keeps x and h (and x ⊙ keep). This is the op to read; the model runs the same computation, faster, as
+    ``fused.fused_linear`` (tests/test_fused.py checks that the two agree on the values and every gradient).
+    """
+    mm = engine.matmul
+    rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731  (..., k) -> (N, k), a view
+    xk = x.data if keep is None else x.data * keep  # (..., d_in): what the adapter reads
+    h = mm(xk, A.data)  # (..., d_in) @ (d_in, r) -> (..., r), thin
+    y = mm(x.data, W.data) + s * mm(h, B.data)  # (..., d_in) @ (d_in, d_out) + s·(..., r) @ (r, d_out)
+    if b is not None:
+        y += b.data
+    parents = (x, W, A, B) if b is None else (x, W, A, B, b)
+
+    def backward(g):  # g = dL/dy (..., d_out); every gradient only for an input that requires it
+        dh = s * mm(g, B.data.T)  # dL/dh = s·g Bᵀ: (..., d_out) @ (d_out, r) -> (..., r)
+        dx = None
+        if x.requires_grad:  # x reaches y twice: through W, and through A where dropout kept it
+            through_A = mm(dh, A.data.T)  # (..., r) @ (r, d_in) -> (..., d_in)
+            dx = mm(g, W.data.T) + (through_A if keep is None else through_A * keep)
+        dW = mm(rows(x.data).T, rows(g)) if W.requires_grad else None  # xᵀ g; LoRA freezes W: no product
+        dA = mm(rows(xk).T, rows(dh)) if A.requires_grad else None  # (x ⊙ keep)ᵀ dh: (d_in, N) @ (N, r)
+        dB = s * mm(rows(h).T, rows(g)) if B.requires_grad else None  # s·hᵀ g: (r, N) @ (N, d_out)
+        db = rows(g).sum(axis=0) if b is not None and b.requires_grad else None  # Σ g over the rows
+        return (dx, dW, dA, dB, db)[: len(parents)]
+
+    return Tensor.from_op(y, parents, "lora_linear", backward)
 
 
 def linear_part(layer: Module, x_shape: tuple[int, ...]) -> LinearPart:
-    """(W, b, A, B, s, keep) of a Linear or a LoRALinear (a merged one is a plain Linear: W holds W0 + s·A·B).
+    """A Linear or LoRALinear as a ``fused.LinearPart`` (a merged LoRALinear is a plain Linear: W holds W0 + s·A·B).
     keep: LoRA's dropout mask on the input of the low-rank path (already divided by 1 - p), drawn here."""
     if not isinstance(layer, LoRALinear) or layer.merged:
-        return layer.weight, layer.bias, None, None, 0.0, None
-    return layer.weight, layer.bias, layer.A, layer.B, layer.scaling, layer.dropout_keep(x_shape)
+        return LinearPart(layer.weight, layer.bias)
+    return LinearPart(layer.weight, layer.bias, layer.A, layer.B, layer.scaling, layer.dropout_keep(x_shape))
 
 
 def shared_input_linear(x: Tensor, layers: Sequence[Module]) -> Tensor:
     """[layer(x) for layer in layers] (Linear or LoRALinear) concatenated on the last axis, as one op.
 
     The attention's q, k and v read the same x; the model keeps them as three modules (Hu et al. adapt them one
-    by one) and computes them here together: ``fused_linear`` of their parts."""
+    by one) and computes them here together: ``fused.fused_linear`` of their parts."""
     return fused_linear(x, [linear_part(m, x.shape) for m in layers])
-
-
-def lora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, s: float, keep: Any = None) -> Tensor:
-    """y = x @ W + b + s · ((x ⊙ keep) @ A) @ B, one LoRA layer as one op: ``fused_linear`` with one part.
-
-    Shapes: x (..., d_in), W (d_in, d_out), A (d_in, r), B (r, d_out) -> y (..., d_out). ``keep`` is an optional
-    dropout mask (already divided by 1 - p) on the input of the low-rank path.
-    """
-    return fused_linear(x, [(W, b, A, B, s, keep)])
-
-
-def fused_linear(x: Tensor, parts: Sequence[LinearPart]) -> Tensor:
-    """y_i = x @ W_i + b_i + s_i·((x ⊙ keep_i) @ A_i) @ B_i for every part i, concatenated on the last axis.
-
-    Shapes: x (..., d_in), W_i (d_in, d_i), b_i (d_i,), A_i (d_in, r_i), B_i (r_i, d_i) -> y (..., Σ d_i); a plain
-    Linear is a part with A = B = None. One op with its backward below; the graph keeps x, the thin
-    h_i = (x ⊙ keep_i) @ A_i (..., r_i) and the merged weights (d_in, Σ d_i) (if x needs a gradient). Two tricks,
-    each measured (benchmarks/README.md):
-
-    * x @ W + s·(x@A)@B = x @ (W + s·A@B): without dropout the adapter is merged on the fly (Hu et al. §4.2's
-      merge, per step). Merging costs d_in·r·d_out multiply-adds instead of the N·r·d_out of h @ B, and backward's
-      dx is g @ W'ᵀ alone instead of g @ Wᵀ + (s·g Bᵀ) Aᵀ.
-    * parts that read the same x share their products: x @ [W'_1 ... W'_n] and x @ [A_1 ... A_n] are one product
-      each, as are dx = g @ [W'_1 ... W'_n]ᵀ and dA = xᵀ @ [dh_1 ... dh_n]: BLAS is faster on one wide matrix than
-      on n narrow ones, and the thin rank-r products are the slowest per FLOP of the whole step.
-    """
-    xp, mm = backend.xp, engine.matmul
-    d_in, lead = x.shape[-1], x.shape[:-1]
-    ends = backend.np.cumsum([W.shape[1] for W, *_ in parts]).tolist()  # column where each part's output ends
-    cols = [slice(lo, hi) for lo, hi in zip([0, *ends], ends)]  # part i's columns of y
-    D = ends[-1]
-    x2 = x.data.reshape(-1, d_in)  # (N, d_in), a view
-    shared = [i for i, (_, _, A, _, _, keep) in enumerate(parts) if A is not None and keep is None]  # merged
-    dropped = [i for i, (_, _, A, _, _, keep) in enumerate(parts) if A is not None and keep is not None]
-
-    # W'_i = W_i + s_i·A_i B_i where the adapter reads x itself; = W_i elsewhere
-    Ws = [W.data + s * mm(A.data, B.data) if i in shared else W.data for i, (W, _, A, B, s, _) in enumerate(parts)]
-    Wcat = xp.concatenate(Ws, axis=1) if len(parts) > 1 else Ws[0]  # (d_in, D)
-    # every x @ W'_i in one product: (N, d_in) @ (d_in, D) -> (N, D). One part multiplies x in its own shape, as
-    # F.linear does: NumPy rounds a batched (B, T, d_in) product and the flat one differently, and a LoRA layer at
-    # initialisation must give the plain Linear's outputs bit for bit
-    y = mm(x2, Wcat) if len(parts) > 1 else mm(x.data, Wcat).reshape(-1, D)
-    hs: dict[int, Any] = {}
-    if shared:  # h_i = x @ A_i for every merged adapter, one thin product: (N, d_in) @ (d_in, Σr) -> (N, Σr)
-        h = mm(x2, xp.concatenate([parts[i][2].data for i in shared], axis=1))
-        r_ends = backend.np.cumsum([parts[i][2].shape[1] for i in shared]).tolist()
-        hs.update({i: h[:, lo:hi] for i, lo, hi in zip(shared, [0, *r_ends], r_ends)})  # views
-    for i in dropped:  # with dropout the low-rank path reads x ⊙ keep: added separately
-        W, b, A, B, s, keep = parts[i]
-        hs[i] = mm(x2 * keep.reshape(-1, d_in), A.data)  # (N, r)
-        y[:, cols[i]] += s * mm(hs[i], B.data)  # + s·h @ B: (N, r) @ (r, d_i)
-    for (_, b, *_), c in zip(parts, cols):
-        if b is not None:
-            y[:, c] += b.data  # in place, in the product's own buffer
-    flat = [t for W, b, A, B, *_ in parts for t in (W, b, A, B) if t is not None]  # the parents, in order
-    Wcat = Wcat if x.requires_grad else None  # backward needs the merged weights only for dx
-
-    def backward(g):  # g = dL/dy (..., D)
-        g2 = g.reshape(-1, D)  # (N, D)
-        gx = (mm(g2, Wcat.T) if len(parts) > 1 else mm(g, Wcat.T).reshape(-1, d_in)) if x.requires_grad \
-            else None  # dx = Σ g_i W'_iᵀ: one product (N, D) @ (D, d_in); one part in g's shape, as F.linear
-        ghs = {i: parts[i][4] * mm(g2[:, cols[i]], parts[i][3].data.T) for i in hs}  # dh_i = s·g_i B_iᵀ (N, r)
-        gA_shared = gW_all = None
-        if shared and all(parts[i][2].requires_grad for i in shared):  # dA_i = xᵀ dh_i, all in one product
-            gA_shared = mm(x2.T, xp.concatenate([ghs[i] for i in shared], axis=1))  # (d_in, Σr)
-        if len(parts) > 1 and all(W.requires_grad for W, *_ in parts):  # dW_i = xᵀ g_i, all in one product
-            gW_all = mm(x2.T, g2)  # (d_in, N) @ (N, D) -> (d_in, D)
-        grads, r0 = [], 0
-        for i, (W, b, A, B, s, keep) in enumerate(parts):
-            gi = g2[:, cols[i]]  # dL/dy_i (N, d_i), a view
-            gW = gW_all[:, cols[i]] if gW_all is not None else mm(x2.T, gi) if W.requires_grad else None  # not frozen W
-            gb = gi.sum(axis=0) if b is not None and b.requires_grad else None
-            gA = gB = None
-            if A is not None:
-                km = None if keep is None else keep.reshape(-1, d_in)  # (N, d_in)
-                if gA_shared is not None and i in shared:
-                    gA, r0 = gA_shared[:, r0:r0 + A.shape[1]], r0 + A.shape[1]
-                elif A.requires_grad:  # dA = (x ⊙ keep)ᵀ dh: 0 while B = 0
-                    gA = mm((x2 if km is None else x2 * km).T, ghs[i])
-                gB = s * mm(hs[i].T, gi) if B.requires_grad else None  # dB = s·hᵀ g
-                if km is not None and x.requires_grad:  # dx through the unmerged low-rank path: (dh Aᵀ) ⊙ keep
-                    gx += (mm(ghs[i], A.data.T) * km).reshape(gx.shape)
-            grads += [gr for gr, t in zip((gW, gb, gA, gB), (W, b, A, B)) if t is not None]
-        return (None if gx is None else gx.reshape(*lead, d_in), *grads)
-
-    return Tensor.from_op(y.reshape(*lead, D), (x, *flat), "fused_linear", backward)
 
 
 def _resolve_names(names: str | Iterable[str], valid: tuple[str, ...], what: str, also: str = "") -> list[str]:

@@ -17,17 +17,14 @@ import pytest
 import lora_np.functional as F
 from lora_np import backend
 from lora_np.engine import Tensor, concat, split, stack, where
+from lora_np.fused import LinearPart, fused_linear
 from lora_np.gradcheck import GradcheckError, GradcheckResult, gradcheck
-from lora_np.lora import fused_linear
+from lora_np.lora import lora_linear
 
 
 def ix(a):
     """An index, mask or target array on the active backend (built when the case runs, not at import)."""
     return backend.to_device(np.asarray(a))
-
-
-def plain(W, b=None):
-    return (W, b, None, None, 0.0, None)  # a part of lora.fused_linear without an adapter
 
 
 def keep_235():
@@ -191,21 +188,32 @@ CASES = BINARY_CASES + [
     ("dropout-train-fixed-mask",  lambda x: F.dropout(x, 0.3, True, backend.rng(0)), [(4, 5)]),
     ("embedding-repeated-ids",    lambda w: F.embedding(ix([[1, 1, 3], [0, 1, 3]]), w), [(5, 4)]),
     ("attention-composite",       attention,                                    [(2, 3, 4)] * 3),
-    # -- lora.fused_linear: parts (W, b, A, B, s, keep) that share x, as q, k, v do --
+    # -- lora.lora_linear (the lesson's op): y = x @ W + b + s·((x ⊙ keep) @ A) @ B; args x, W, A, B[, b] --
+    ("lora_linear-bias",          lambda x, W, A, B, b: lora_linear(x, W, b, A, B, 1.5),
+     [(2, 3, 5), (5, 4), (5, 2), (2, 4), (4,)], {"frozen": (1, 4)}),
+    ("lora_linear-no-bias",       lambda x, W, A, B: lora_linear(x, W, None, A, B, 0.5),
+     [(3, 5), (5, 4), (5, 2), (2, 4)], {"frozen": (1,)}),
+    ("lora_linear-dropout",       lambda x, W, A, B, b: lora_linear(x, W, b, A, B, 1.5, keep_235()),
+     [(2, 3, 5), (5, 4), (5, 2), (2, 4), (4,)], {"frozen": (1, 4)}),
+    ("lora_linear-W-and-b-train", lambda x, W, A, B, b: lora_linear(x, W, b, A, B, 1.5, keep_235()),
+     [(2, 3, 5), (5, 4), (5, 2), (2, 4), (4,)]),
+    ("lora_linear-x-frozen",      lambda x, W, A, B: lora_linear(x, W, None, A, B, 1.5),
+     [(2, 3, 5), (5, 4), (5, 2), (2, 4)], {"frozen": (0, 1)}),
+    # -- fused.fused_linear: LinearParts (W, b, A, B, s, keep) that share x, as q, k, v do --
     ("fused_linear-three-plain",  lambda x, W1, W2, W3, b1, b3: fused_linear(
-        x, [plain(W1, b1), plain(W2), plain(W3, b3)]),
+        x, [LinearPart(W1, b1), LinearPart(W2), LinearPart(W3, b3)]),
      [(2, 3, 5), (5, 4), (5, 2), (5, 3), (4,), (3,)]),
     ("fused_linear-three-lora",   lambda x, W1, W2, W3, A1, A2, A3, B1, B2, B3: fused_linear(
-        x, [(W1, None, A1, B1, 1.5, None), (W2, None, A2, B2, 0.5, None), (W3, None, A3, B3, 2.0, None)]),
+        x, [LinearPart(W1, None, A1, B1, 1.5), LinearPart(W2, None, A2, B2, 0.5), LinearPart(W3, None, A3, B3, 2.0)]),
      [(2, 3, 5), (5, 4), (5, 4), (5, 3), (5, 2), (5, 2), (5, 1), (2, 4), (2, 4), (1, 3)], {"frozen": (1, 2, 3)}),
     ("fused_linear-lora-W-trains", lambda x, W1, W2, A1, B1, A2, B2, b2: fused_linear(
-        x, [(W1, None, A1, B1, 1.5, None), (W2, b2, A2, B2, 0.5, None)]),
+        x, [LinearPart(W1, None, A1, B1, 1.5), LinearPart(W2, b2, A2, B2, 0.5)]),
      [(2, 3, 5), (5, 4), (5, 3), (5, 2), (2, 4), (5, 2), (2, 3), (3,)]),
     ("fused_linear-dropout-and-plain", lambda x, W1, A1, B1, b1, W2: fused_linear(
-        x, [(W1, b1, A1, B1, 1.5, keep_235()), plain(W2)]),
+        x, [LinearPart(W1, b1, A1, B1, 1.5, keep_235()), LinearPart(W2)]),
      [(2, 3, 5), (5, 4), (5, 2), (2, 4), (4,), (5, 3)], {"frozen": (1, 5)}),
     ("fused_linear-x-frozen",     lambda x, W1, A1, B1, W2, A2, B2: fused_linear(
-        x, [(W1, None, A1, B1, 1.5, None), (W2, None, A2, B2, 0.5, keep_235())]),
+        x, [LinearPart(W1, None, A1, B1, 1.5), LinearPart(W2, None, A2, B2, 0.5, keep_235())]),
      [(2, 3, 5), (5, 4), (5, 2), (2, 4), (5, 3), (5, 1), (1, 3)], {"frozen": (0, 1, 4)}),
     ("causal_attention-2-heads",  lambda qkv: F.causal_attention(qkv, 2),      [(2, 4, 12)]),
     ("causal_attention-1-head",   lambda qkv: F.causal_attention(qkv, 1),      [(1, 5, 9)]),
@@ -215,6 +223,7 @@ CASES = BINARY_CASES + [
 ENGINE_OPS = ["add", "radd", "sub", "rsub", "mul", "rmul", "div", "rdiv", "pow", "neg", "matmul", "sum", "mean",
               "max", "reshape", "transpose", "T", "permute", "getitem", "exp", "log", "tanh", "relu", "where",
               "masked_fill", "concat", "split", "stack"]
+LINEAR_OPS = ["lora_linear", "fused_linear"]  # the lesson's LoRA op (lora.py) and the model's fast one (fused.py)
 
 
 @pytest.mark.parametrize(
@@ -231,7 +240,7 @@ def test_gradcheck_every_op(backend, rand, fn, shapes, extra):
 
 def test_table_covers_every_op_and_functional():
     names = [name for name, *_ in CASES]
-    for op in ENGINE_OPS + list(F.__all__):
+    for op in ENGINE_OPS + LINEAR_OPS + list(F.__all__):
         assert any(n == op or n.startswith(op + "-") for n in names), f"no gradcheck row for {op!r}"
 
 

@@ -1,4 +1,5 @@
-"""The memory ledger (lora_np/memory.py): analytic bytes against the real arrays and against tracemalloc.
+"""The memory ledger (lora_np/memory/: ledger.py, measure.py, paper.py): analytic bytes against the real arrays
+and against tracemalloc.
 
 Tolerances, and why:
 - weights, gradients, optimizer state: EXACT. The ledger counts the same sizes model.py and lora.py allocate.

@@ -1,28 +1,9 @@
-"""The memory ledger: where the bytes of one training step go, predicted from the config and measured.
+"""The analytic ledger: the bytes of one training step by category, predicted from the configs alone.
 
-A training step holds four kinds of arrays (Hu et al. 2021, §4.2: LoRA needs no gradient and no optimizer
-state for the frozen weights):
-
-    weights       every parameter, trainable or frozen (for LoRA: W, b, ... and every A and B)
-    gradients     one ``.grad`` per TRAINABLE parameter: backward allocates no gradient for a frozen W
-    optimizer     AdamW's m and v: 2 × the trainable numbers, allocated on a parameter's first step
-    activations   what the autograd graph keeps alive from the forward pass until backward is done
-
-LoRA shrinks the second and third (they follow the trainable numbers) and leaves the first almost unchanged.
-In THIS engine it barely changes the fourth (a little less in block 0, whose input needs no gradient; h = x @ A
-added per adapter): the frozen layers above an adapter still pass gradients down to it, so they stay in the graph,
-and a graph node here keeps all its inputs. That last part is this engine's choice, not a necessity: a frozen
-layer's backward computes dx = g·Wᵀ, which needs W (kept anyway), not its input x. An engine that keeps only
-what each backward reads (PyTorch does) drops the inputs of frozen o, up and down under LoRA on q, v; what the
-maths needs is the inputs of the adapted layers (dA = xᵀ·dh), h, and the states of the nonlinearities
-(attention weights, layer norm's xhat, GELU's tanh(u), the log-probs).
-
-Full fine-tuning of some weights only (``prepare_finetuning(model, None, train_only=("q", "v"))``) is modelled
-the same way: those layers' weights and biases train, everything else is frozen.
-
-``analytic_ledger`` predicts all four from a ``GPTConfig``; ``measure_step`` runs one real step under
-``tracemalloc`` (which sees NumPy's buffers) and reports the same categories; ``compare`` and
-``format_table`` put them side by side; ``gpt3_example`` redoes the paper's GPT-3 175B numbers.
+weights, gradients and optimizer state are parameter counts (``count_trainable``: the sizes model.py and lora.py
+allocate) times the bytes of a number; activations come from ``_replay_forward``, derived below. Full fine-tuning
+of some weights only (``prepare_finetuning(model, None, train_only=("q", "v"))``) is modelled the same way: those
+layers' weights and biases train, everything else is frozen.
 
 How the activations are counted
 -------------------------------
@@ -30,8 +11,8 @@ The engine's rule (``Tensor.from_op`` in engine.py): an op joins the graph when 
 gradient. A graph node holds its input Tensors (``_parents``, and its ``backward`` closure) and whatever arrays
 the closure captured, until backward has passed it (backward frees the graph as it goes). So every INPUT of a
 graph op stays alive through the forward pass, and so does every array its closure captured; an op outside the
-graph keeps nothing. This engine keeps parents even where backward does
-not need their values (both inputs of an addition, for instance): PyTorch keeps only what backward reads.
+graph keeps nothing. This engine keeps parents even where backward does not need their values (both inputs of an
+addition, for instance): PyTorch keeps only what backward reads.
 
 ``_replay_forward`` replays ``GPT.forward`` line by line on sizes only, applying that rule; it is exact for any
 targets, modules_to_save, dropout and the first block (whose input needs no gradient under LoRA). For full
@@ -41,7 +22,7 @@ a test checks the replay against it):
     embeddings   2·N·C + T·C         wte(idx) and wpe(pos) gathered, their sum; + 8·T bytes for pos (int64)
     per block:
       ln1          2·N·C + N         output, xhat (and rstd, N): layer_norm's closure keeps xhat and rstd
-      q, k, v      3·N·C + 3·C²      lora.fused_linear: [x W_q | x W_k | x W_v] from one product; it keeps the
+      q, k, v      3·N·C + 3·C²      fused.fused_linear: [x W_q | x W_k | x W_v] from one product; it keeps the
                                      concatenated (C, 3C) weights for dx = g [W_q W_k W_v]ᵀ
       attention    B·H·T² + N·C      F.causal_attention keeps the attention weights; its output (B, T, C)
       o            N·C
@@ -56,17 +37,19 @@ a test checks the replay against it):
                                      + 9·N bytes: the valid mask (bool) and the clamped targets (int64)
 
 LoRA, in every block whose input requires a gradient, keeps per adapted layer (d_in, d_out) the same as
-above plus N·r: ``lora.fused_linear`` is one fused op whose closure keeps the thin h = x@A (N, r) besides x, and
+above plus N·r: ``fused.fused_linear`` is one fused op whose closure keeps the thin h = x@A (N, r) besides x, and
 the merged W + s·A@B (d_in, d_out) of a layer computed alone (o, up, down) for dx. In block 0 the input does not
 require a gradient (the embeddings are frozen), so ln1 and the projections there keep less. Dropout with p > 0
 adds its float mask (``scale``) and output wherever it is in the graph (LoRA dropout: the mask (N, d_in), and W
 is not merged); with attention dropout the attention is composed from separate ops (model.py), which keep
 4·B·H·T² + N·C floats and the T² bytes of the mask.
 
-So LoRA does not save activations here: the frozen layers still pass gradients down to the adapters below them,
-and this engine keeps their inputs (see above for what the maths needs). Its saving is 3 × the frozen weights'
-size (gradient, m, v): small next to the activations of a small model at a real batch, decisive where the
-weights dominate, as for GPT-3 175B (``gpt3_example``). benchmarks/README.md has the measured numbers.
+So LoRA does not save activations here: the frozen layers above an adapter still pass gradients down to it, so
+they stay in the graph, and a graph node here keeps all its inputs. That last part is this engine's choice, not a
+necessity: a frozen layer's backward computes dx = g·Wᵀ, which needs W (kept anyway), not its input x. An engine
+that keeps only what each backward reads (PyTorch does) drops the inputs of frozen o, up and down under LoRA on
+q, v; what the maths needs is the inputs of the adapted layers (dA = xᵀ·dh), h, and the states of the
+nonlinearities (attention weights, layer norm's xhat, GELU's tanh(u), the log-probs).
 
 Not counted: the batch itself (x and y exist before the step), 0-d scalars (a few bytes each) and the Python
 objects of the graph (Tensors, closures; a few hundred bytes per node, visible in the measurement).
@@ -74,27 +57,19 @@ objects of the graph (Tensors, closures; a few hundred bytes per node, visible i
 
 from __future__ import annotations
 
-import gc
-import math
-import tracemalloc
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-from . import backend
-from .data import BatchSampler
-from .lora import (
+from ..lora import (
     TARGETS,
     LoRAConfig,
     check_setup,
     lora_layers,
-    prepare_finetuning,
     resolve_train_only,
     target_layers,
 )
-from .model import GPT, GPTConfig
-from .nn import Module
-from .optim import AdamW, Optimizer
+from ..model import GPT, GPTConfig
 
 MIB = 2**20
 CATEGORIES = ("weights", "gradients", "optimizer", "activations")
@@ -269,11 +244,11 @@ def _replay_forward(cfg: GPTConfig, lora: LoRAConfig | None, B: int, T: int, f: 
         return rp.op([x, param(name)], N * C * f, captures=[N * C * f, N * f])
 
     def linears(x: _Array, names: Sequence[str], d_in: int, d_out: int) -> _Array:
-        """Linear or LoRALinear layers that read x: F.linear for one plain layer, else lora.fused_linear."""
+        """Linear or LoRALinear layers that read x: F.linear for one plain layer, else fused.fused_linear."""
         adapted = [n for n in names if not full and n.split(".")[-1] in targets]
         if len(names) == 1 and not adapted:  # F.linear: x @ W + b in one op, (N, d_in) -> (N, d_out); keeps x
             return rp.op([x, param(names[0])], N * d_out * f)
-        # lora.fused_linear keeps x, h = x @ A (N, r) per adapter and, with LoRA dropout, the mask (N, d_in);
+        # fused.fused_linear keeps x, h = x @ A (N, r) per adapter and, with LoRA dropout, the mask (N, d_in);
         # and, where x needs a gradient, the weights it multiplied by unless they are a parameter itself: the
         # merged W + s·A@B (without dropout) or the concatenation of several layers' W
         captures = [N * r * f] * len(adapted) + [N * d_in * f] * (len(adapted) if p_lora > 0 else 0)
@@ -316,173 +291,3 @@ def _replay_forward(cfg: GPTConfig, lora: LoRAConfig | None, B: int, T: int, f: 
     logits = linears(h, ["wte" if cfg.tie_weights else "lm_head"], C, V)  # (N, C) @ (C, V) -> (N, V); tied: wte.T
     rp.op([logits], f, captures=[N * V * f, N * BOOL_BYTES, N * INT_BYTES])  # cross_entropy: logp, valid, safe_t
     return rp.kept_bytes()
-
-
-# -- measuring a real step -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Measured:
-    """Bytes of one real training step, by category, from the arrays themselves and from ``tracemalloc``.
-
-    weights, gradients, optimizer: the ``nbytes`` of the parameters, of their ``.grad`` after backward, and of the
-    optimizer's state after the step (AdamW allocates m and v lazily, so ``measure_step`` runs warm-up steps first).
-    activations: what ``tracemalloc`` sees alive right after the forward pass and the loss, above the baseline
-    before the step: the graph's arrays plus its Python objects.
-    traced_peak: the most ``tracemalloc`` saw allocated at any moment of the step, above the same baseline: the
-    activations still alive then (backward frees the graph as it goes), the gradients formed so far, and the
-    transient arrays of backward (pending gradients of intermediate nodes, each op's temporaries) and of the update.
-    scratch = traced_peak − activations − gradients: what the peak holds beyond "all activations and all gradients
-    at once", the ledger's assumption. Because early activations are freed before the last weight gradients
-    exist, it can come out negative in full fine-tuning. The ledger does not predict it.
-    peak (= total): the most the step held at once, weights and optimizer state (allocated before it) included.
-    """
-
-    weights: int
-    gradients: int
-    optimizer: int
-    activations: int
-    traced_peak: int
-
-    @property
-    def scratch(self) -> int:
-        return self.traced_peak - self.activations - self.gradients
-
-    @property
-    def peak(self) -> int:
-        """The step's peak: weights and optimizer state (allocated before it) plus the traced peak."""
-        return self.weights + self.optimizer + self.traced_peak
-
-    @property
-    def total(self) -> int:
-        """= peak: weights + gradients + optimizer + activations + scratch, comparable to ``Ledger.total``."""
-        return self.peak
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "scratch": self.scratch, "peak": self.peak, "total": self.total}
-
-
-def measure_step(model: Module, optimizer: Optimizer, x: Any, y: Any, warmup_steps: int = 1) -> Measured:
-    """Run ``warmup_steps`` training steps (so AdamW's state exists), then one measured step: zero_grad, forward,
-    loss, backward, optimizer.step. Host memory only: ``tracemalloc`` does not see a GPU's memory.
-
-    Every step updates the weights, as training does. ``tracemalloc`` is started and stopped here unless the
-    caller already runs it (then its peak is reset).
-    """
-    if backend.get_backend() != "numpy":
-        raise RuntimeError("measure_step: tracemalloc sees host memory only; use the numpy backend")
-    for _ in range(warmup_steps):
-        optimizer.zero_grad()
-        _, loss = model(x, y)
-        loss.backward()
-        optimizer.step()
-        del loss
-    optimizer.zero_grad()
-    gc.collect()
-    started = not tracemalloc.is_tracing()
-    if started:
-        tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        _, loss = model(x, y)
-        activations = tracemalloc.get_traced_memory()[0] - base
-        loss.backward()
-        gradients = sum(int(p.grad.nbytes) for p in optimizer.params if p.grad is not None)
-        optimizer.step()
-        traced_peak = tracemalloc.get_traced_memory()[1] - base
-        del loss
-    finally:
-        if started:
-            tracemalloc.stop()
-    weights = sum(int(p.data.nbytes) for p in model.parameters())
-    return Measured(weights, gradients, optimizer.state_nbytes(), activations, traced_peak)
-
-
-def compare(config: GPTConfig, lora: LoRAConfig | None, batch_size: int, block_size: int | None = None,
-            seed: int = 0, train_only: Sequence[str] | str = ()) -> tuple[Ledger, Measured]:
-    """The analytic ledger and the measured step for the same model, ``GPT(config)`` set up with ``lora`` (None:
-    full fine-tuning; with ``train_only``, of those layers only), with AdamW (lr 1e-3, weight decay 0.01), on a
-    batch of random token ids (int64)."""
-    model = prepare_finetuning(GPT(config), lora, train_only)
-    opt = AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=0.01)
-    T = config.block_size if block_size is None else block_size
-    gen = backend.rng(seed)
-    x, y = (gen.integers(0, config.vocab_size, size=(batch_size, T)) for _ in range(2))  # int64, on the host
-    return ledger_of(model, batch_size, T), measure_step(model, opt, x, y)
-
-
-def measure_model(model: GPT, train_ids: Any, batch_size: int, block_size: int | None = None,
-                  seed: int = 0) -> dict[str, Any]:
-    """Ledger and measured step for an already set-up ``model`` (it is trained by the step: pass a copy to keep
-    it), on a batch cut from the token stream ``train_ids``; a JSON-ready dict for results files."""
-    T = block_size or model.config.block_size
-    x, y = BatchSampler(train_ids, T, batch_size, seed).sample()
-    ledger = ledger_of(model, batch_size, T)
-    opt = AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=0.01)
-    measured = measure_step(model, opt, x, y)
-    return {"mode": ledger.mode, "batch_size": batch_size, "block_size": T,
-            "analytic": ledger.to_dict(), "measured": measured.to_dict()}
-
-
-def format_table(ledger: Ledger, measured: Measured) -> str:
-    """Analytic next to measured, in MiB, one line per category (scratch: measured only)."""
-    lines = [f"{'MiB':<12} {'analytic':>10} {'measured':>10} {'meas/an':>8}   ({ledger.mode})"]
-    for cat in (*CATEGORIES, "total"):
-        a, m = getattr(ledger, cat), getattr(measured, cat)
-        lines.append(f"{cat:<12} {a / MIB:>10.2f} {m / MIB:>10.2f} {m / a if a else math.nan:>8.3f}")
-        if cat == "activations":
-            lines.append(f"{'  scratch':<12} {'':>10} {measured.scratch / MIB:>10.2f}   backward's transient arrays")
-    return "\n".join(lines)
-
-
-def format_comparison(mem: dict[str, Any]) -> str:
-    """``format_table`` for the dict that ``measure_model`` returns."""
-    a, m = mem["analytic"], mem["measured"]
-    ledger = Ledger(*(a[c] for c in CATEGORIES), mode=mem.get("mode", ""))
-    measured = Measured(*(m[c] for c in (*CATEGORIES, "traced_peak")))
-    return format_table(ledger, measured)
-
-
-# -- the paper's example: GPT-3 175B --------------------------------------------------------------------------------
-
-
-def gpt3_example() -> dict[str, dict[str, Any]]:
-    """Hu et al. §4.2 ("Practical Benefits") for GPT-3 175B, recomputed: each entry has the ``value``, the
-    ``formula`` it comes from, and what the paper says. fp16 (2 bytes a number); GB = 1e9 bytes, MB = 1e6.
-
-    The adapter: r = 4 on W_q and W_v of all 96 layers, so L̂ = 192 adapted d x d matrices (d = 12288), each
-    with 2·d·r numbers: 18.9 M parameters, 37.7 MB (36.0 MiB), a 9,272× reduction from 350 GB. The paper's
-    "35MB" equals 350 GB / 10,000, its rounded "roughly 10,000×"; no unit (MB or MiB) makes the formula give 35.
-    Training VRAM: frozen weights need no gradient and no Adam moments. Weights + Adam's m and v in fp16 is
-    3 × 350 GB = 1.05 TB, and LoRA keeps only the first third: the paper's "up to 2/3". The paper's measured
-    1.2 TB (full) and 350 GB (LoRA) also hold activations and whatever else its setup stores, which it does not
-    break down; the formulas give the parameter-sized part.
-    """
-    n_params, d, n_layer, r, fp16 = 175e9, 12288, 96, 4, 2
-    L_hat = n_layer * 2  # adapted matrices: W_q and W_v in every layer
-    lora_params = 2 * L_hat * d * r  # A (d, r) and B (r, d) per matrix
-    full_ckpt, lora_ckpt = n_params * fp16, lora_params * fp16
-    return {
-        "lora_parameters": {"value": lora_params, "formula": "2·L̂·d·r = 2·(96·2)·12288·4",
-                            "paper": "(not stated for this setting)"},
-        "full_checkpoint_bytes": {"value": full_ckpt, "formula": "175e9 params × 2 bytes (fp16)", "paper": "350GB"},
-        "lora_checkpoint_bytes": {"value": lora_ckpt, "formula": "2·L̂·d·r × 2 bytes = 37.7 MB = 36.0 MiB",
-                                  "paper": "35MB (= 350GB / 10,000, 'roughly 10,000×')"},
-        "checkpoint_reduction": {"value": full_ckpt / lora_ckpt, "formula": "350 GB / 37.7 MB",
-                                 "paper": "roughly 10,000×"},
-        "full_training_bytes": {"value": 3 * full_ckpt, "formula": "weights + Adam m + v = 3 × 175e9 × 2 bytes",
-                                "paper": "1.2TB (measured; includes activations)"},
-        "full_training_bytes_with_grads": {"value": 4 * full_ckpt,
-                                           "formula": "weights + gradients + Adam m + v = 4 × 175e9 × 2 bytes",
-                                           "paper": "(not given)"},
-        "lora_training_bytes": {"value": full_ckpt + 3 * lora_ckpt,
-                                "formula": "frozen weights + adapter (weights + Adam m + v) = 350 GB + 3 × 37.7 MB",
-                                "paper": "350GB"},
-        "vram_saving": {"value": 1 - (full_ckpt + 3 * lora_ckpt) / (3 * full_ckpt),
-                        "formula": "1 − LoRA / (weights + m + v)", "paper": "up to 2/3"},
-    }
-
-
-__all__ = ["CATEGORIES", "Ledger", "Measured", "analytic_ledger", "compare", "count_trainable",
-           "format_comparison", "format_table", "gpt3_example", "ledger_of", "measure_model", "measure_step"]

@@ -1,0 +1,30 @@
+"""The memory of one training step: where its bytes go, predicted from the config and measured.
+
+A training step holds four kinds of arrays (Hu et al. 2021, §4.2: LoRA needs no gradient and no optimizer
+state for the frozen weights):
+
+    weights       every parameter, trainable or frozen (for LoRA: W, b, ... and every A and B)
+    gradients     one ``.grad`` per TRAINABLE parameter: backward allocates no gradient for a frozen W
+    optimizer     AdamW's m and v: 2 × the trainable numbers, allocated on a parameter's first step
+    activations   what the autograd graph keeps alive from the forward pass until backward is done
+
+LoRA shrinks the second and third (they follow the trainable numbers) and leaves the first almost unchanged; in
+this engine it barely changes the fourth (``ledger.py`` says why). Its saving is 3 × the frozen weights' size
+(gradient, m, v): small next to the activations of a small model at a real batch, decisive where the weights
+dominate, as for GPT-3 175B. benchmarks/README.md has the measured numbers.
+
+One concern per file:
+
+    ledger.py    the prediction: ``analytic_ledger`` (from a config) and ``ledger_of`` (from a set-up model); its
+                 docstring derives every term of the activations
+    measure.py   the measurement: ``measure_step`` runs one real step under ``tracemalloc``; ``compare``,
+                 ``measure_model``, ``format_table`` and ``format_comparison`` put it next to the prediction
+    paper.py     the paper's GPT-3 175B numbers, recomputed (``gpt3_example``)
+"""
+
+from .ledger import CATEGORIES, MIB, Ledger, analytic_ledger, count_trainable, ledger_of
+from .measure import Measured, compare, format_comparison, format_table, measure_model, measure_step
+from .paper import gpt3_example
+
+__all__ = ["CATEGORIES", "MIB", "Ledger", "Measured", "analytic_ledger", "compare", "count_trainable",
+           "format_comparison", "format_table", "gpt3_example", "ledger_of", "measure_model", "measure_step"]

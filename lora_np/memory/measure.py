@@ -1,0 +1,146 @@
+"""The measured side: one real training step under ``tracemalloc``, by the same categories as the ledger.
+
+``measure_step`` runs it; ``compare`` and ``measure_model`` build the model or batch and return the ledger next to
+the measurement; ``format_table`` and ``format_comparison`` print the two side by side. Host memory only
+(NumPy backend): ``tracemalloc`` sees NumPy's buffers, not a GPU's.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import tracemalloc
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .. import backend
+from ..data import BatchSampler
+from ..lora import LoRAConfig, prepare_finetuning
+from ..model import GPT, GPTConfig
+from ..nn import Module
+from ..optim import AdamW, Optimizer
+from .ledger import CATEGORIES, MIB, Ledger, ledger_of
+
+
+@dataclass
+class Measured:
+    """Bytes of one real training step, by category, from the arrays themselves and from ``tracemalloc``.
+
+    weights, gradients, optimizer: the ``nbytes`` of the parameters, of their ``.grad`` after backward, and of the
+    optimizer's state after the step (AdamW allocates m and v lazily, so ``measure_step`` runs warm-up steps first).
+    activations: what ``tracemalloc`` sees alive right after the forward pass and the loss, above the baseline
+    before the step: the graph's arrays plus its Python objects.
+    traced_peak: the most ``tracemalloc`` saw allocated at any moment of the step, above the same baseline: the
+    activations still alive then (backward frees the graph as it goes), the gradients formed so far, and the
+    transient arrays of backward (pending gradients of intermediate nodes, each op's temporaries) and of the update.
+    scratch = traced_peak − activations − gradients: what the peak holds beyond "all activations and all gradients
+    at once", the ledger's assumption. Because early activations are freed before the last weight gradients
+    exist, it can come out negative in full fine-tuning. The ledger does not predict it.
+    peak (= total): the most the step held at once, weights and optimizer state (allocated before it) included.
+    """
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    traced_peak: int
+
+    @property
+    def scratch(self) -> int:
+        return self.traced_peak - self.activations - self.gradients
+
+    @property
+    def peak(self) -> int:
+        """The step's peak: weights and optimizer state (allocated before it) plus the traced peak."""
+        return self.weights + self.optimizer + self.traced_peak
+
+    @property
+    def total(self) -> int:
+        """= peak: weights + gradients + optimizer + activations + scratch, comparable to ``Ledger.total``."""
+        return self.peak
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "scratch": self.scratch, "peak": self.peak, "total": self.total}
+
+
+def measure_step(model: Module, optimizer: Optimizer, x: Any, y: Any, warmup_steps: int = 1) -> Measured:
+    """Run ``warmup_steps`` training steps (so AdamW's state exists), then one measured step: zero_grad, forward,
+    loss, backward, optimizer.step. Host memory only: ``tracemalloc`` does not see a GPU's memory.
+
+    Every step updates the weights, as training does. ``tracemalloc`` is started and stopped here unless the
+    caller already runs it (then its peak is reset).
+    """
+    if backend.get_backend() != "numpy":
+        raise RuntimeError("measure_step: tracemalloc sees host memory only; use the numpy backend")
+    for _ in range(warmup_steps):
+        optimizer.zero_grad()
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        del loss
+    optimizer.zero_grad()
+    gc.collect()
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        _, loss = model(x, y)
+        activations = tracemalloc.get_traced_memory()[0] - base
+        loss.backward()
+        gradients = sum(int(p.grad.nbytes) for p in optimizer.params if p.grad is not None)
+        optimizer.step()
+        traced_peak = tracemalloc.get_traced_memory()[1] - base
+        del loss
+    finally:
+        if started:
+            tracemalloc.stop()
+    weights = sum(int(p.data.nbytes) for p in model.parameters())
+    return Measured(weights, gradients, optimizer.state_nbytes(), activations, traced_peak)
+
+
+def compare(config: GPTConfig, lora: LoRAConfig | None, batch_size: int, block_size: int | None = None,
+            seed: int = 0, train_only: Sequence[str] | str = ()) -> tuple[Ledger, Measured]:
+    """The analytic ledger and the measured step for the same model, ``GPT(config)`` set up with ``lora`` (None:
+    full fine-tuning; with ``train_only``, of those layers only), with AdamW (lr 1e-3, weight decay 0.01), on a
+    batch of random token ids (int64)."""
+    model = prepare_finetuning(GPT(config), lora, train_only)
+    opt = AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=0.01)
+    T = config.block_size if block_size is None else block_size
+    gen = backend.rng(seed)
+    x, y = (gen.integers(0, config.vocab_size, size=(batch_size, T)) for _ in range(2))  # int64, on the host
+    return ledger_of(model, batch_size, T), measure_step(model, opt, x, y)
+
+
+def measure_model(model: GPT, train_ids: Any, batch_size: int, block_size: int | None = None,
+                  seed: int = 0) -> dict[str, Any]:
+    """Ledger and measured step for an already set-up ``model`` (it is trained by the step: pass a copy to keep
+    it), on a batch cut from the token stream ``train_ids``; a JSON-ready dict for results files."""
+    T = block_size or model.config.block_size
+    x, y = BatchSampler(train_ids, T, batch_size, seed).sample()
+    ledger = ledger_of(model, batch_size, T)
+    opt = AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=0.01)
+    measured = measure_step(model, opt, x, y)
+    return {"mode": ledger.mode, "batch_size": batch_size, "block_size": T,
+            "analytic": ledger.to_dict(), "measured": measured.to_dict()}
+
+
+def format_table(ledger: Ledger, measured: Measured) -> str:
+    """Analytic next to measured, in MiB, one line per category (scratch: measured only)."""
+    lines = [f"{'MiB':<12} {'analytic':>10} {'measured':>10} {'meas/an':>8}   ({ledger.mode})"]
+    for cat in (*CATEGORIES, "total"):
+        a, m = getattr(ledger, cat), getattr(measured, cat)
+        lines.append(f"{cat:<12} {a / MIB:>10.2f} {m / MIB:>10.2f} {m / a if a else math.nan:>8.3f}")
+        if cat == "activations":
+            lines.append(f"{'  scratch':<12} {'':>10} {measured.scratch / MIB:>10.2f}   backward's transient arrays")
+    return "\n".join(lines)
+
+
+def format_comparison(mem: dict[str, Any]) -> str:
+    """``format_table`` for the dict that ``measure_model`` returns."""
+    a, m = mem["analytic"], mem["measured"]
+    ledger = Ledger(*(a[c] for c in CATEGORIES), mode=mem.get("mode", ""))
+    measured = Measured(*(m[c] for c in (*CATEGORIES, "traced_peak")))
+    return format_table(ledger, measured)
