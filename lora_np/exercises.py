@@ -7,14 +7,20 @@ Three outcomes, so that a notebook with an unanswered exercise still runs top to
 * wrong: raises ``ExerciseError`` naming what is off (which output, its shape, by how much, a likely cause);
 * right: prints a line starting with "passed".
 
+A judgment exercise (notebooks 06, 07, 09) asks which of a few readings of a table or figure holds; its check
+judges the letter on the results (for 06 and 07, the committed ``results/study.json``, read when the check runs) and
+tells a wrong reading the numbers that refute it, never which reading is right.
+
 Every check is tested against the solutions and against plausible wrong answers (tests/test_exercises.py), and
 the notebooks run their solutions in CI, so a solution and its check cannot drift apart.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from . import backend
@@ -56,10 +62,10 @@ def _call(fn: Callable[..., Any], *args: Any) -> Any:
 def _exercise(title: str):
     # Decorator: the three outcomes of every check, in one place.
     def wrap(check):
-        def run(answer: Any) -> None:
+        def run(answer: Any, *args: Any, **kwargs: Any) -> None:
             # Returns nothing, so that a notebook shows the printed verdict and no stray True/False after it.
             try:
-                detail = check(answer)
+                detail = check(answer, *args, **kwargs)
             except _NotAttempted:
                 print(f"{title}: not attempted yet.\n  Replace `raise NotImplementedError` with your answer and run "
                       "the cell again.")
@@ -124,6 +130,42 @@ def _number(name: str, value: Any, expected: float, why: str, rel: float = 1e-9)
         raise ExerciseError(f"{name} should be a number, got {type(value).__name__}") from None
     if not math.isclose(got, expected, rel_tol=rel, abs_tol=1e-12):
         raise ExerciseError(f"{name} = {got:.6g}, expected {expected:.6g}: {why}")
+
+
+# -- judgment exercises: which reading of a table or figure the results support ----------------------------------
+# The notebook states a few readings, one letter each; the check holds, for each letter, whether the results
+# support that reading and, when they do not, the numbers that say why. Where the results are a committed file
+# (results/*.json), the check reads them when it runs: the right letter is whichever reading the data supports,
+# written down nowhere, so new results with other numbers make the check follow them. No message names it.
+
+
+def _committed(name: str) -> dict[str, Any]:
+    # A results file committed with the repository (results/<name>, the full-size run), as the notebooks read it.
+    path = Path(__file__).resolve().parents[1] / "results" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the reading exercises judge the committed full-size results "
+                                "(run lora_np from a checkout of the repository)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _check_reading(reading: Callable[[], Any], readings: dict[str, tuple[bool, str]]) -> None:
+    # readings: letter -> (the results support it, why not). Accepts "b", "(b)", " B ".
+    answer = _call(reading)
+    letter = str(answer).strip().lower().strip("()")
+    if letter not in readings:
+        raise ExerciseError(f"answer with one of the letters {', '.join(readings)}; got {answer!r}")
+    supported, why = readings[letter]
+    if not supported:
+        raise ExerciseError(f"({letter}) does not follow: {why}")
+
+
+def _increasing(values: list[float]) -> bool:
+    return all(a < b for a, b in zip(values, values[1:]))
+
+
+def _each(values: dict[str, float], fmt: str = ".3f") -> str:
+    # {"near": 0.06, "middle": 0.41} -> "0.060 (near), 0.410 (middle)"
+    return ", ".join(f"{v:{fmt}} ({k})" for k, v in values.items())
 
 
 # -- notebook 01: the backward of an op ------------------------------------------------------------------------
@@ -283,6 +325,68 @@ def check_state_bytes(state_bytes: Callable[[int, int], int]) -> str:
     return "4·total + 12·trainable bytes, the ledger's weights + gradients + optimizer"
 
 
+# -- notebook 06: the task-distance study -----------------------------------------------------------------------
+
+
+def _study_methods(results: dict[str, Any]) -> tuple[str, str, str]:
+    # LoRA on q, v at the study's smallest and largest rank, and LoRA on every linear layer at its largest rank.
+    config = results["config"]
+    return (f"lora-qv-r{min(config['qv_ranks'])}", f"lora-qv-r{max(config['qv_ranks'])}",
+            f"lora-all-r{max(config['all_linear_ranks'])}")
+
+
+def _task_distance_readings(results: dict[str, Any]) -> dict[str, tuple[bool, str]]:
+    """The readings of notebook 06's exercise, each judged on the study's results (tasks in order of distance)."""
+    from .experiments.task_distance import gaps, uniform_loss
+
+    tasks = results["tasks"]
+    names, far = list(tasks), list(tasks)[-1]
+    low, top, every = _study_methods(results)
+    gap = {t: gaps(v) for t, v in tasks.items()}
+    at = lambda method: {t: gap[t][method] for t in names}  # noqa: E731  (method -> its gap on each task)
+    gain = {t: v["test_loss"][low] - v["test_loss"][top] for t, v in tasks.items()}  # what rank buys on q, v
+    share = {t: v["recovered"][low] for t, v in tasks.items()}
+    above_uniform = tasks[far]["base_test_loss"] - uniform_loss(results)
+
+    closest = min(names, key=lambda t: gap[t][low])
+    why_a = (f"the share of full fine-tuning's gain is {_each(share, '.2f')} for {low}, but the gap to full "
+             f"fine-tuning, in nats, is {_each(at(low))}: LoRA comes closest on the {closest} task. The share "
+             "divides by full fine-tuning's own gain, which differs from task to task")
+    if above_uniform > 0:
+        why_a += (f"; on the {far} task the base starts {above_uniform:.2f} nats worse than a uniform guess, and "
+                  "undoing that is easy for any method, so every method gets a high share there")
+
+    failing = [what for what, ok in ((f"the gap at {top}: {_each(at(top))}", _increasing(list(at(top).values()))),
+                                     (f"what going from {low} to {top} gains: {_each(gain)}",
+                                      _increasing(list(gain.values())))) if not ok]
+    why_b = "it needs both to grow from task to task with the distance, and this does not: " + "; ".join(failing)
+
+    placement = [t for t in names if gap[t][every] <= gap[t][top]]
+    n_top, n_every = tasks[far]["trainable"][top], tasks[far]["trainable"][every]
+    where = "every task" if len(placement) == len(names) else f"the {', '.join(placement)} task(s)"
+    why_c = (f"{every} trains {n_every:,} numbers, {'fewer' if n_every < n_top else 'more'} than {top}'s "
+             f"{n_top:,}, and leaves the smaller (or equal) gap on {where}: {_each(at(every))} against "
+             f"{_each(at(top))}. Where the adapters sit matters more here than their rank")
+
+    far_loss, uniform = tasks[far]["test_loss"][top], uniform_loss(results)
+    why_d = (f"on the {far} task {top} reaches a test loss of {far_loss:.3f}, {uniform - far_loss:.2f} nats below a "
+             f"uniform guess (ln V = {uniform:.3f}) and {tasks[far]['base_test_loss'] - far_loss:.2f} below the "
+             f"base: it learns a lot. It stays {gap[far][top]:.3f} nats from full fine-tuning, which is not failing")
+
+    return {"a": (closest == far, why_a),
+            "b": (not failing, why_b),
+            "c": (not placement, why_c),
+            "d": (far_loss >= uniform, why_d)}
+
+
+@_exercise("06 · reading the task-distance study")
+def check_task_distance_reading(reading: Callable[[], str], results: dict[str, Any] | None = None) -> str:
+    """``reading()``: the letter of the reading of notebook 06 that the study's committed results
+    (``results/study.json``) support. ``results``: judge against another study's results instead."""
+    _check_reading(reading, _task_distance_readings(_committed("study.json") if results is None else results))
+    return "read the gap in nats next to the share: the share's denominator differs from task to task"
+
+
 # -- notebook 07: subspace similarity --------------------------------------------------------------------------
 
 
@@ -300,6 +404,61 @@ def check_phi(phi: Callable[[Any, Any, int, int], float]) -> str:
                 "take the LEFT singular vectors (columns of U from np.linalg.svd(X, full_matrices=False)), the top "
                 "i of X and top j of Y, square the Frobenius norm of U_Xᵀ U_Y and divide by min(i, j)", rel=1e-6)
     return "φ in [0, 1]: 1 when one subspace contains the other"
+
+
+def _seed_differences(results: dict[str, Any]) -> dict[str, float]:
+    # task -> |test loss of the study's second seed of a method − the first seed's|: the one measure of seed noise.
+    out = {}
+    for row in results["runs"]:
+        if row.get("part") == "seed":
+            method = row["method"].rsplit("-seed", 1)[0]
+            out[row["task"]] = abs(row["test_loss"] - results["tasks"][row["task"]]["test_loss"][method])
+    return out
+
+
+def _spectrum_readings(results: dict[str, Any]) -> dict[str, tuple[bool, str]]:
+    """The readings of notebook 07's exercise, judged on the effective ranks (90% of the energy) of the study's
+    updates, every W_q and W_v of every block on every task, and on the gaps to full fine-tuning of the same tasks."""
+    from .experiments.task_distance import gaps
+
+    ranks = [s["effective_rank"] for t in results["tasks"].values() for s in t["analysis"]["spectrum"].values()]
+    full, r8, r64, rnd = ([e[k] for e in ranks] for k in ("full", "lora-r8", "lora-r64", "random"))
+    span = lambda v: f"{min(v)}–{max(v)}"  # noqa: E731
+    counts = (f"full fine-tuning's ΔW holds 90% of its energy in {span(full)} directions, LoRA's at r = 64 in "
+              f"{span(r64)}, at r = 8 in {span(r8)}, a random matrix's in {span(rnd)} ({len(ranks)} matrices)")
+    top = max(results["config"]["qv_ranks"])
+    gap = {t: gaps(v)[f"lora-qv-r{top}"] for t, v in results["tasks"].items()}
+    seeds = _seed_differences(results)
+    matches = [t for t in gap if gap[t] <= seeds.get(t, 0.0)]  # as good as full fine-tuning, within two seeds
+    gaps_said = (f"LoRA on q, v at r = {top} stays {_each(gap)} nats from full fine-tuning, while two seeds of it "
+                 f"differ by {_each(seeds, '.4f')}")
+
+    as_low = sum(f <= lo for f, lo in zip(full, r64))
+    why_a = (f"{counts}: full fine-tuning needs more directions than LoRA at r = 64 in {len(ranks) - as_low} of "
+             f"{len(ranks)} matrices. Low rank is LoRA's restriction, not what fine-tuning does when left free")
+    why_b = (f"{gaps_said}. The effective rank counts the directions that hold 90% of the energy of W_q and W_v "
+             "alone; full fine-tuning also changes the MLPs, the embeddings and the head, and the remaining 10% of "
+             "the energy is not nothing")
+    below = max(full) < top
+    why_c = (f"{counts}; {gaps_said}: "
+             + ("" if below else f"some full fine-tuning update needs {max(full)} directions, not fewer than {top}; ")
+             + (f"on the {', '.join(matches)} task(s) LoRA at r = {top} is within the seed difference of full "
+                "fine-tuning" if matches else ""))
+    median = sorted(r64)[len(r64) // 2]
+    why_d = (f"{counts}: the median matrix uses {median} of the {top} directions LoRA at r = {top} allows. The rank "
+             "is a ceiling, not a target")
+    return {"a": (as_low * 2 >= len(ranks), why_a),
+            "b": (len(matches) == len(gap), why_b),
+            "c": (below and not matches, why_c),
+            "d": (median * 2 >= top, why_d)}  # the median matrix uses at least half of its rank
+
+
+@_exercise("07 · reading the spectrum of the updates")
+def check_spectrum_reading(reading: Callable[[], str], results: dict[str, Any] | None = None) -> str:
+    """``reading()``: the letter of the reading of notebook 07 that the effective ranks in the study's committed
+    results (``results/study.json``) support. ``results``: judge against another study's results instead."""
+    _check_reading(reading, _spectrum_readings(_committed("study.json") if results is None else results))
+    return "an effective rank describes the update; whether a rank suffices is measured on the loss"
 
 
 # -- notebook 09: when low rank suffices -----------------------------------------------------------------------
@@ -350,10 +509,5 @@ PLANTED_READINGS = {
 @_exercise("09 · reading the planted-rank experiment")
 def check_planted_reading(reading: Callable[[], str]) -> str:
     """``reading()``: returns the letter of the reading that the planted-rank results support (notebook 09)."""
-    answer = _call(reading)
-    letter = str(answer).strip().lower().strip("()")
-    if letter not in PLANTED_READINGS:
-        raise ExerciseError(f"answer with one of the letters {', '.join(PLANTED_READINGS)}; got {answer!r}")
-    if PLANTED_READINGS[letter] is not None:
-        raise ExerciseError(f"({letter}) does not follow: {PLANTED_READINGS[letter]}")
+    _check_reading(reading, {letter: (why is None, why) for letter, why in PLANTED_READINGS.items()})
     return "low rank suffices when the needed update is low rank and lies in the adapted matrices"

@@ -50,6 +50,8 @@ RIGHT = [
     (ex.check_planted_update, lambda sigma, u, s, v, c: c * _inv_sqrt(sigma) @ u @ np.diag(s) @ v.T),
     (ex.check_planted_reading, lambda: "b"),
     (ex.check_planted_reading, lambda: " (B) "),
+    (ex.check_task_distance_reading, lambda: "b"),  # the reading the committed results/study.json supports
+    (ex.check_spectrum_reading, lambda: "(c)"),
 ]
 
 
@@ -115,6 +117,17 @@ WRONG = [
     (ex.check_planted_reading, lambda: "c", "(c) does not follow"),
     (ex.check_planted_reading, lambda: "d", "(d) does not follow"),
     (ex.check_planted_reading, lambda: "e", "one of the letters"),
+    # the judgment exercises on results/study.json: each wrong reading is told the numbers that refute it
+    (ex.check_task_distance_reading, lambda: "a", "0.930 (far)"),  # the share misread as closeness: the far gap
+    (ex.check_task_distance_reading, lambda: "a", "worse than a uniform guess"),
+    (ex.check_task_distance_reading, lambda: "c", "73,728 numbers, fewer than lora-qv-r64's 131,072"),
+    (ex.check_task_distance_reading, lambda: "d", "below a uniform guess"),
+    (ex.check_task_distance_reading, lambda: "", "one of the letters"),
+    (ex.check_spectrum_reading, lambda: "a", "in 24 of 24 matrices"),
+    (ex.check_spectrum_reading, lambda: "b", "0.607 (far) nats from full fine-tuning"),
+    (ex.check_spectrum_reading, lambda: "b", "differ by 0.0033 (near)"),
+    (ex.check_spectrum_reading, lambda: "d", "ceiling, not a target"),
+    (ex.check_spectrum_reading, lambda: 2, "one of the letters"),
 ]
 
 
@@ -142,6 +155,58 @@ def test_an_untouched_stub_is_not_attempted_and_does_not_raise(check, capsys):
     check(None)
     out = capsys.readouterr().out
     assert out.count("not attempted yet") == 2 and "passed" not in out
+
+
+READINGS = [ex.check_planted_reading, ex.check_task_distance_reading, ex.check_spectrum_reading]
+
+
+def _verdicts(check, capsys, **kwargs):
+    # letter -> what the check says to it: the printed "passed ..." or the error's message
+    out = {}
+    for letter in "abcd":
+        try:
+            check(lambda letter=letter: letter, **kwargs)
+            out[letter] = capsys.readouterr().out
+        except ex.ExerciseError as err:
+            out[letter] = str(err)
+    return out
+
+
+@pytest.mark.parametrize("check", READINGS, ids=lambda c: c.__name__)
+def test_a_reading_check_accepts_one_reading_and_never_names_it(check, capsys):
+    verdicts = _verdicts(check, capsys)
+    right = [letter for letter, said in verdicts.items() if said.startswith("passed")]
+    assert len(right) == 1, verdicts  # the results support exactly one of the notebook's readings
+    check(stub)
+    untouched = capsys.readouterr().out
+    detail = verdicts[right[0]].split("\n", 1)[1].strip()  # what the passing verdict explains
+    for said in [*(said for letter, said in verdicts.items() if letter != right[0]), untouched, check.__doc__]:
+        for name in (f"({right[0]})", f"'{right[0]}'", f'"{right[0]}"', f"reading {right[0]}"):
+            assert name not in said, said
+        assert detail not in said
+
+
+def _study():
+    return json.loads((Path(__file__).resolve().parents[1] / "results" / "study.json").read_text(encoding="utf-8"))
+
+
+def test_the_study_reading_checks_follow_the_results_not_a_stored_letter(capsys):
+    # Change the numbers and a reading the committed results refute becomes right: the checks judge the data.
+    study = _study()
+    for task in study["tasks"].values():  # LoRA on every linear layer, now worse than q, v at r = 64 everywhere
+        task["gap"]["lora-all-r8"] = task["gap"]["lora-qv-r64"] + 0.1
+    assert _verdicts(ex.check_task_distance_reading, capsys, results=study)["c"].startswith("passed")
+    far = study["tasks"]["far"]
+    far["gap"]["lora-qv-r1"] = 0.0  # r = 1 now as close to full fine-tuning on the far task as can be
+    assert _verdicts(ex.check_task_distance_reading, capsys, results=study)["a"].startswith("passed")
+    for task in study["tasks"].values():  # full fine-tuning's updates, now as low-rank as LoRA's
+        for layer in task["analysis"]["spectrum"].values():
+            layer["effective_rank"]["full"] = layer["effective_rank"]["lora-r64"]
+    assert _verdicts(ex.check_spectrum_reading, capsys, results=study)["a"].startswith("passed")
+    for task in study["tasks"].values():  # LoRA at r = 64 now exactly as good as full fine-tuning
+        task["gap"]["lora-qv-r64"] = 0.0
+    verdicts = _verdicts(ex.check_spectrum_reading, capsys, results=study)
+    assert verdicts["b"].startswith("passed") and "(c) does not follow" in verdicts["c"]
 
 
 def test_the_phi_check_uses_the_library_definition():
