@@ -511,3 +511,74 @@ def check_planted_reading(reading: Callable[[], str]) -> str:
     """``reading()``: returns the letter of the reading that the planted-rank results support (notebook 09)."""
     _check_reading(reading, {letter: (why is None, why) for letter, why in PLANTED_READINGS.items()})
     return "low rank suffices when the needed update is low rank and lies in the adapted matrices"
+
+
+# -- notebook 08: reading the MiniLM lab -----------------------------------------------------------------------
+# The judgment exercise of notebook 08: which reading of the lab's table its results support. The options are in
+# the notebook. Whether an option is right depends on the run, so the check derives every verdict from the lab's
+# paired chapter-bootstrap intervals (results["differences"], in shares): a difference is resolved by the test set
+# when its 95% interval excludes 0. A wrong option gets its reason; the check never names the right one.
+
+MINILM_LETTERS = ("a", "b", "c", "d", "e")
+
+
+def _minilm_difference(results: dict[str, Any], key: str) -> tuple[float, float, str]:
+    # (lo, hi) in points and the interval as the reason quotes it, from results["differences"][key].
+    try:
+        lo, hi = (100 * float(v) for v in results["differences"][key])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"check_minilm_reading needs the lab's results (run_minilm's dict, or results/minilm.json "
+                         f"with its 'differences'); results['differences'][{key!r}] is missing") from err
+    a, b = key.split(" - ")
+    names = f"{a.replace('lora-qv-r', 'LoRA r=')} − {'the probe' if b == 'probe' else 'full fine-tuning'}"
+    text = f"the paired 95% interval of {names} is {lo:+.1f} to {hi:+.1f} points"
+    return lo, hi, text
+
+
+def minilm_readings(results: dict[str, Any]) -> dict[str, str | None]:
+    """Each option of notebook 08's judgment exercise -> None if ``results`` support it, else why not."""
+    lo1, hi1, r1_full = _minilm_difference(results, "lora-qv-r1 - full")
+    lo4, hi4, r4_full = _minilm_difference(results, "lora-qv-r4 - full")
+    lo_p, hi_p, r4_probe = _minilm_difference(results, "lora-qv-r4 - probe")
+    unresolved = lo4 <= 0 <= hi4
+    return {
+        # (a) LoRA r=1 on q, v is worse than full fine-tuning.
+        "a": None if hi1 < 0 else (
+            f"{r1_full}: it contains 0, so another draw of test chapters could give the other sign; a lower mean "
+            "that the test set does not resolve is not 'worse'" if lo1 <= 0 else
+            f"{r1_full}: it lies above 0, so on this test set LoRA r=1 is the more accurate of the two"),
+        # (b) This test set does not resolve the difference between LoRA r=4 on q, v and full fine-tuning.
+        "b": None if unresolved else (
+            f"{r4_full}: it lies entirely on one side of 0, and an interval that excludes 0 is a difference the "
+            "test set resolves"),
+        # (c) The linear probe beats LoRA r=4 on q, v.
+        "c": None if hi_p < 0 else (
+            f"{r4_probe}: it contains 0, so the test set does not resolve which of the two is better (a higher "
+            "mean alone is not a win)" if lo_p <= 0 else
+            f"{r4_probe}: it lies above 0, so on this test set the probe is the less accurate of the two"),
+        # (d) LoRA r=4 on q, v is as accurate as full fine-tuning.
+        "d": "no interval shows that two accuracies are equal: one that contains 0 says only that the test set "
+             "cannot tell them apart (every difference inside it fits the data as well as 0 does), and one that "
+             "excludes 0 says they differ",
+        # (e) This test set resolves a difference between LoRA r=4 on q, v and full fine-tuning.
+        "e": None if not unresolved else f"{r4_full}: it contains 0, so another draw of test chapters could give "
+                                          "either sign",
+    }
+
+
+def check_minilm_reading(reading: Callable[[], str], results: dict[str, Any]) -> None:
+    """``reading()``: returns the letter of a reading of the MiniLM lab's table that ``results`` (the lab's results
+    dict, as notebook 08 runs or reads it) support. Several options can be right; each depends on the run."""
+    verdicts = minilm_readings(results)  # first: results without the lab's intervals are not the student's error
+
+    @_exercise("08 · reading the MiniLM lab")
+    def check(answer: Callable[[], str]) -> str:
+        got = _call(answer)
+        letter = str(got).strip().lower().strip("()")
+        if letter not in verdicts:
+            raise ExerciseError(f"answer with one of the letters {', '.join(MINILM_LETTERS)}; got {got!r}")
+        if verdicts[letter] is not None:
+            raise ExerciseError(f"({letter}) does not follow: {verdicts[letter]}")
+        return "a difference counts as resolved only when its paired 95% interval over test chapters excludes 0"
+
+    check(reading)

@@ -270,3 +270,55 @@ def test_exercises_sit_before_the_summary_with_folded_solutions(path):
         assert cell["metadata"].get("jupyter", {}).get("source_hidden") is True, "Jupyter folds it too"
     for cell in tries:
         assert "NotImplementedError" in "".join(cell["source"]), "the cell to fill in is a stub"
+
+
+# -- notebook 08: the judgment exercise, on synthetic results ------------------------------------------------------
+# The right readings depend on the run: each case is a results dict (its paired intervals, in shares) and the words
+# every option's verdict must hold (None: the option is a right reading of that run).
+def minilm_results(r1_full, r4_full, r4_probe):
+    return {"differences": {"lora-qv-r1 - full": list(r1_full), "lora-qv-r4 - full": list(r4_full),
+                            "lora-qv-r4 - probe": list(r4_probe)}}
+
+
+MINILM_CASES = [
+    # r=1 resolved below full, r=4 not resolved against full, r=4 resolved above the probe
+    (minilm_results((-0.08, -0.01), (-0.03, 0.02), (0.02, 0.09)),
+     {"a": None, "b": None, "c": "lies above 0", "d": "equal", "e": "contains 0"}),
+    # r=1 not resolved, r=4 resolved below full, the probe resolved above r=4
+    (minilm_results((-0.02, 0.03), (-0.06, -0.01), (-0.05, -0.01)),
+     {"a": "contains 0", "b": "one side of 0", "c": None, "d": "equal", "e": None}),
+    # r=1 resolved ABOVE full, r=4 resolved above full, r=4 against the probe not resolved
+    (minilm_results((0.01, 0.04), (0.005, 0.03), (-0.01, 0.02)),
+     {"a": "lies above 0", "b": "one side of 0", "c": "contains 0", "d": "equal", "e": None}),
+    # the quick size: every interval is [0, 0]
+    (minilm_results((0.0, 0.0), (0.0, 0.0), (0.0, 0.0)),
+     {"a": "contains 0", "b": None, "c": "contains 0", "d": "equal", "e": "contains 0"}),
+]
+MINILM_VERDICTS = [(results, letter, words) for results, verdicts in MINILM_CASES for letter, words in verdicts.items()]
+
+
+@pytest.mark.parametrize("results, letter, words", MINILM_VERDICTS)
+def test_the_minilm_reading_follows_the_results(results, letter, words, capsys):
+    if words is None:  # a right reading of this run passes, in any of the notebook's spellings
+        for spelling in (letter, f"({letter.upper()}) "):
+            ex.check_minilm_reading(lambda spelling=spelling: spelling, results)
+            assert capsys.readouterr().out.startswith("passed: 08")
+        return
+    with pytest.raises(ex.ExerciseError) as err:
+        ex.check_minilm_reading(lambda: letter, results)
+    message = str(err.value)
+    assert message.startswith("08 · ") and f"({letter}) does not follow" in message and words in message, message
+    # the reason is about the option chosen: it names no other option, so no right one
+    assert not [o for o in ex.MINILM_LETTERS if o != letter and f"({o})" in message], message
+    assert capsys.readouterr().out == ""
+
+
+def test_the_minilm_reading_not_attempted_other_letters_and_missing_results(capsys):
+    results = MINILM_CASES[0][0]
+    ex.check_minilm_reading(stub, results)
+    ex.check_minilm_reading(None, results)
+    assert capsys.readouterr().out.count("not attempted yet") == 2
+    with pytest.raises(ex.ExerciseError, match="one of the letters"):
+        ex.check_minilm_reading(lambda: "f", results)
+    with pytest.raises(ValueError, match="lora-qv-r4 - full"):  # the notebook's error, not the student's
+        ex.check_minilm_reading(lambda: "b", {"differences": {"lora-qv-r1 - full": [0.0, 0.0]}})
