@@ -33,6 +33,7 @@ from .experiments import (
     RunSpec,
     base_model_path,
     finetune_run,
+    load_cached_base,
     load_corpora,
     model_config,
     pretrain_base,
@@ -50,7 +51,7 @@ from .experiments.planted import verdict as planted_verdict
 from .experiments.summary import forgetting_summary, format_forgetting
 from .experiments.summary import markdown_table as runs_table
 from .experiments.task_distance import TASKS, StudyConfig, load_study_data, markdown_table, paper_table, task_config
-from .figures import draw, drawable, render
+from .figures import render
 from .lora import LoRAConfig, count_parameters, prepare_finetuning
 from .model import GPT
 
@@ -269,6 +270,7 @@ def _out_dir(args: argparse.Namespace, reads: Sequence[Path] = ()) -> Path:
     out = Path(args.out or ("runs/quick" if args.quick else "."))
     for sub in ("", "results", "figures"):
         check_writable_dir(out / sub, "--out")
+    check_writable_file(out / "results" / f"{args.command}.json", "--out")
     check_not_input(args, [out / "results" / f"{args.command}.json"], "--out", pngs_in=out / "figures", reads=reads)
     return out
 
@@ -303,6 +305,8 @@ def check_writable_file(path: Path, what: str) -> None:
                          f"allows")
     if path.is_dir():
         raise UsageError(f"{what} {path} is a folder; give a file name")
+    if path.is_file() and (not path.stat().st_mode & 0o222 or not os.access(path, os.W_OK)):  # a protected file,
+        raise UsageError(f"{what} {path} is read-only; make it writable or write elsewhere")  # which a rename replaces
 
 
 def _input_files(args: argparse.Namespace) -> list[Path]:
@@ -363,6 +367,8 @@ def _prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, Corpora]:
     """The validated config and its corpora, the cache checked: everything a training command needs first."""
     cfg = _experiment(args)
     corpora = load_corpora(cfg)
+    if set(cfg.samples_prompt) - set(corpora.tokenizer.chars):  # a user corpus without "def ": a prompt from it
+        cfg = replace(cfg, samples_prompt=corpora.tokenizer.decode(corpora.finetune[0][:4]))
     check_encodable(corpora.tokenizer, cfg.samples_prompt, "sample prompt")
     check_base_cache(cfg, corpora)
     return cfg, corpora
@@ -507,8 +513,12 @@ def cmd_generate(args: argparse.Namespace) -> Callable[[], int]:
     check_encodable(tok, args.prompt, "--prompt")
     if args.top_k > tok.vocab_size:
         raise UsageError(f"--top-k {args.top_k} is larger than the vocabulary ({tok.vocab_size} characters)")
-    if args.adapter:  # a missing or malformed file, or one that cannot fit this base, is refused before training
-        check_adapter(GPT(model_config(cfg, corpora)), args.adapter)
+    if args.adapter:  # a missing or malformed file, or one that cannot fit this base, is refused before training;
+        # with the base in the cache, an adapter trained on another base of the same shape is refused now too
+        cached = base_model_path(cfg, corpora)
+        usable = cached.is_file() and stale_base(cfg, corpora) is None
+        base = load_cached_base(cached, cfg, corpora)[0] if usable else GPT(model_config(cfg, corpora))
+        check_adapter(base, args.adapter, fingerprint=usable)
 
     def work() -> int:
         model, info = pretrain_base(cfg, corpora, progress=not args.no_progress)
@@ -556,15 +566,23 @@ def cmd_figures(args: argparse.Namespace) -> Callable[[], int]:
         raise UsageError(f"--results {path}: no such file")
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
         raise UsageError(f"--results {path} is not a JSON file: {e}") from None
     out = Path(args.out)
     check_writable_dir(out, "--out")
     check_not_input(args, [], "--out", pngs_in=out)
-    drawable(results)  # results that no figure can draw are refused here, before any file is written
+    try:  # drawn now, in memory: results no figure can draw (or a file edited by hand) are refused before any write
+        figures = render(results, out)
+    except ValueError as e:
+        raise UsageError(f"--results {path}: {e}") from None
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
+        raise UsageError(f"--results {path}: a figure cannot be drawn from it ({type(e).__name__}: {e})") from None
+    for figure in figures:
+        check_writable_file(figure, "--out")
 
     def work() -> int:
-        for figure in draw(results, out):
+        for figure, png in figures.items():
+            write_atomic(figure, png)
             print(figure)
         return 0
     return work

@@ -330,6 +330,13 @@ def _setup_files(tmp: Path) -> None:
     (tmp / "private.txt").write_text("mine\n")
     (tmp / "private.txt").chmod(0o600)
     (tmp / "cachedir" / quick_cache_name()).mkdir(parents=True)  # a folder where the cache file belongs
+    (tmp / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp / "hand-edited.json").write_text('{"config": {}, "base": {}, "runs": [], "rslora": {"ranks": [1]}}')
+    (tmp / "readonly.safetensors").write_bytes(b"a file its owner protected")
+    (tmp / "readonly.safetensors").chmod(0o444)
+    (tmp / "out-ro" / "results").mkdir(parents=True)
+    (tmp / "out-ro" / "results" / "sweep.json").write_text("{}")
+    (tmp / "out-ro" / "results" / "sweep.json").chmod(0o444)
 
 
 @functools.cache
@@ -399,6 +406,10 @@ BAD_INPUT = {
     "figures: not JSON": (["figures", "--results", "notjson.json"], {}, "not a JSON file"),
     "figures: not results": (["figures", "--results", "results.json"], {}, "not a results file"),
     "figures: out is a file": (["figures", "--results", "results.json", "--out", "afile"], {}, "afile"),
+    "figures: JSON nested 100000 deep": (["figures", "--results", "deep.json"], {},
+                                         "--results deep.json is not a JSON file"),
+    "figures: a results file edited by hand": (["figures", "--results", "hand-edited.json"], {},
+                                               "hand-edited.json: a figure cannot be drawn from it (KeyError"),
     # files the command reads are never written over
     "save-adapter over the corpus": (["finetune", "--corpus", "notes.txt", "--save-adapter", "notes.txt"], {},
                                      "--save-adapter notes.txt is a file this command reads (notes.txt)"),
@@ -413,6 +424,9 @@ BAD_INPUT = {
     "save-adapter over the base-model cache": (["finetune", "--save-adapter", "cache/{cache}"], {},
                                                "cache/{cache} is a file this command reads"),
     "base-model cache file is a folder": (["finetune"], {"LORA_NP_CACHE": "cachedir"}, "{cache} is a folder"),
+    "save-adapter over a read-only file": (["finetune", "--save-adapter", "readonly.safetensors"], {},
+                                           "--save-adapter readonly.safetensors is read-only"),
+    "results over a read-only file": (["sweep", "--out", "out-ro"], {}, "--out out-ro/results/sweep.json is read-only"),
     # empty paths and environment
     "save-adapter empty": (["finetune", "--save-adapter", ""], {}, "--save-adapter: an empty path"),
     "out empty": (["sweep", "--out", ""], {}, "--out: an empty path"),
@@ -547,3 +561,51 @@ def test_a_stale_cache_next_to_a_bad_argument_is_one_error_line_and_changes_noth
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --save-adapter"), err
     assert_files_untouched(files, tmp_path)
+
+
+# -- with the base model in the cache, an adapter that cannot be loaded into it is refused before any work ---------
+
+
+def _adapter_of_another_base(tmp: Path) -> Path:
+    """An adapter of a base of the same shape and vocabulary, but other weights (never pretrained)."""
+    cfg = experiments.ExperimentConfig.quick()
+    base = GPT(experiments.model_config(cfg, experiments.load_corpora(cfg)))
+    save_adapter(apply_lora(base, LoRAConfig(r=2, targets="q,v")), tmp / "other-base.safetensors")
+    return tmp / "other-base.safetensors"
+
+
+def _the_cached_base_itself(tmp: Path) -> Path:
+    cfg = experiments.ExperimentConfig.quick()
+    return experiments.base_model_path(cfg, experiments.load_corpora(cfg))
+
+
+# (the --adapter file, what the one line says)
+ADAPTERS_OF_ANOTHER_BASE = {
+    "trained on another base of the same shape": (_adapter_of_another_base, "was trained on a different base model"),
+    "the cached base model, not an adapter": (_the_cached_base_itself, "holds a 'model' file, expected a 'adapter'"),
+}
+
+
+@pytest.mark.parametrize("case", ADAPTERS_OF_ANOTHER_BASE)
+def test_an_adapter_that_cannot_load_into_the_cached_base_is_refused_before_work(case, tmp_path, monkeypatch, capsys):
+    make, message = ADAPTERS_OF_ANOTHER_BASE[case]
+    monkeypatch.setenv("LORA_NP_CACHE", str(tmp_path / "cache"))
+    assert main(["pretrain", "--quick", "--no-progress"]) == 0
+    adapter = make(tmp_path)
+    capsys.readouterr()
+    files = snapshot_files(tmp_path)
+    assert main(["generate", "--quick", "--no-progress", "--adapter", str(adapter)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and captured.out == "", captured
+    assert_files_untouched(files, tmp_path)
+
+
+def test_finetune_on_a_corpus_without_the_sample_prompt_samples_from_the_corpus(tmp_path, monkeypatch, capsys):
+    """No 'd', 'e', 'f' or space in it: the sample prompt "def " cannot be encoded, and finetune has no --prompt."""
+    monkeypatch.setenv("LORA_NP_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "abc.txt"
+    corpus.write_text("abcabcab\n" * 300, encoding="utf-8")
+    assert main(["finetune", "--quick", "--no-progress", "--corpus", str(corpus), "--pretrain-corpus", str(corpus),
+                 "--steps", "2"]) == 0
+    assert "sample:\nabca" in capsys.readouterr().out
