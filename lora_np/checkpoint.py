@@ -1,4 +1,4 @@
-"""Files: model checkpoints and LoRA adapters, as safetensors files.
+"""Files: model checkpoints and LoRA adapters, as safetensors files; and the files of a Hugging Face folder.
 
 Every file lora_np writes is one safetensors file (tensors by name, no pickle, nothing executable) whose
 metadata holds one JSON document under the key ``"lora_np"``: what kind of file it is and the config needed to
@@ -8,6 +8,8 @@ renamed over the target, so a crash or an error never leaves a half-written file
 Reads check everything before they change anything: the file is a lora_np file of the right kind, its metadata
 is well formed, every tensor has the expected name and shape, a float dtype the model holds without loss, and
 finite values. A bad file is a ``ValueError`` naming the file and the culprit, and the model stays as it was.
+A Hugging Face folder's ``config.json`` and ``model.safetensors`` (GPT-2's, BERT's) are read through
+``read_hf_config`` and ``read_hf_weights``, with the same care and the same kind of error.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.numpy import load, save
+from safetensors.numpy import load, load_file, save
 
 from . import backend
 from .lora import (
@@ -425,3 +427,50 @@ def _adapter_meta(path: Path, meta: dict[str, Any]) -> tuple[LoRAConfig, str]:
     if "base_config" in meta and not isinstance(meta["base_config"], dict):
         raise ValueError(f"{path}: metadata key 'base_config' is not a dict")
     return config, _meta(path, meta, "base_fingerprint", str)
+
+
+# -- Hugging Face folders (GPT-2, BERT) --------------------------------------------------------------------------
+
+
+def read_hf_config(path: str | os.PathLike, from_hf: Callable[..., Any], **overrides: Any) -> Any:
+    """``from_hf(config, **overrides)`` of the Hugging Face ``config.json`` at ``path`` (``gpt_config_from_hf``,
+    ``BertConfig.from_hf``): the file's size and JSON nesting are checked before it is parsed, and every problem,
+    the config's own included (a null, a string or a zero where a size belongs), is a ValueError naming the file.
+    The sizes themselves are checked against the weights' shapes by the caller, before any model is built."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_META_BYTES:  # a real config.json is a few hundred bytes
+        raise ValueError(f"{path} is {size:,} bytes, more than the {MAX_META_BYTES:,} a config.json may hold")
+    hf = _parse_json(path.read_bytes(), f"{path} is not a JSON file")
+    try:
+        return from_hf(hf, **overrides)
+    except ValueError as e:
+        raise ValueError(f"{path}: {str(e).removeprefix('config.json: ')}") from None
+
+
+def read_hf_weights(path: str | os.PathLike) -> dict[str, Any]:
+    """The tensors (name -> host array) of a Hugging Face ``model.safetensors``. The safetensors library checks the
+    header's length and every tensor's byte range against the file's size before it makes an array; a broken
+    file is a ValueError naming it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, ValueError) as e:
+        raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
+
+
+def check_hf_weights(tensors: dict[str, Any], shapes: Callable[[], dict[str, tuple[int, ...]]], *,
+                     layers: tuple[str, int], layer_prefix: str, model: str, source: str, dtype: Any) -> None:
+    """The tensors of a Hugging Face ``model`` ("GPT-2", "BERT") against its config, before any model is built.
+
+    First the number of blocks: ``layers`` is the config's (key, value), and a block's tensors are named
+    ``layer_prefix`` + its index; so a config that claims a million layers is refused before the names of its
+    layers are even listed. Then ``shapes()`` (name -> shape) against every tensor: names, shapes, ``dtype`` held
+    without loss, finite values (``nn.check_state``). A ValueError naming ``source`` otherwise."""
+    key, n_layer = layers
+    found = {n[len(layer_prefix):].split(".")[0] for n in tensors if n.startswith(layer_prefix)}
+    if n_layer > len(found):
+        raise ValueError(f"{source}: the config says {key} {n_layer}, the file holds {len(found)} layers")
+    try:
+        check_state({name: TensorSpec(shape, dtype) for name, shape in shapes().items()}, tensors)
+    except ValueError as e:
+        raise ValueError(f"{source} (a {model} with {n_layer} layers): {e}") from None

@@ -16,19 +16,16 @@ GPT-2 ties the LM head to ``wte``, which ``GPTConfig(tie_weights=True)`` reprodu
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 import tokenizers
-from safetensors import SafetensorError
-from safetensors.numpy import load_file
 
 from . import backend
+from .checkpoint import check_hf_weights, read_hf_config, read_hf_weights
 from .model import GPT, GPTConfig
-from .nn import TensorSpec, check_state
 
 # In block i: HF "h.{i}." + name -> ours "blocks.{i}." + name. A tuple of three names splits the HF tensor into
 # equal thirds along its last axis: c_attn's columns are [q | k | v]. No transpose anywhere: Conv1D is (d_in, d_out).
@@ -118,14 +115,8 @@ def check_gpt2_weights(cfg: GPTConfig, tensors: dict[str, Any], source: str, dty
         if wte is None or head.shape != wte.shape or not np.array_equal(head, wte):
             raise ValueError(f"{source}: lm_head.weight differs from wte.weight, but the config ties them "
                              f"(tie_word_embeddings)")
-    layers = {n.split(".")[1] for n in tensors if n.startswith("h.")}
-    if cfg.n_layer > len(layers):  # checked first: the expected names of a million layers are not even listed
-        raise ValueError(f"{source}: the config says n_layer {cfg.n_layer}, the file holds {len(layers)} layers")
-    expected = {name: TensorSpec(shape, dtype) for name, shape in _expected_shapes(cfg).items()}
-    try:
-        check_state(expected, tensors)
-    except ValueError as e:
-        raise ValueError(f"{source} (a GPT-2 with {cfg.n_layer} layers): {e}") from None
+    check_hf_weights(tensors, lambda: _expected_shapes(cfg), layers=("n_layer", cfg.n_layer), layer_prefix="h.",
+                     model="GPT-2", source=source, dtype=dtype)
     return tensors
 
 
@@ -173,19 +164,9 @@ def load_gpt2(folder: str | os.PathLike, **overrides: Any) -> GPT:
         if not (folder / name).is_file():
             hint = " (a pytorch_model.bin is a pickle, which lora_np never loads)" if name.endswith("tensors") else ""
             raise FileNotFoundError(f"{folder}: no {name}{hint}")
-    config_file, weights = folder / "config.json", folder / "model.safetensors"
-    try:
-        hf = json.loads(config_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise ValueError(f"{config_file} is not a JSON file: {e}") from None
-    try:
-        cfg = gpt_config_from_hf(hf, **overrides)
-    except ValueError as e:
-        raise ValueError(f"{config_file}: {str(e).removeprefix('config.json: ')}") from None
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, ValueError) as e:
-        raise ValueError(f"{weights} is not a valid safetensors file: {e}") from None
+    weights = folder / "model.safetensors"
+    cfg = read_hf_config(folder / "config.json", gpt_config_from_hf, **overrides)
+    tensors = read_hf_weights(weights)
     # the shapes against the config before the model is built: a config of a million layers is refused here
     check_gpt2_weights(cfg, tensors, str(weights), backend.DEFAULT_DTYPE)
     return load_gpt2_weights(GPT(cfg), tensors, source=str(weights))

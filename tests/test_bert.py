@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 import pytest
+from helpers import assert_files_untouched, snapshot_files
 
 from lora_np import backend as lora_backend
 from lora_np import bert as bert_module
@@ -274,6 +275,70 @@ def test_bad_folders_are_refused_naming_the_file(tmp_path):
     write_folder(src, tmp_path / "d", config=hf_config(src.config, pad_token_id=5))
     with pytest.raises(ValueError, match=r"\[PAD\]=0.*pad_token_id=5"):
         load_bert(tmp_path / "d", max_length=8)
+
+
+def _config(**changes):
+    def make(folder, src):
+        write_folder(src, folder, config=hf_config(src.config, **changes))
+    return make
+
+
+def _replace(name, data):
+    def make(folder, src):
+        write_folder(src, folder)
+        (folder / name).write_bytes(data)
+    return make
+
+
+def _null(key):  # hf_config drops a key given as None: write the null itself
+    def make(folder, src):
+        write_folder(src, folder, config={**hf_config(src.config), key: None})
+    return make
+
+
+# (the folder's defect, the file the message names, what it says): each refused before a model is built
+FOLDER_ERRORS = {
+    "a million layers": (_config(num_hidden_layers=10**6), "model.safetensors",
+                         "the config says num_hidden_layers 1000000, the file holds 2 layers"),
+    "a vocabulary of 10**12": (_config(vocab_size=10**12), "model.safetensors", "embeddings.word_embeddings.weight: "
+                               "shape (14, 8), expected (1000000000000, 8)"),
+    "an MLP wider than its weights": (_config(intermediate_size=4096), "model.safetensors",
+                                      "intermediate.dense.weight: shape (16, 8), expected (4096, 8)"),
+    "null where a number belongs": (_null("hidden_size"), "config.json", "hidden_size must be a positive integer, "
+                                    "got None"),
+    "null for the epsilon": (_null("layer_norm_eps"), "config.json", "layer_norm_eps must be in (0, 1), got None"),
+    "zero heads": (_config(num_attention_heads=0), "config.json", "num_attention_heads must be a positive integer"),
+    "negative layers": (_config(num_hidden_layers=-2), "config.json", "num_hidden_layers must be a positive integer"),
+    "a float where an integer belongs": (_config(vocab_size=14.0), "config.json", "vocab_size must be a positive "
+                                         "integer, got 14.0"),
+    "NaN dropout": (_replace("config.json", json.dumps({**hf_config(BertConfig(**TINY)), "hidden_dropout_prob":
+                                                        float("nan")}).encode()), "config.json",
+                    "hidden_dropout_prob must be in [0, 1), got nan"),
+    "config not JSON": (_replace("config.json", b"{hidden_size: 8"), "config.json", "is not a JSON file"),
+    "config nested 100000 deep": (_replace("config.json", b"[" * 100_000 + b"]" * 100_000), "config.json",
+                                  "nested deeper than 32 levels"),
+    "config of 2 MB": (_replace("config.json", b" " * 2**21 + b"{}"), "config.json", "more than the 1,048,576"),
+    "config a list": (_replace("config.json", b"[1, 2]"), "config.json", "expected the dict of a config.json"),
+    "corrupt weights": (_replace("model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}"),
+                        "model.safetensors", "is not a valid safetensors file"),
+    "weights claiming 2**40 bytes": (_replace("model.safetensors", (2**40).to_bytes(8, "little") + b"{}"),
+                                     "model.safetensors", "is not a valid safetensors file"),
+    "tokenizer broken": (_replace("tokenizer.json", b"{"), "tokenizer.json", "not a readable tokenizer file"),
+}
+
+
+@pytest.mark.parametrize("case", FOLDER_ERRORS)
+def test_a_broken_folder_is_refused_naming_the_file_before_a_model_is_built(tmp_path, case, monkeypatch):
+    make, culprit, message = FOLDER_ERRORS[case]
+    make(tmp_path, tiny_bert())
+    files = snapshot_files(tmp_path)
+    built = []
+    monkeypatch.setattr(bert_module, "Bert", lambda cfg: built.append(cfg))  # a model built before the checks shows
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
+        load_bert(tmp_path, max_length=8)
+    assert str(tmp_path / culprit) in str(refused.value) and "\n" not in str(refused.value)
+    assert not built
+    assert_files_untouched(files, tmp_path)
 
 
 def test_missing_wheel_says_how_to_install_it(monkeypatch):

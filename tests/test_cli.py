@@ -2,18 +2,21 @@
 (each bad argument is one line on stderr, exit code 2, no traceback, nothing trained and no file written)."""
 
 import contextlib
+import functools
 import io
 import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import assert_files_untouched, snapshot_files
 
 from lora_np import experiments
 from lora_np.__main__ import COMMANDS, _experiment, build_parser, main, one_line
-from lora_np.checkpoint import save_adapter
+from lora_np.checkpoint import save_adapter, save_model
 from lora_np.lora import LoRAConfig, apply_lora
 from lora_np.model import GPT, GPTConfig
 
@@ -334,6 +337,21 @@ def _setup_files(tmp: Path) -> None:
     save_adapter(apply_lora(base, LoRAConfig(r=2, targets="q,v")), tmp / "other-vocab.safetensors")
     (tmp / "private.txt").write_text("mine\n")
     (tmp / "private.txt").chmod(0o600)
+    (tmp / "cachedir" / quick_cache_name()).mkdir(parents=True)  # a folder where the cache file belongs
+    (tmp / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp / "hand-edited.json").write_text('{"config": {}, "base": {}, "runs": [], "rslora": {"ranks": [1]}}')
+    (tmp / "readonly.safetensors").write_bytes(b"a file its owner protected")
+    (tmp / "readonly.safetensors").chmod(0o444)
+    (tmp / "out-ro" / "results").mkdir(parents=True)
+    (tmp / "out-ro" / "results" / "sweep.json").write_text("{}")
+    (tmp / "out-ro" / "results" / "sweep.json").chmod(0o444)
+
+
+@functools.cache
+def quick_cache_name() -> str:
+    """The name of the quick run's base-model cache file (the hash of its corpora and configs)."""
+    cfg = experiments.ExperimentConfig.quick()
+    return experiments.base_model_path(cfg, experiments.load_corpora(cfg)).name
 
 
 # (arguments, environment, words the one-line message must hold). Every row runs in a fresh folder with an empty
@@ -396,6 +414,10 @@ BAD_INPUT = {
     "figures: not JSON": (["figures", "--results", "notjson.json"], {}, "not a JSON file"),
     "figures: not results": (["figures", "--results", "results.json"], {}, "not a results file"),
     "figures: out is a file": (["figures", "--results", "results.json", "--out", "afile"], {}, "afile"),
+    "figures: JSON nested 100000 deep": (["figures", "--results", "deep.json"], {},
+                                         "--results deep.json is not a JSON file"),
+    "figures: a results file edited by hand": (["figures", "--results", "hand-edited.json"], {},
+                                               "hand-edited.json: a figure cannot be drawn from it (KeyError"),
     # files the command reads are never written over
     "save-adapter over the corpus": (["finetune", "--corpus", "notes.txt", "--save-adapter", "notes.txt"], {},
                                      "--save-adapter notes.txt is a file this command reads (notes.txt)"),
@@ -407,6 +429,12 @@ BAD_INPUT = {
                                 "--out out/results/sweep.json is a file this command reads"),
     "figures over the results": (["figures", "--results", "figs/params_vs_rank.png", "--out", "figs"], {},
                                  "would draw figures over figs/params_vs_rank.png"),
+    "save-adapter over the base-model cache": (["finetune", "--save-adapter", "cache/{cache}"], {},
+                                               "cache/{cache} is a file this command reads"),
+    "base-model cache file is a folder": (["finetune"], {"LORA_NP_CACHE": "cachedir"}, "{cache} is a folder"),
+    "save-adapter over a read-only file": (["finetune", "--save-adapter", "readonly.safetensors"], {},
+                                           "--save-adapter readonly.safetensors is read-only"),
+    "results over a read-only file": (["sweep", "--out", "out-ro"], {}, "--out out-ro/results/sweep.json is read-only"),
     # empty paths and environment
     "save-adapter empty": (["finetune", "--save-adapter", ""], {}, "--save-adapter: an empty path"),
     "out empty": (["sweep", "--out", ""], {}, "--out: an empty path"),
@@ -440,6 +468,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path):
     args, env_extra, message = BAD_INPUT[case]
     if case == "cupy without a GPU" and "cupy" in sys.modules:
         pytest.skip("CuPy is importable here")
+    args, message = [a.replace("{cache}", quick_cache_name()) for a in args], message.replace("{cache}",
+                                                                                            quick_cache_name())
     _setup_files(tmp_path)
     before = {p.relative_to(tmp_path): (p.read_bytes() if p.is_file() else None, p.stat().st_mode)
               for p in tmp_path.rglob("*")}
@@ -455,3 +485,135 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path):
     after = {p.relative_to(tmp_path): (p.read_bytes() if p.is_file() else None, p.stat().st_mode)
              for p in tmp_path.rglob("*")}
     assert after == before  # no cache, no output file, every file byte for byte and mode for mode
+
+
+# -- outputs over inputs that are not arguments: the base-model cache, the MiniLM wheel (in process, to fake one) ----
+
+
+def _cache_file(tmp: Path, monkeypatch) -> Path:
+    path = tmp / "cache" / quick_cache_name()
+    path.parent.mkdir()
+    path.write_bytes(b"the cached base model")
+    return path
+
+
+def _results_linked_to_the_cache(tmp: Path, monkeypatch) -> None:
+    (tmp / "out" / "results").mkdir(parents=True)
+    (tmp / "out" / "results" / "sweep.json").symlink_to(_cache_file(tmp, monkeypatch))
+
+
+def _wheel_holding_the_results(tmp: Path, monkeypatch) -> None:
+    """A MiniLM wheel whose folder is where --out puts minilm.json (a link would do it too)."""
+    from lora_np import __main__ as cli
+
+    (tmp / "out" / "results").mkdir(parents=True)
+    (tmp / "out" / "results" / "minilm.json").write_text('{"the wheel": "file"}')
+    monkeypatch.setattr(cli, "minilm_dir", lambda: tmp / "out" / "results")
+
+
+# (what is on disk, the arguments, what the one line says)
+OUTPUT_OVER_INPUT = {
+    "save-adapter over the cached base model": (_cache_file, ["finetune", "--save-adapter", "cache/{cache}"],
+                                                "--save-adapter cache/{cache} is a file this command reads"),
+    "sweep results linked to the cached base model": (_results_linked_to_the_cache, ["sweep", "--out", "out"],
+                                                      "--out out/results/sweep.json is a file this command reads"),
+    "minilm results over a file of the wheel": (_wheel_holding_the_results, ["minilm", "--out", "out"],
+                                                "--out out/results/minilm.json is a file this command reads"),
+}
+
+
+@pytest.mark.parametrize("case", OUTPUT_OVER_INPUT)
+def test_an_output_over_a_file_the_command_reads_is_refused(case, tmp_path, monkeypatch, capsys):
+    make, args, message = OUTPUT_OVER_INPUT[case]
+    monkeypatch.setenv("LORA_NP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    make(tmp_path, monkeypatch)
+    files = snapshot_files(tmp_path)
+    assert main([a.replace("{cache}", quick_cache_name()) for a in args] + ["--quick", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message.replace("{cache}", quick_cache_name()) in err[0], err
+    assert_files_untouched(files, tmp_path)
+
+
+# -- a cached base model of another config: retrained and replaced, said in one line before the work ------------
+
+
+def _stale_cache(tmp: Path) -> Path:
+    cfg = experiments.ExperimentConfig.quick()
+    corpora = experiments.load_corpora(cfg)
+    path = experiments.base_model_path(cfg, corpora)
+    save_model(GPT(replace(experiments.model_config(cfg, corpora), n_embd=32)), path,
+               {"tokenizer": corpora.tokenizer.to_dict()})
+    path.chmod(0o600)
+    return path
+
+
+def test_a_stale_cache_is_announced_in_one_line_then_replaced(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LORA_NP_CACHE", str(tmp_path / "cache"))
+    path = _stale_cache(tmp_path)
+    assert main(["pretrain", "--quick", "--no-progress"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"note: the cached base model {path} has another config"), err
+    assert err[0].endswith("it will be retrained and replaced")
+    assert experiments.stale_base(experiments.ExperimentConfig.quick(), experiments.load_corpora(
+        experiments.ExperimentConfig.quick())) is None
+    assert (path.stat().st_mode & 0o777) == 0o600 and [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_a_stale_cache_next_to_a_bad_argument_is_one_error_line_and_changes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LORA_NP_CACHE", str(tmp_path / "cache"))
+    _stale_cache(tmp_path)
+    (tmp_path / "afile").write_text("not a folder\n")
+    files = snapshot_files(tmp_path)
+    assert main(["finetune", "--quick", "--no-progress", "--save-adapter", str(tmp_path / "afile" / "a")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --save-adapter"), err
+    assert_files_untouched(files, tmp_path)
+
+
+# -- with the base model in the cache, an adapter that cannot be loaded into it is refused before any work ---------
+
+
+def _adapter_of_another_base(tmp: Path) -> Path:
+    """An adapter of a base of the same shape and vocabulary, but other weights (never pretrained)."""
+    cfg = experiments.ExperimentConfig.quick()
+    base = GPT(experiments.model_config(cfg, experiments.load_corpora(cfg)))
+    save_adapter(apply_lora(base, LoRAConfig(r=2, targets="q,v")), tmp / "other-base.safetensors")
+    return tmp / "other-base.safetensors"
+
+
+def _the_cached_base_itself(tmp: Path) -> Path:
+    cfg = experiments.ExperimentConfig.quick()
+    return experiments.base_model_path(cfg, experiments.load_corpora(cfg))
+
+
+# (the --adapter file, what the one line says)
+ADAPTERS_OF_ANOTHER_BASE = {
+    "trained on another base of the same shape": (_adapter_of_another_base, "was trained on a different base model"),
+    "the cached base model, not an adapter": (_the_cached_base_itself, "holds a 'model' file, expected a 'adapter'"),
+}
+
+
+@pytest.mark.parametrize("case", ADAPTERS_OF_ANOTHER_BASE)
+def test_an_adapter_that_cannot_load_into_the_cached_base_is_refused_before_work(case, tmp_path, monkeypatch, capsys):
+    make, message = ADAPTERS_OF_ANOTHER_BASE[case]
+    monkeypatch.setenv("LORA_NP_CACHE", str(tmp_path / "cache"))
+    assert main(["pretrain", "--quick", "--no-progress"]) == 0
+    adapter = make(tmp_path)
+    capsys.readouterr()
+    files = snapshot_files(tmp_path)
+    assert main(["generate", "--quick", "--no-progress", "--adapter", str(adapter)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and captured.out == "", captured
+    assert_files_untouched(files, tmp_path)
+
+
+def test_finetune_on_a_corpus_without_the_sample_prompt_samples_from_the_corpus(tmp_path, monkeypatch, capsys):
+    """No 'd', 'e', 'f' or space in it: the sample prompt "def " cannot be encoded, and finetune has no --prompt."""
+    monkeypatch.setenv("LORA_NP_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "abc.txt"
+    corpus.write_text("abcabcab\n" * 300, encoding="utf-8")
+    assert main(["finetune", "--quick", "--no-progress", "--corpus", str(corpus), "--pretrain-corpus", str(corpus),
+                 "--steps", "2"]) == 0
+    assert "sample:\nabca" in capsys.readouterr().out

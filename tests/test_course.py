@@ -51,10 +51,13 @@ def site() -> Path:
     # The quick site, built once for the module, kept under runs/ci-artefacts for a person to open afterwards.
     out = ARTEFACTS / "course-site"
     shutil.rmtree(out, ignore_errors=True)
+    (out / "html").mkdir(parents=True)
+    (out / "html" / "stale.html").write_text("a page of an older build")  # the new site replaces the old one
     t0 = time.perf_counter()
     done = run_build(ROOT / "course", out)
     assert done.returncode == 0, f"the quick build failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
     print(f"quick course build: {time.perf_counter() - t0:.0f} s")
+    assert not (out / "html" / "stale.html").exists() and not list(out.glob(".html-*"))
     return out / "html"
 
 
@@ -261,9 +264,16 @@ def test_the_build_fails_loudly_when_a_notebook_cell_raises(tmp_path):
     (repo / "figures").symlink_to(ROOT / "figures")  # the results page's images: the cell is the only fault
     (repo / "notebooks").mkdir()
     (repo / "notebooks" / "01_broken.ipynb").write_text(json.dumps(FAILING_NOTEBOOK), encoding="utf-8")
+    old_site = tmp_path / "out" / "html"
+    old_site.mkdir(parents=True)
+    (old_site / "index.html").write_text("the site of the last good build")
     done = run_build(repo / "course", tmp_path / "out")
     output = done.stdout + done.stderr
     assert done.returncode == 1, output[-4000:]
+    # the last good site as it was, and no half-built one beside it
+    assert [p.name for p in old_site.iterdir()] == ["index.html"]
+    assert (old_site / "index.html").read_text() == "the site of the last good build"
+    assert not list((tmp_path / "out").glob(".html-*"))
     assert "FAILED" in output and "ZeroDivisionError" in output and "the cell that breaks the course" in output
     assert "01_broken" in output, "the error must name the notebook"
     others = [line for line in output.splitlines() if ": WARNING:" in line and "01_broken" not in line]

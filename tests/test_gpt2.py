@@ -217,6 +217,7 @@ FOLDER_ERRORS = {
     "config not JSON": (_config_text("{n_layer: 2"), "config.json", "is not a JSON file"),
     "config nested 100000 deep": (_config_text("[" * 100_000 + "]" * 100_000), "config.json", "is not a JSON file"),
     "config a list": (_config_text("[1, 2]"), "config.json", "expected the dict of a config.json"),
+    "config of 2 MB": (_config_text(" " * 2**21 + "{}"), "config.json", "more than the 1,048,576"),
     "corrupt weights": (_weights_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}"), "model.safetensors",
                         "is not a valid safetensors file"),
     "weights empty": (_weights_bytes(b""), "model.safetensors", "is not a valid safetensors file"),

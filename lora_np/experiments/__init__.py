@@ -24,6 +24,7 @@ from .runs import (
     base_model_path,
     cache_dir,
     finetune_run,
+    load_cached_base,
     load_corpora,
     model_config,
     pretrain_base,
@@ -32,6 +33,7 @@ from .runs import (
     sample_text,
     search_lr,
     split_loss,
+    stale_base,
     to_json,
 )
 from .sweep import run_sweep, sweep_specs
@@ -39,6 +41,6 @@ from .targets import TARGET_BUDGET, run_targets, targets_specs
 from .task_distance import StudyConfig, load_study_data, run_study
 
 __all__ = ["TARGET_BUDGET", "Corpora", "ExperimentConfig", "RunSpec", "StudyConfig", "base_model_path", "cache_dir",
-           "finetune_run", "load_corpora", "load_study_data", "model_config", "pretrain_base", "run_experiment",
-           "run_method", "run_study", "run_sweep", "run_targets", "sample_text", "search_lr", "split_loss",
-           "sweep_specs", "targets_specs", "to_json"]
+           "finetune_run", "load_cached_base", "load_corpora", "load_study_data", "model_config", "pretrain_base",
+           "run_experiment", "run_method", "run_study", "run_sweep", "run_targets", "sample_text", "search_lr",
+           "split_loss", "stale_base", "sweep_specs", "targets_specs", "to_json"]

@@ -12,7 +12,8 @@ the method's true loss by the luck of the pick, and the test text, which played 
 
 The base model is cached on disk, keyed by a hash of everything that determines it (model and training configs,
 both corpora, the tokenizer), so an experiment pretrains once. Cache folder: ``$LORA_NP_CACHE`` or
-``~/.cache/lora_np``.
+``~/.cache/lora_np``. A cached file that cannot serve its run (another config or tokenizer than its key promises,
+or a broken file) is retrained and replaced, atomically: see ``pretrain_base``.
 """
 
 from __future__ import annotations
@@ -212,29 +213,62 @@ def base_model_path(cfg: ExperimentConfig, corpora: Corpora) -> Path:
     return cache_dir() / f"base-{key[:16]}.safetensors"
 
 
+def load_cached_base(path: Path, cfg: ExperimentConfig, corpora: Corpora) -> tuple[GPT, dict[str, Any]]:
+    """The cached base model at ``path`` -> (model, the file's extra), checked to be the one this run needs: its
+    stored config and tokenizer are the expected ones. A ValueError saying why not otherwise (another config or
+    tokenizer: a stale or foreign file; or a broken one). An unreadable file (permissions) is an OSError."""
+    model, extra = load_model(path)
+    expected = {"config": model_config(cfg, corpora).to_dict(), "tokenizer": corpora.tokenizer.to_dict()}
+    stored = {"config": model.config.to_dict(), "tokenizer": extra.get("tokenizer")}
+    wrong = [k for k in expected if stored[k] != expected[k]]
+    if wrong:
+        raise ValueError(f"the cached base model {path} has another {' and '.join(wrong)} than this run needs "
+                         "(a stale or foreign file)")
+    return model, extra
+
+
+def stale_base(cfg: ExperimentConfig, corpora: Corpora) -> str | None:
+    """Why the cached base model of this run cannot serve it (so ``pretrain_base`` will retrain it and replace the
+    file), or None: no file there yet, or a good one. Lets the command line say so before any work."""
+    path = base_model_path(cfg, corpora)
+    if not path.is_file():
+        return None
+    try:
+        load_cached_base(path, cfg, corpora)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def pretrain_base(cfg: ExperimentConfig, corpora: Corpora, progress: bool = True,
                   force: bool = False) -> tuple[GPT, dict[str, Any]]:
     """The pretrained base GPT: loaded from the cache, or trained on the pretraining corpus and cached.
+
+    A cached file that cannot serve this run is retrained and replaced, not refused: another config or tokenizer
+    than the run's (a stale or foreign file), or a broken file. The decision: a cache holds only what can be made
+    again, and the file's name is the hash of this run's inputs, so a file there that is not this run's model
+    serves no run at all; replacing it (atomically, ``checkpoint.write_atomic``) loses nothing, while refusing it
+    would leave the user to find and delete it by hand. ``info["replaced"]`` then says why, in one line (the
+    command line prints it before any work). A file it may not read (permissions) is an OSError, not replaced.
 
     Returns (model, info): info holds the path, the training history, whether it came from the cache and, if the
     trained model could not be written to the cache, ``cache_error`` (the model is returned all the same: a
     failure after training never loses it)."""
     path = base_model_path(cfg, corpora)
+    replaced = None
     if path.exists() and not force:
-        model, extra = load_model(path)
-        expected = {"config": model_config(cfg, corpora).to_dict(), "tokenizer": corpora.tokenizer.to_dict()}
-        stored = {"config": model.config.to_dict(), "tokenizer": extra.get("tokenizer")}
-        wrong = [k for k in expected if stored[k] != expected[k]]
-        if wrong:
-            raise ValueError(f"the cached base model {path} has another {' and '.join(wrong)} than this run needs "
-                             "(a stale or foreign file): delete it, or retrain it with `python -m lora_np pretrain "
-                             "--force`")
-        return model, {"path": str(path), "cached": True, "history": extra.get("history", {})}
+        try:
+            model, extra = load_cached_base(path, cfg, corpora)
+            return model, {"path": str(path), "cached": True, "history": extra.get("history", {})}
+        except ValueError as e:
+            replaced = str(e)
     model = GPT(model_config(cfg, corpora))
     history = train(model, corpora.pretrain, cfg.pretrain, progress=progress)
     if history.stopped:
         raise RuntimeError(f"pretraining failed: {history.stopped}")
     info = {"path": str(path), "cached": False, "history": history.to_dict()}
+    if replaced:
+        info["replaced"] = replaced
     try:
         save_model(model, path, {"tokenizer": corpora.tokenizer.to_dict(), "history": history.to_dict()})
     except OSError as e:
