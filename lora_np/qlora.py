@@ -56,15 +56,21 @@ class QuantizedWeight(Parameter):
 
     @data.setter
     def data(self, value: Any) -> None:
-        # The values are the code book's times the block scales: a new array is accepted only if it holds exactly
+        why = self.refuses(value)
+        if why:
+            raise RuntimeError(why)
+        self._dtype = backend.np.dtype(value.dtype)
+
+    def refuses(self, value: Any) -> str:
+        # The values are the code book's times the block scales: an array is accepted only if it holds exactly
         # them (a cast to another float dtype, as Module.to does). Anything else would be silently re-rounded.
         dtype = getattr(value, "dtype", None)
-        if not (tuple(getattr(value, "shape", ())) == self.shape and dtype is not None
+        if (tuple(getattr(value, "shape", ())) == self.shape and dtype is not None
                 and backend.np.dtype(dtype).kind == "f"
-                and bool(backend.xp.array_equal(value, self.quantized.dequantize(dtype)))):
-            raise RuntimeError("a 4-bit weight is frozen and holds its code book's values: it cannot take new ones "
-                               "(merge, load_state_dict, an update); dequantize_base(model) first")
-        self._dtype = backend.np.dtype(dtype)
+                and bool(backend.xp.array_equal(backend.to_device(value), self.quantized.dequantize(dtype)))):
+            return ""
+        return ("a 4-bit weight is frozen and holds its code book's values: it cannot take new ones (merge, "
+                "load_state_dict, an update); dequantize_base(model) first")
 
     @property
     def requires_grad(self) -> bool:
