@@ -256,6 +256,8 @@ def shared_input_linear(x: Tensor, layers: Sequence[Module]) -> Tensor:
 
     The attention's q, k and v read the same x; the model keeps them as three modules (Hu et al. adapt them one
     by one) and computes them here together: ``fused.fused_linear`` of their parts."""
+    if not all(isinstance(m, (Linear, LoRALinear)) for m in layers):  # a layer with no fused part (one adapter
+        return engine.concat([m(x) for m in layers], axis=-1)  # per sample: multi_adapter.py) runs its own forward
     return fused_linear(x, [linear_part(m, x.shape) for m in layers])
 
 

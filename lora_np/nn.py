@@ -24,6 +24,11 @@ class Parameter(Tensor):
     def __init__(self, data: Any, requires_grad: bool = True) -> None:
         super().__init__(data, requires_grad=requires_grad)
 
+    def refuses(self, value: Any) -> str:
+        """Why this parameter cannot take the values ``value`` ("" when it can). A plain one takes any array that
+        ``check_state`` passed; a 4-bit weight (``qlora.QuantizedWeight``) only the values it already holds."""
+        return ""
+
 
 class Module:
     """Base class: a tree of sub-modules and Parameters, with train/eval mode and state dicts."""
@@ -108,6 +113,9 @@ class Module:
         integer array, is refused)."""
         params = dict(self.named_parameters())
         check_state(params, state)
+        refused = [f"{name}: {why}" for name, p in params.items() if (why := p.refuses(state[name]))]
+        if refused:
+            raise ValueError("; ".join(refused))
         for name, p in params.items():
             p.data = backend.to_device(state[name], dtype=p.dtype).copy()  # never alias the caller's arrays
             p.grad = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +37,18 @@ def test_bench_step_quick_writes_every_field(tmp_path):
 def test_profile_step_quick_prints_the_top_entries():
     out = run("profile_step.py", "--quick", "--steps", "1", "--top", "5")
     assert "per step under the profiler" in out and "matmul" in out
+
+
+def test_qlora_quick_prints_every_table(tmp_path):
+    env = {**os.environ, "LORA_NP_CACHE": str(tmp_path)}  # the quick base model is pretrained here, not in ~/.cache
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "qlora.py"), "--quick", "--eval-batches", "2"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, check=True, env=env).stdout
+    assert out.count("bytes/number") == 2 and "validation loss" in out
+    for row in ("nf4 ", "nf4 + dq", "uniform4 ", "uniform4 + dq", "float32"):
+        assert row in out
+    assert "0.5625" in out  # 4 bits + a float32 scale per 64 numbers
+
+
+def test_multi_adapter_quick_prints_speed_and_memory():
+    out = run("multi_adapter.py", "--quick", "--repeats", "2")
+    assert "mixed batch" in out and "8 merged models" in out and "8 merged copies" in out

@@ -20,11 +20,19 @@ from lora_np.engine import Tensor, concat, split, stack, where
 from lora_np.fused import LinearPart, fused_linear
 from lora_np.gradcheck import GradcheckError, GradcheckResult, gradcheck
 from lora_np.lora import lora_linear
+from lora_np.multi_adapter import multi_lora_linear
+from lora_np.qlora import QuantizedWeight
+from lora_np.quantize import quantize_nf4
 
 
 def ix(a):
     """An index, mask or target array on the active backend (built when the case runs, not at import)."""
     return backend.to_device(np.asarray(a))
+
+
+def nf4(W):
+    """W frozen in 4 bits (NF4, blocks of 4): every read dequantizes it, and gradcheck never nudges it."""
+    return QuantizedWeight(quantize_nf4(W.data, block=4), W.dtype)
 
 
 def keep_235():
@@ -215,6 +223,26 @@ CASES = BINARY_CASES + [
     ("fused_linear-x-frozen",     lambda x, W1, A1, B1, W2, A2, B2: fused_linear(
         x, [LinearPart(W1, None, A1, B1, 1.5), LinearPart(W2, None, A2, B2, 0.5, keep_235())]),
      [(2, 3, 5), (5, 4), (5, 2), (2, 4), (5, 3), (5, 1), (1, 3)], {"frozen": (0, 1, 4)}),
+    # -- a 4-bit frozen W (qlora.QuantizedWeight) under the same ops: dx through the dequantized W, no dW --
+    ("qlora-linear",              lambda x, W, b: F.linear(x, nf4(W), b),       [(2, 3, 4), (4, 5), (5,)],
+     {"frozen": (1,)}),
+    ("qlora-lora_linear",         lambda x, W, b, A, B: lora_linear(x, nf4(W), b, A, B, 1.5),
+     [(2, 3, 5), (5, 4), (4,), (5, 2), (2, 4)], {"frozen": (1,)}),
+    ("qlora-lora_linear-dropout", lambda x, W, A, B: lora_linear(x, nf4(W), None, A, B, 1.5, keep_235()),
+     [(2, 3, 5), (5, 4), (5, 2), (2, 4)], {"frozen": (1,)}),
+    ("qlora-fused_linear-qkv",    lambda x, W1, W2, W3, A1, B1, A3, B3: fused_linear(
+        x, [LinearPart(nf4(W1), None, A1, B1, 1.5), LinearPart(nf4(W2), None), LinearPart(nf4(W3), None, A3, B3, 0.5)]),
+     [(2, 3, 5), (5, 4), (5, 4), (5, 4), (5, 2), (2, 4), (5, 1), (1, 4)], {"frozen": (1, 2, 3)}),
+    # -- multi_adapter.multi_lora_linear: K = 3 stacked adapters; sample i uses ids[i] (1 twice, 2 never) --
+    ("multi_lora_linear",         lambda x, W, b, A, B: multi_lora_linear(
+        x, W, b, A, B, ix([1.5, 0.5, 2.0]), ix([1, 0, 1])),
+     [(3, 4, 5), (5, 4), (4,), (3, 5, 2), (3, 2, 4)], {"frozen": (1,)}),
+    ("multi_lora_linear-W-trains-2d", lambda x, W, A, B: multi_lora_linear(
+        x, W, None, A, B, ix([1.5, 0.5]), ix([1, 1, 0, 1])),
+     [(4, 5), (5, 3), (2, 5, 3), (2, 3, 3)]),
+    ("multi_lora_linear-4bit-x-frozen", lambda x, W, A, B: multi_lora_linear(
+        x, nf4(W), None, A, B, ix([1.5, 0.5, 2.0]), ix([2, 0])),
+     [(2, 3, 5), (5, 4), (3, 5, 2), (3, 2, 4)], {"frozen": (0, 1)}),
     ("causal_attention-2-heads",  lambda qkv: F.causal_attention(qkv, 2),      [(2, 4, 12)]),
     ("causal_attention-1-head",   lambda qkv: F.causal_attention(qkv, 1),      [(1, 5, 9)]),
 ]  # fmt: skip
