@@ -395,8 +395,14 @@ def prepare_finetuning(model: Module, lora: LoRAConfig | None, train_only: str |
     if only and not layers:
         raise ValueError(f"prepare_finetuning: no Linear layer named {list(only)} in {type(model).__name__}")
     trained = {id(p) for *_, layer in layers for p in layer.parameters()}
-    for p in model.parameters():
-        p.requires_grad = not only or id(p) in trained
+    before = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in before:
+            p.requires_grad = not only or id(p) in trained
+    except Exception:  # a weight that cannot train (a 4-bit one, qlora.py): put every flag back, then say why
+        for p, flag in before:
+            p.requires_grad = flag
+        raise
     return model
 
 

@@ -137,8 +137,13 @@ def test_new_values_and_training_are_refused():
     with pytest.raises(RuntimeError, match="cannot train"):
         w.requires_grad = True
     assert_untouched(before, model)
+    q4 = quantize_base(tiny_gpt(), block=BLOCK)
+    for p in q4.parameters():
+        p.requires_grad = False  # frozen, as a model is after another set-up: the refusal must leave it so
+    flags = [p.requires_grad for p in q4.parameters()]
     with pytest.raises(RuntimeError, match="cannot train"):
-        prepare_finetuning(quantize_base(tiny_gpt(), block=BLOCK), None)  # full fine-tuning of a 4-bit base
+        prepare_finetuning(q4, None)  # full fine-tuning of a 4-bit base
+    assert [p.requires_grad for p in q4.parameters()] == flags  # refused, and no flag left changed
 
 
 ERRORS = [
