@@ -36,3 +36,10 @@ def test_bench_step_quick_writes_every_field(tmp_path):
 def test_profile_step_quick_prints_the_top_entries():
     out = run("profile_step.py", "--quick", "--steps", "1", "--top", "5")
     assert "per step under the profiler" in out and "matmul" in out
+
+
+def test_variants_quick_prints_every_method_against_plain_lora():
+    out = run("variants.py", "--quick")
+    for method in ("lora-r8", "dora-r8", "pissa-r8", "lora-r8-seed1"):
+        assert f"\n{method} " in out
+    assert "a second seed of plain LoRA moved it by" in out and "quick configuration" in out
