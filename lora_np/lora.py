@@ -158,7 +158,8 @@ class LoRALinear(Module):
     zero when A = B = 0, so the update could never move.
 
     ``init="pissa"``: A, B from W's top-r singular triplets and W replaced (in place: it is the base's Parameter) by
-    the residual W − s·A·B (``pissa_factors``). ``dora=True``: a third trained parameter, ``magnitude`` (d_out,),
+    the residual W − s·A·B (``pissa_factors``); LoRA dropout, which acts on the adapter's input, then drops part of
+    W's principal part in training mode (as in peft). ``dora=True``: a third trained parameter, ``magnitude`` (d_out,),
     and the layer runs ``dora_linear``. ``check_layer`` says whether W allows either, before anything changes.
 
     ``LoRALinear(base, LoRAConfig(r=4, alpha=8))`` or, as a convenience, ``LoRALinear(base, r=4, alpha=8)``
@@ -231,7 +232,9 @@ class LoRALinear(Module):
         return keep.astype(self.weight.dtype)  # in W's dtype: a float32 model keeps a float32 mask
 
     def delta_weight(self) -> Any:
-        """ΔW = s·A·B as an array (d_in, d_out)."""
+        """ΔW = s·A·B as an array (d_in, d_out). Under PiSSA this is W's principal part plus what training added to
+        it, not the change from the base (that is s·A·B − s·A₀·B₀ with the initial factors); under DoRA the change
+        of the direction only, before the rescaling by m."""
         return (self.A.data @ self.B.data) * self.scaling
 
     def direction(self) -> Any:
