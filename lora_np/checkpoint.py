@@ -31,6 +31,7 @@ from safetensors.numpy import load, load_file, save
 from . import backend
 from .lora import (
     LoRAConfig,
+    adapter_fingerprint,
     adapter_parameter_ids,
     apply_lora,
     base_fingerprint,
@@ -276,8 +277,13 @@ def save_model(model: GPT, path: str | os.PathLike, extra: dict[str, Any] | None
     """Save the GPT's own parameters and its config (plus JSON-able ``extra``, e.g. the tokenizer).
 
     LoRA factors A and B are not part of a model checkpoint (``save_adapter`` saves them). If LoRA layers
-    are merged, the merged W is saved: that is how a fine-tuned model is exported as a plain GPT.
+    are merged, the merged W is saved: that is how a fine-tuned model is exported as a plain GPT. An unmerged PiSSA
+    model is refused: its W are residuals (W − s·A₀B₀), neither the base nor the fine-tuned model.
     """
+    config = getattr(model, "lora_config", None)
+    if config is not None and config.init == "pissa" and not all(m.merged for m in lora_layers(model).values()):
+        raise RuntimeError("save_model: the W of this PiSSA model are residuals, not a model anyone can use alone: "
+                           "merge() to export the fine-tuned model (the base is the one PiSSA was applied to)")
     skip = adapter_parameter_ids(model)
     tensors = {name: p.data for name, p in model.named_parameters() if id(p) not in skip}
     write_file(path, tensors, {"kind": "model", "config": model.config.to_dict(), "extra": extra or {}})
@@ -323,8 +329,9 @@ def _check_sizes(path: Path, config: GPTConfig, tensors: dict[str, Any]) -> None
 
 
 def save_adapter(model: Module, path: str | os.PathLike) -> None:
-    """Write only the adapter: every A and B (and the modules_to_save parameters), the LoRA config and the
-    fingerprint of the base weights as they are now, as one safetensors file. About 4·r·(d_in + d_out) bytes
+    """Write only the adapter: every A and B (DoRA: and magnitude; and the modules_to_save parameters), the LoRA
+    config and the fingerprint of the base weights as they are now (PiSSA: as they were before apply_lora replaced W
+    by the residuals, see ``lora.adapter_fingerprint``), as one safetensors file. About 4·r·(d_in + d_out) bytes
     per float32 layer."""
     write_atomic(path, encode_adapter(model))
 
@@ -337,11 +344,10 @@ def encode_adapter(model: Module) -> bytes:
     if any(m.merged for m in layers.values()):
         raise RuntimeError("save_adapter: unmerge() first (the saved fingerprint is of the unmerged base)")
     config: LoRAConfig = model.lora_config
-    tensors = {f"{n}.{f}": getattr(m, f).data for n, m in layers.items() for f in ("A", "B")}
+    tensors = {f"{n}.{f}": p.data for n, m in layers.items() for f, p in m.adapter_parameters().items()}
     for mod in config.modules_to_save:
         tensors.update({f"{mod}.{n}": p.data for n, p in vars(model)[mod].named_parameters()})
-    meta = {"kind": "adapter", "lora": config.to_dict(),
-            "base_fingerprint": base_fingerprint(model, config.modules_to_save)}
+    meta = {"kind": "adapter", "lora": config.to_dict(), "base_fingerprint": adapter_fingerprint(model)}
     if hasattr(getattr(model, "config", None), "to_dict"):  # the base's config: checked before any base is built
         meta["base_config"] = model.config.to_dict()
     return encode_file(tensors, meta)
@@ -357,8 +363,8 @@ def load_adapter(model: Module, path: str | os.PathLike) -> Module:
     if not lora_layers(model):
         apply_lora(model, config)
     for n, m in lora_layers(model).items():
-        m.A.data = backend.to_device(tensors[f"{n}.A"], dtype=m.A.dtype)
-        m.B.data = backend.to_device(tensors[f"{n}.B"], dtype=m.B.dtype)
+        for f, p in m.adapter_parameters().items():  # A, B (and DoRA's magnitude)
+            p.data = backend.to_device(tensors[f"{n}.{f}"], dtype=p.dtype)
     for mod in config.modules_to_save:
         for n, p in vars(model)[mod].named_parameters():
             p.data = backend.to_device(tensors[f"{mod}.{n}"], dtype=p.dtype)
@@ -392,8 +398,8 @@ def check_adapter(model: Module, path: str | os.PathLike, fingerprint: bool = Fa
             check_lora(model, config)
         except ValueError as e:
             raise ValueError(f"load_adapter: {path} does not fit this model: {e}") from None
-    if fingerprint:
-        own_print = base_fingerprint(model, config.modules_to_save)
+    if fingerprint:  # a model with the adapter's (PiSSA) LoRA: the base it was applied to
+        own_print = adapter_fingerprint(model) if has_lora else base_fingerprint(model, config.modules_to_save)
         if own_print != stored:
             raise ValueError(f"load_adapter: {path} was trained on a different base model "
                              f"(fingerprint {stored[:12]}…, this model {own_print[:12]}…)")
@@ -403,6 +409,8 @@ def check_adapter(model: Module, path: str | os.PathLike, fingerprint: bool = Fa
         dtype = layer.weight.data.dtype
         expected[f"{name}.A"] = TensorSpec((layer.d_in, config.r), dtype)
         expected[f"{name}.B"] = TensorSpec((config.r, layer.d_out), dtype)
+        if config.dora:
+            expected[f"{name}.magnitude"] = TensorSpec((layer.d_out,), dtype)
     for mod in config.modules_to_save:
         expected.update({f"{mod}.{n}": p for n, p in vars(model)[mod].named_parameters()})
     try:

@@ -18,10 +18,22 @@ B is the paper's B (the "up" projection, initialised to zero, §4.1). In peft an
 A setup is one ``LoRAConfig``, peft's ``LoraConfig`` field for field: ``r`` = ``r``, ``alpha`` = ``lora_alpha``,
 ``targets`` = ``target_modules`` (our ``q, k, v, o, up, down`` are the ``q_proj, k_proj, v_proj, o_proj,
 up_proj/fc1, down_proj/fc2`` of real models), ``dropout`` = ``lora_dropout``, ``rslora`` = ``use_rslora``,
-``modules_to_save`` = ``modules_to_save``; ``zero`` and ``seed`` have no peft field (peft always zeroes B).
+``modules_to_save`` = ``modules_to_save``, ``dora`` = ``use_dora``, ``init="pissa"`` = ``init_lora_weights="pissa"``;
+``zero`` and ``seed`` have no peft field (peft always zeroes B).
+
+Two variants change what A and B mean, each one field of the config:
+
+* DoRA (Liu et al. 2024, ``dora=True``): W' = m ⊙ (W + s·A·B) / ‖W + s·A·B‖_col. With y = x @ W the columns of W
+  are the output units, so the norm is taken over d_in, one per output column, and m (d_out,) is a trained
+  magnitude per column, initialised to W's column norms so the model starts at the base. LoRA adapts the direction
+  only. ``dora_linear`` is its op; its backward is the exact gradient, through the norm too (see there).
+* PiSSA (Meng et al. 2024, ``init="pissa"``): A and B start as W's top-r singular triplets, A = U_r √(S_r/s) and
+  B = √(S_r/s) V_rᵀ, so s·A·B = U_r S_r V_rᵀ is W's best rank-r part, and the frozen W is replaced by the residual
+  W − s·A·B: the model starts where it was, and training moves the principal part instead of a zero update.
 
 Merging is explicit: ``merge()`` folds s·A·B into W so inference costs exactly what the base model costs, and
-``unmerge()`` takes it out again. ``eval()`` never merges. Which parameters train is decided by structure: a
+``unmerge()`` takes it out again (DoRA: W ← m ⊙ (W + s·A·B)/‖·‖_col, and unmerge puts the W it kept back, bit for
+bit). ``eval()`` never merges. Which parameters train is decided by structure: a
 ``LoRALinear`` knows its A and B, and ``apply_lora`` freezes everything else (no name matching).
 """
 
@@ -57,6 +69,11 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+INITS = ("random", "pissa")  # LoRAConfig.init: peft's init_lora_weights=True and ="pissa"
+# fields added after adapter files were first written, with the value such a file means (plain LoRA)
+ADDED_FIELDS = {"dora": False, "init": "random"}
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
     """The one description of a LoRA setup (peft's ``LoraConfig``: ``r``, ``lora_alpha``, ``target_modules``,
@@ -74,6 +91,8 @@ class LoRAConfig:
     zero: str = "B"  # which factor starts at zero so that ΔW = 0 at init: "B" (the paper, §4.1) or "A"
     seed: int = 0  # initialisation of the random factor (layer i uses seed + 7919·i) and of dropout masks
     modules_to_save: tuple[str, ...] = ()  # top-level modules trained fully (peft's modules_to_save)
+    dora: bool = False  # DoRA (Liu et al. 2024): a trained magnitude per output column, LoRA adapts the direction
+    init: str = "random"  # "random": one factor random, the other zero (`zero`); "pissa": W's top-r singular triplets
 
     def __post_init__(self) -> None:
         if not _is_int(self.r) or self.r < 1:
@@ -90,6 +109,13 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.zero must be 'B' (paper) or 'A', got {self.zero!r}{hint}")
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"LoRAConfig.seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.dora, bool):
+            raise ValueError(f"LoRAConfig.dora must be True or False, got {self.dora!r}")
+        if self.init not in INITS:
+            raise ValueError(f"LoRAConfig.init must be one of {list(INITS)}, got {self.init!r}")
+        if self.init == "pissa" and self.zero != "B":  # two configs that mean the same must be equal
+            raise ValueError(f"LoRAConfig.zero has no meaning with init='pissa' (neither factor starts at zero): "
+                             f"leave it at 'B', got {self.zero!r}")
         object.__setattr__(self, "r", int(self.r))
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "alpha", float(self.alpha))
@@ -116,6 +142,7 @@ class LoRAConfig:
         if not isinstance(d, dict):
             raise ValueError(f"a LoRA config must be a JSON object, got {type(d).__name__}")
         names = [f.name for f in fields(cls)]
+        d = {**ADDED_FIELDS, **d}  # a file written before these fields existed holds plain LoRA
         unknown, missing = sorted(set(d) - set(names)), sorted(set(names) - set(d))
         if unknown or missing:
             raise ValueError(f"LoRA config: unknown keys {unknown or 'none'}, missing keys {missing or 'none'}")
@@ -130,6 +157,11 @@ class LoRALinear(Module):
     begins exactly at the pretrained one. Zeroing both is refused: dL/dA = s·xᵀ g Bᵀ and dL/dB = s·(xA)ᵀ g are both
     zero when A = B = 0, so the update could never move.
 
+    ``init="pissa"``: A, B from W's top-r singular triplets and W replaced (in place: it is the base's Parameter) by
+    the residual W − s·A·B (``pissa_factors``); LoRA dropout, which acts on the adapter's input, then drops part of
+    W's principal part in training mode (as in peft). ``dora=True``: a third trained parameter, ``magnitude`` (d_out,),
+    and the layer runs ``dora_linear``. ``check_layer`` says whether W allows either, before anything changes.
+
     ``LoRALinear(base, LoRAConfig(r=4, alpha=8))`` or, as a convenience, ``LoRALinear(base, r=4, alpha=8)``
     (the keywords build the config). ``seed`` overrides ``config.seed`` for this layer (``apply_lora`` gives every
     layer its own). ``config.targets`` and ``modules_to_save`` concern whole models and are not used here.
@@ -143,6 +175,7 @@ class LoRALinear(Module):
         if config.r > min(base.d_in, base.d_out):
             raise ValueError(f"LoRA rank r must be at most min(d_in, d_out) = {min(base.d_in, base.d_out)}, "
                              f"got {config.r}")
+        check_layer(base, config)
         seed = config.seed if seed is None else replace(config, seed=seed).seed  # LoRAConfig checks the seed
         r = config.r
         self.d_in, self.d_out, self.config = base.d_in, base.d_out, config
@@ -151,7 +184,11 @@ class LoRALinear(Module):
         if self.bias is not None:
             self.bias.requires_grad = False
         gen, dtype = backend.rng(seed), base.weight.dtype
-        if config.zero == "B":  # B = 0 so ΔW = AB = 0 at init (Hu et al. §4.1)
+        if config.init == "pissa":  # W's principal part trains, the rest stays frozen (Meng et al. 2024)
+            A, B, residual = pissa_factors(self.weight.data, r, config.scaling)
+            self.A, self.B = Parameter(A), Parameter(B)
+            self.weight.data[...] = residual  # W ← W − s·A·B: W + s·A·B is the base's W again (to rounding)
+        elif config.zero == "B":  # B = 0 so ΔW = AB = 0 at init (Hu et al. §4.1)
             a_bound = 1.0 / math.sqrt(self.d_in)
             self.A = Parameter(backend.uniform(gen, (self.d_in, r), -a_bound, a_bound, dtype))
             self.B = Parameter(backend.xp.zeros((r, self.d_out), dtype=dtype))
@@ -159,8 +196,11 @@ class LoRALinear(Module):
             b_bound = 1.0 / math.sqrt(r)
             self.A = Parameter(backend.xp.zeros((self.d_in, r), dtype=dtype))
             self.B = Parameter(backend.uniform(gen, (r, self.d_out), -b_bound, b_bound, dtype))
+        if config.dora:  # m = ‖W + s·A·B‖_col, computed as dora_linear computes it: m / ‖·‖ is exactly 1 at init
+            self.magnitude = Parameter(column_norm(self.direction()))  # (d_out,)
         self.gen = backend.rng(seed + 1)
         self.merged = False
+        self._unmerged_weight: Any = None  # DoRA: W as it was before merge(), which unmerge() puts back
 
     # read from the config, the one place they are stored
     r = property(lambda self: self.config.r)
@@ -169,10 +209,18 @@ class LoRALinear(Module):
     zero = property(lambda self: self.config.zero)
     scaling = property(lambda self: self.config.scaling)  # s = α / r (α / √r with rslora)
     dropout_p = property(lambda self: self.config.dropout)
+    dora = property(lambda self: self.config.dora)
+
+    def adapter_parameters(self) -> dict[str, Parameter]:
+        """What the adapter trains and an adapter file holds: A and B, and DoRA's magnitude."""
+        return {"A": self.A, "B": self.B, **({"magnitude": self.magnitude} if self.dora else {})}
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged:  # W already holds W0 + s·A·B: the low-rank path would count twice
+        if self.merged:  # W already holds W0 + s·A·B (DoRA: m ⊙ (W0 + s·A·B)/‖·‖): the adapter would count twice
             return F.linear(x, self.weight, self.bias)
+        if self.dora:  # its own op: the column norm does not fold into fused_linear's one product
+            return dora_linear(x, self.weight, self.bias, self.A, self.B, self.magnitude, self.scaling,
+                               self.dropout_keep(x.shape))
         return fused_linear(x, [linear_part(self, x.shape)])  # lora_linear's y, by the fast op (fused.py)
 
     def dropout_keep(self, shape: tuple[int, ...]) -> Any:
@@ -184,31 +232,116 @@ class LoRALinear(Module):
         return keep.astype(self.weight.dtype)  # in W's dtype: a float32 model keeps a float32 mask
 
     def delta_weight(self) -> Any:
-        """ΔW = s·A·B as an array (d_in, d_out)."""
+        """ΔW = s·A·B as an array (d_in, d_out). Under PiSSA this is W's principal part plus what training added to
+        it, not the change from the base (that is s·A·B − s·A₀·B₀ with the initial factors); under DoRA the change
+        of the direction only, before the rescaling by m."""
         return (self.A.data @ self.B.data) * self.scaling
 
+    def direction(self) -> Any:
+        """V = W + s·A·B (d_in, d_out), computed as ``dora_linear`` does (DoRA normalises its columns)."""
+        return self.weight.data + self.scaling * engine.matmul(self.A.data, self.B.data)
+
+    def merged_weight(self) -> Any:
+        """The weight the layer computes with: W + s·A·B, or for DoRA m ⊙ V / ‖V‖_col with V = W + s·A·B."""
+        if not self.dora:
+            return self.weight.data + self.delta_weight().astype(self.weight.dtype)
+        V = self.direction()
+        return V * (self.magnitude.data / column_norm(V))  # (d_in, d_out) * (d_out,): column j scaled by m_j/‖V_j‖
+
     def merge(self) -> None:
-        """W ← W + s·A·B. Inference then costs one matmul, as the base model. Merging twice is an error.
-        While merged, forward does not use A and B, so they get no gradient: unmerge() before training again."""
+        """W ← W + s·A·B (DoRA: W ← m ⊙ (W + s·A·B)/‖·‖_col). Inference then costs one matmul, as the base model.
+        Merging twice is an error. While merged, forward does not use A and B, so they get no gradient: unmerge()
+        before training again."""
         if self.merged:
             raise RuntimeError("LoRALinear.merge(): already merged (unmerge() first)")
-        self.weight.data += self.delta_weight().astype(self.weight.dtype)
+        if self.dora:
+            # W' = m ⊙ V/‖V‖ gives W back only through a division by m, which rounds (and fails where m_j = 0): keep
+            # W itself (one more W while merged), so unmerge() restores it bit for bit and the base's fingerprint
+            # (checkpoint.save_adapter) still matches. peft keeps ‖V‖ and divides instead.
+            self._unmerged_weight = self.weight.data.copy()
+            self.weight.data[...] = self.merged_weight()
+        else:
+            self.weight.data += self.delta_weight().astype(self.weight.dtype)
         self.merged = True
 
     def unmerge(self) -> None:
-        """W ← W - s·A·B, back to the pretrained W (up to float rounding). Unmerging an unmerged layer is an error."""
+        """W ← W - s·A·B, back to the pretrained W (up to float rounding; DoRA: exactly the W before merge()).
+        Unmerging an unmerged layer is an error."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge(): not merged")
-        self.weight.data -= self.delta_weight().astype(self.weight.dtype)
+        if self.dora:
+            self.weight.data[...] = self._unmerged_weight
+            self._unmerged_weight = None
+        else:
+            self.weight.data -= self.delta_weight().astype(self.weight.dtype)
         self.merged = False
 
     def expected_lora_parameters(self) -> int:
-        """r·(d_in + d_out): A has d_in·r numbers, B has r·d_out (2·d·r for a square W)."""
-        return self.r * (self.d_in + self.d_out)
+        """r·(d_in + d_out): A has d_in·r numbers, B has r·d_out (2·d·r for a square W); DoRA adds d_out (m)."""
+        return self.r * (self.d_in + self.d_out) + (self.d_out if self.dora else 0)
 
     def __repr__(self) -> str:
+        variant = (", dora=True" if self.dora else "") + (f", init={self.config.init!r}"
+                                                          if self.config.init != "random" else "")
         return (f"LoRALinear(d_in={self.d_in}, d_out={self.d_out}, r={self.r}, alpha={self.alpha}, "
-                f"scaling={self.scaling:g}, merged={self.merged})")
+                f"scaling={self.scaling:g}{variant}, merged={self.merged})")
+
+
+def column_norm(V: Any) -> Any:
+    """‖V‖ per output column: sqrt(Σ_i V_ij²) over d_in. (d_in, d_out) -> (d_out,). DoRA's norm; with y = x @ W a
+    column of W holds the weights of one output unit (the paper's ‖·‖_c over the rows of its (d_out, d_in) W)."""
+    return backend.xp.sqrt((V * V).sum(axis=0))
+
+
+def pissa_factors(W: Any, r: int, s: float) -> tuple[Any, Any, Any]:
+    """PiSSA's start (Meng et al. 2024): A, B from W's top-r singular triplets, and the residual -> (A, B, W − s·A·B).
+
+    W = U diag(S) Vᵀ (float64, on the host); A = U_r √(S_r/s) (d_in, r), B = √(S_r/s) V_rᵀ (r, d_out), so that
+    s·A·B = U_r S_r V_rᵀ, W's best rank-r approximation, whatever α and r make s (peft divides S_r by s the same
+    way). The residual is computed from A and B as stored (rounded to W's dtype), so W_res + s·A·B gives W back to
+    the rounding of the last step. The signs of singular vectors are arbitrary (LAPACK's choice); the residual is
+    not: u_i σ_i v_iᵀ is the same with both flipped."""
+    np, dtype = backend.np, W.dtype
+    W64 = backend.to_numpy(W).astype(np.float64)
+    U, S, Vt = np.linalg.svd(W64, full_matrices=False)  # U (d_in, k), S (k,) descending, Vt (k, d_out)
+    root = np.sqrt(S[:r] / s)  # (r,): √(S_r / s)
+    A = (U[:, :r] * root).astype(dtype)  # (d_in, r) * (r,) -> (d_in, r)
+    B = (root[:, None] * Vt[:r]).astype(dtype)  # (r, 1) * (r, d_out) -> (r, d_out)
+    residual = W64 - s * (A.astype(np.float64) @ B.astype(np.float64))  # (d_in, d_out)
+    return backend.to_device(A), backend.to_device(B), backend.to_device(residual.astype(dtype))
+
+
+def numerical_rank(W: Any) -> int:
+    """The number of singular values of W above numpy's matrix_rank tolerance, σ_max · max(d_in, d_out) · ε of W's
+    dtype: below it a singular value is rounding, not a direction of W."""
+    np = backend.np
+    S = np.linalg.svd(backend.to_numpy(W).astype(np.float64), compute_uv=False)
+    tol = (S.max() if S.size else 0.0) * max(W.shape) * np.finfo(W.dtype).eps
+    return int((S > tol).sum())
+
+
+def check_layer(layer: Linear, config: LoRAConfig, name: str = "the layer") -> None:
+    """What DoRA and PiSSA need of a layer's W, checked before anything changes (``apply_lora`` checks every target
+    first, ``LoRALinear`` its own): a ValueError naming the layer otherwise.
+
+    * DoRA divides each output column of W + s·A·B by its norm: a column of norm 0 (all zero) has no direction to
+      normalise (0/0), so every column of W must have a norm > 0.
+    * PiSSA takes W's top-r singular triplets: past rank(W) they are zero vectors, so that column of A and row of B
+      would both start at 0 and, like LoRA with A = B = 0, never receive a gradient. r must be at most rank(W)."""
+    W = layer.weight.data
+    if config.dora:
+        norms = backend.to_numpy(column_norm(W))
+        bad = backend.np.flatnonzero(~(norms > 0))  # NaN counts as bad too
+        if bad.size or W.shape[0] == 0:
+            raise ValueError(f"DoRA divides each output column of W by its norm, but {name}'s W {tuple(W.shape)} has "
+                             f"{bad.size} column(s) of norm 0 (columns {bad[:8].tolist()}): no direction to "
+                             "normalise")
+    if config.init == "pissa":
+        rank = numerical_rank(W)
+        if config.r > rank:
+            raise ValueError(f"PiSSA needs r <= rank(W): {name}'s W {tuple(W.shape)} has rank {rank}, r = "
+                             f"{config.r}; its singular directions past the rank are zero, and A's and B's parts "
+                             "for them would start at 0 and never train")
 
 
 def lora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, s: float, keep: Any = None) -> Tensor:
@@ -243,11 +376,60 @@ def lora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, s:
     return Tensor.from_op(y, parents, "lora_linear", backward)
 
 
+def dora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, m: Tensor, s: float,
+                keep: Any = None) -> Tensor:
+    """y = (x @ V) ⊙ m / ‖V‖_col + b with V = W + s·A·B: one DoRA layer (Liu et al. 2024) as one op, its backward
+    a few lines below. With dropout the adapter reads x ⊙ keep, as in lora_linear (and peft): x @ V becomes
+    x @ W + s·((x ⊙ keep) @ A) @ B, and the rescaling applies to both.
+
+    Shapes: x (..., d_in), W (d_in, d_out), b (d_out,) or None, A (d_in, r), B (r, d_out), m (d_out,) -> y (..., d_out).
+
+    The gradient is exact: ‖V‖ depends on A and B, and backward follows that dependence. DoRA §4.3 (and peft, always)
+    treats the norm as a constant instead, to save the memory of its graph in PyTorch; that drops the ``dV`` term
+    below and trains on a slightly different gradient. Here the norm costs no graph (V is kept either way, for dx),
+    and a gradient that gradcheck can verify is the one to read first. The graph keeps x, h, z and V.
+    """
+    mm = engine.matmul
+    rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731  (..., k) -> (N, k), a view
+    V = W.data + s * mm(A.data, B.data)  # (d_in, r) @ (r, d_out) -> (d_in, d_out): the adapted direction
+    n = column_norm(V)  # (d_out,): ‖V‖ over d_in, one per output column
+    c = m.data / n  # (d_out,): each output column is rescaled to length m
+    xk = x.data if keep is None else x.data * keep  # (..., d_in): what the adapter reads
+    h = mm(xk, A.data)  # (..., d_in) @ (d_in, r) -> (..., r)
+    z = mm(x.data, W.data) + s * mm(h, B.data)  # (..., d_out): x @ V (the adapter's part on x ⊙ keep)
+    y = z * c  # (..., d_out) * (d_out,)
+    if b is not None:
+        y += b.data  # the bias is not rescaled (as peft)
+    parents = (x, W, A, B, m) if b is None else (x, W, A, B, m, b)
+
+    def backward(g):  # g = dL/dy (..., d_out)
+        dc = rows(g * z).sum(axis=0)  # dL/dc = Σ_rows g ⊙ z (d_out,)
+        dn = -dc * c / n  # c = m / n: dc/dn = -m/n² = -c/n (d_out,)
+        dV = V * (dn / n)  # through the norm: ∂n_j/∂V_ij = V_ij / n_j -> (d_in, d_out)
+        gz = g * c  # dL/dz = g ⊙ c (..., d_out)
+        dh = s * mm(gz, B.data.T)  # (..., d_out) @ (d_out, r) -> (..., r)
+        dx = None
+        if x.requires_grad:  # through W, and through A where dropout kept it (V's norm does not depend on x)
+            through_A = mm(dh, A.data.T)  # (..., r) @ (r, d_in) -> (..., d_in)
+            dx = mm(gz, W.data.T) + (through_A if keep is None else through_A * keep)
+        dW = mm(rows(x.data).T, rows(gz)) + dV if W.requires_grad else None  # xᵀ gz (d_in, d_out), + the norm's
+        dA = mm(rows(xk).T, rows(dh)) + s * mm(dV, B.data.T) if A.requires_grad else None  # (d_in, r) each
+        dB = s * (mm(rows(h).T, rows(gz)) + mm(A.data.T, dV)) if B.requires_grad else None  # (r, d_out) each
+        dm = dc / n if m.requires_grad else None  # dc/dm = 1/n (d_out,)
+        db = rows(g).sum(axis=0) if b is not None and b.requires_grad else None
+        return (dx, dW, dA, dB, dm, db)[: len(parents)]
+
+    return Tensor.from_op(y, parents, "dora_linear", backward)
+
+
 def linear_part(layer: Module, x_shape: tuple[int, ...]) -> LinearPart:
     """A Linear or LoRALinear as a ``fused.LinearPart`` (a merged LoRALinear is a plain Linear: W holds W0 + s·A·B).
-    keep: LoRA's dropout mask on the input of the low-rank path (already divided by 1 - p), drawn here."""
+    keep: LoRA's dropout mask on the input of the low-rank path (already divided by 1 - p), drawn here. An unmerged
+    DoRA layer is not a LinearPart (its columns are rescaled by m/‖V‖): it runs ``dora_linear``."""
     if not isinstance(layer, LoRALinear) or layer.merged:
         return LinearPart(layer.weight, layer.bias)
+    if layer.dora:
+        raise ValueError("linear_part: an unmerged DoRA layer is not a fused.LinearPart; it runs dora_linear")
     return LinearPart(layer.weight, layer.bias, layer.A, layer.B, layer.scaling, layer.dropout_keep(x_shape))
 
 
@@ -255,9 +437,12 @@ def shared_input_linear(x: Tensor, layers: Sequence[Module]) -> Tensor:
     """[layer(x) for layer in layers] (Linear or LoRALinear) concatenated on the last axis, as one op.
 
     The attention's q, k and v read the same x; the model keeps them as three modules (Hu et al. adapt them one
-    by one) and computes them here together: ``fused.fused_linear`` of their parts."""
-    if not all(isinstance(m, (Linear, LoRALinear)) for m in layers):  # a layer with no fused part (one adapter
-        return engine.concat([m(x) for m in layers], axis=-1)  # per sample: multi_adapter.py) runs its own forward
+    by one) and computes them here together: ``fused.fused_linear`` of their parts. A layer with no fused part
+    (an unmerged DoRA layer: DoRA's own op; one adapter per sample: multi_adapter.py) makes each layer run its own
+    forward, and the outputs are joined: those are not on the fast path."""
+    if any(not isinstance(m, (Linear, LoRALinear)) or (isinstance(m, LoRALinear) and m.dora and not m.merged)
+           for m in layers):
+        return engine.concat([m(x) for m in layers], axis=-1)  # [(..., d_1), ...] -> (..., Σ d_i)
     return fused_linear(x, [linear_part(m, x.shape) for m in layers])
 
 
@@ -316,8 +501,9 @@ def lora_layers(model: Module) -> dict[str, LoRALinear]:
 
 
 def adapter_parameter_ids(model: Module) -> set[int]:
-    """ids of every LoRA factor (A and B) in ``model``: what a base-model checkpoint leaves out."""
-    return {id(p) for m in lora_layers(model).values() for p in (m.A, m.B)}
+    """ids of every adapter parameter (A and B, DoRA's magnitude) in ``model``: what a base-model checkpoint leaves
+    out."""
+    return {id(p) for m in lora_layers(model).values() for p in m.adapter_parameters().values()}
 
 
 def base_fingerprint(model: Module, skip_modules: Iterable[str] = ()) -> str:
@@ -336,7 +522,8 @@ def base_fingerprint(model: Module, skip_modules: Iterable[str] = ()) -> str:
 
 def check_lora(model: Module, config: LoRAConfig) -> list[tuple[str, Module, str, Module]]:
     """Every check ``apply_lora(model, config)`` needs, changing nothing: the model has no LoRA yet, has the
-    target layers and the modules_to_save, and r fits every target. Returns the target layers."""
+    target layers and the modules_to_save, r fits every target, and every target's W allows DoRA and PiSSA
+    (``check_layer``). Returns the target layers."""
     if lora_layers(model):
         raise RuntimeError("apply_lora: the model already has LoRA layers (build a fresh model to change the setup)")
     missing = [m for m in config.modules_to_save if not isinstance(vars(model).get(m), Module)]
@@ -349,6 +536,8 @@ def check_lora(model: Module, config: LoRAConfig) -> list[tuple[str, Module, str
     if config.r > max_r:
         raise ValueError(f"LoRA rank r must be at most {max_r} (min(d_in, d_out) of the targets "
                          f"{list(config.targets)}), got {config.r}")
+    for name, *_, layer in layers:  # DoRA's column norms, PiSSA's rank
+        check_layer(layer, config, name)
     return layers
 
 
@@ -361,9 +550,13 @@ def apply_lora(model: Module, config: LoRAConfig | None = None, **kwargs: Any) -
     ``config.modules_to_save``, e.g. ``("wte", "lm_head")``, for a fine-tuning corpus with characters the base
     model never saw) and ``model.lora_config`` is the config. The model is changed in place and returned; every
     check happens before the first change, so an error leaves the model exactly as it was.
+
+    With ``init="pissa"`` the W of every target is replaced by its residual, so the frozen weights in the model are
+    no longer the base's: the base's fingerprint is taken first and kept (``adapter_fingerprint``).
     """
     config = _config(config, kwargs, "apply_lora")
     layers = check_lora(model, config)
+    base_print = base_fingerprint(model, config.modules_to_save) if config.init == "pissa" else None
     for p in model.parameters():
         p.requires_grad = False
     for i, (_, parent, attr, layer) in enumerate(layers):
@@ -372,7 +565,29 @@ def apply_lora(model: Module, config: LoRAConfig | None = None, **kwargs: Any) -
         for p in vars(model)[m].parameters():
             p.requires_grad = True
     model.lora_config = config
+    if base_print is not None:  # (the base as it was, the residual model as it is now)
+        model.pissa_fingerprints = (base_print, base_fingerprint(model, config.modules_to_save))
     return model
+
+
+def adapter_fingerprint(model: Module) -> str:
+    """The fingerprint of the base an adapter of ``model`` belongs to, which ``checkpoint.save_adapter`` records and
+    ``load_adapter`` compares: ``base_fingerprint`` of the frozen weights as they are now; for PiSSA that of the
+    base before ``apply_lora`` replaced its W by the residuals, since the residuals are not a model anyone has. A
+    PiSSA adapter is then loaded as it was made: onto that base, by apply_lora (the SVD again), then its A and B.
+
+    (peft instead converts a PiSSA adapter to a plain LoRA one of rank 2r on the original W, [A | A₀] and
+    [B; -B₀], keeping the initial factors for it. Ours stays rank r and names its base; the price is an SVD
+    on loading, which on another machine may round the residual differently in the last bits.)"""
+    config: LoRAConfig = model.lora_config
+    now = base_fingerprint(model, config.modules_to_save)
+    if config.init != "pissa":
+        return now
+    base_print, residual_print = model.pissa_fingerprints
+    if now != residual_print:
+        raise RuntimeError("a frozen weight changed after PiSSA was applied: the base this adapter belongs to is "
+                           "no longer known (its W were replaced by residuals); apply PiSSA to the changed base")
+    return base_print
 
 
 def prepare_finetuning(model: Module, lora: LoRAConfig | None, train_only: str | Iterable[str] = ()) -> Module:
@@ -482,9 +697,10 @@ def count_parameters(model: Module) -> ParameterCount:
             continue
         t = sum(p.size for p in own if p.requires_grad)
         f = sum(p.size for p in own if not p.requires_grad)
-        if isinstance(module, LoRALinear) and module.A.size + module.B.size != module.expected_lora_parameters():
-            raise AssertionError(f"{name}: A and B hold {module.A.size + module.B.size} numbers, "
-                                 f"expected r·(d_in + d_out) = {module.expected_lora_parameters()}")
+        held = sum(p.size for p in module.adapter_parameters().values()) if isinstance(module, LoRALinear) else 0
+        if isinstance(module, LoRALinear) and held != module.expected_lora_parameters():
+            raise AssertionError(f"{name}: the adapter holds {held} numbers, expected r·(d_in + d_out)"
+                                 f"{' + d_out' if module.dora else ''} = {module.expected_lora_parameters()}")
         rows.append((name or type(model).__name__, t, f))
         trainable, frozen = trainable + t, frozen + f
     return ParameterCount(rows, trainable, frozen)

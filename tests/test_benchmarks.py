@@ -52,3 +52,10 @@ def test_qlora_quick_prints_every_table(tmp_path):
 def test_multi_adapter_quick_prints_speed_and_memory():
     out = run("multi_adapter.py", "--quick", "--repeats", "2")
     assert "mixed batch" in out and "8 merged models" in out and "8 merged copies" in out
+
+
+def test_variants_quick_prints_every_method_against_plain_lora():
+    out = run("variants.py", "--quick")
+    for method in ("lora-r8", "dora-r8", "pissa-r8", "lora-r8-seed1"):
+        assert f"\n{method} " in out
+    assert "a second seed of plain LoRA moved it by" in out and "quick configuration" in out

@@ -8,6 +8,7 @@ import ast
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -342,6 +343,12 @@ ADAPTER_ERRORS = {
                 r"blocks\.0\.attn\.v\.A: dtype float64 cannot be held by a float32 parameter without loss"),
     "integers": (tensor_set("blocks.0.attn.v.B", lambda a: a.astype(np.int32)), ValueError,
                  r"blocks\.0\.attn\.v\.B: dtype int32 cannot be held"),
+    "dora a string": (lora_set(dora="yes"), ValueError, r"LoRAConfig\.dora must be True or False, got 'yes'"),
+    "unknown init": (lora_set(init="loftq"), ValueError, r"LoRAConfig\.init must be one of \['random', 'pissa'\]"),
+    "DoRA without magnitudes": (lora_set(dora=True), ValueError,  # into a model with plain LoRA: another config
+                                r"missing tensors \['blocks\.0\.attn\.q\.magnitude'|has LoRA config .*'dora': True"),
+    "a magnitude in a plain adapter": (tensor_set("blocks.0.attn.q.magnitude", np.ones(C, np.float32)), ValueError,
+                                       r"unexpected tensors \['blocks\.0\.attn\.q\.magnitude'\]"),
 }
 
 
@@ -486,6 +493,85 @@ def test_save_adapter_needs_lora_and_an_unmerged_model(tmp_path):
     lora.unmerge(model)
     save_adapter(model, path)
     assert path.is_file()
+
+
+# --- DoRA and PiSSA adapters ---------------------------------------------------------------------------------------
+
+
+def trained(config: LoRAConfig, seed: int = 0) -> GPT:
+    """A tiny GPT with ``config``'s LoRA whose adapter parameters hold trained-looking values."""
+    model = apply_lora(tiny_gpt(seed), config)
+    perturb_adapters(model, seed=100 + seed, std=0.3)
+    for m in lora_layers(model).values():
+        if m.dora:
+            m.magnitude.data *= np.linspace(0.5, 1.5, m.d_out, dtype=np.float32)
+    return model
+
+
+DORA, PISSA = replace(QV, dora=True), replace(QV, init="pissa")
+
+
+@pytest.mark.parametrize("config", [DORA, PISSA, replace(QV, dora=True, init="pissa")], ids=["dora", "pissa", "both"])
+def test_dora_and_pissa_adapters_round_trip_onto_the_base(tmp_path, config):
+    src, path = trained(config), tmp_path / "a.safetensors"
+    save_adapter(src, path)
+    tensors, meta = read_file(path, "adapter")
+    assert meta["lora"] == config.to_dict() and read_adapter_config(path) == config
+    assert meta["base_fingerprint"] == base_fingerprint(tiny_gpt())  # PiSSA too: the base, not its residuals
+    assert {n.rsplit(".", 1)[1] for n in tensors} == {"A", "B"} | ({"magnitude"} if config.dora else set())
+    expected = TINY["n_layer"] * 2 * 4 * (2 * (C + C) + (C if config.dora else 0))  # float32: r·(d_in+d_out) [+ d_out]
+    assert data_bytes(path) == expected
+    dst = load_adapter(tiny_gpt(), path)  # apply_lora with the file's config (PiSSA: the SVD again), then its values
+    assert dst.lora_config == config
+    assert np.array_equal(logits(dst), logits(src))  # one machine: the SVD, hence the residual, is the same
+    again = load_adapter(apply_lora(tiny_gpt(), config), path)  # into a model that has that LoRA already
+    assert np.array_equal(logits(again), logits(src))
+
+
+@pytest.mark.parametrize("config", [DORA, PISSA], ids=["dora", "pissa"])
+def test_dora_and_pissa_adapters_refuse_another_base(tmp_path, config):
+    path = tmp_path / "a.safetensors"
+    save_adapter(trained(config), path)
+    assert_refused(tiny_gpt(seed=1), path, ValueError, "trained on a different base model")
+    assert_refused(apply_lora(tiny_gpt(seed=1), config), path, ValueError, "trained on a different base model")
+    assert_refused(apply_lora(tiny_gpt(), QV), path, ValueError, "has LoRA config")  # plain LoRA is another setup
+    changed = tiny_gpt()
+    changed.blocks[0].attn.q.weight.data[0, 0] += 1e-3
+    assert_refused(changed, path, ValueError, "fingerprint")
+
+
+def test_a_pissa_adapter_refuses_the_residual_model_as_its_base(tmp_path):
+    # the residual model (W − s·A₀B₀) is not a base: PiSSA applied to it again would subtract the principal part twice
+    src, path = trained(PISSA), tmp_path / "a.safetensors"
+    save_adapter(src, path)
+    residual = tiny_gpt()
+    for name, m in lora_layers(src).items():
+        dict(residual.named_parameters())[f"{name}.weight"].data[...] = m.weight.data
+    assert_refused(residual, path, ValueError, "trained on a different base model")
+
+
+def test_a_pissa_model_whose_frozen_weights_changed_cannot_name_its_base(tmp_path):
+    model = trained(PISSA)
+    model.blocks[0].attn.k.weight.data[0, 0] += 0.5  # after apply_lora: the recorded base is no longer this one
+    with pytest.raises(RuntimeError, match="a frozen weight changed after PiSSA was applied"):
+        save_adapter(model, tmp_path / "a.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dora_adapter_refuses_a_base_with_a_zero_column(tmp_path):
+    path = tmp_path / "a.safetensors"
+    save_adapter(trained(DORA), path)
+    model = tiny_gpt()
+    model.blocks[0].attn.v.weight.data[:, 2] = 0.0
+    assert_refused(model, path, ValueError, r"does not fit this model: DoRA divides each output column")
+
+
+def test_an_adapter_written_before_dora_and_pissa_loads_as_plain_lora(tmp_path, adapter_file):
+    tensors, meta = read_file(adapter_file, "adapter")
+    meta["lora"] = {k: v for k, v in meta["lora"].items() if k not in ("dora", "init")}
+    path = tmp_path / "old.safetensors"
+    write_file(path, tensors, meta)
+    assert load_adapter(tiny_gpt(), path).lora_config == QV
 
 
 # --- atomic writes -----------------------------------------------------------------------------------------------

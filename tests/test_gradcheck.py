@@ -19,7 +19,7 @@ from lora_np import backend
 from lora_np.engine import Tensor, concat, split, stack, where
 from lora_np.fused import LinearPart, fused_linear
 from lora_np.gradcheck import GradcheckError, GradcheckResult, gradcheck
-from lora_np.lora import lora_linear
+from lora_np.lora import dora_linear, lora_linear
 from lora_np.multi_adapter import multi_lora_linear
 from lora_np.qlora import QuantizedWeight
 from lora_np.quantize import quantize_nf4
@@ -207,6 +207,19 @@ CASES = BINARY_CASES + [
      [(2, 3, 5), (5, 4), (5, 2), (2, 4), (4,)]),
     ("lora_linear-x-frozen",      lambda x, W, A, B: lora_linear(x, W, None, A, B, 1.5),
      [(2, 3, 5), (5, 4), (5, 2), (2, 4)], {"frozen": (0, 1)}),
+    # -- lora.dora_linear (DoRA): y = (x @ V) ⊙ m/‖V‖_col + b, V = W + s·A·B; args x, W, A, B, m[, b] --
+    ("dora_linear-bias",          lambda x, W, A, B, m, b: dora_linear(x, W, b, A, B, m, 1.5),
+     [(2, 3, 5), (5, 4), (5, 2), (2, 4), (4,), (4,)], {"frozen": (1, 5)}),
+    ("dora_linear-no-bias",       lambda x, W, A, B, m: dora_linear(x, W, None, A, B, m, 0.5),
+     [(3, 5), (5, 4), (5, 2), (2, 4), (4,)], {"frozen": (1,)}),
+    ("dora_linear-dropout",       lambda x, W, A, B, m, b: dora_linear(x, W, b, A, B, m, 1.5, keep_235()),
+     [(2, 3, 5), (5, 4), (5, 2), (2, 4), (4,), (4,)], {"frozen": (1, 5)}),
+    ("dora_linear-W-and-b-train", lambda x, W, A, B, m, b: dora_linear(x, W, b, A, B, m, 1.5, keep_235()),
+     [(2, 3, 5), (5, 4), (5, 2), (2, 4), (4,), (4,)]),
+    ("dora_linear-x-frozen",      lambda x, W, A, B, m: dora_linear(x, W, None, A, B, m, 1.5),
+     [(2, 3, 5), (5, 4), (5, 2), (2, 4), (4,)], {"frozen": (0, 1)}),
+    ("dora_linear-only-m-trains", lambda x, W, A, B, m: dora_linear(x, W, None, A, B, m, 1.5),
+     [(2, 3, 5), (5, 4), (5, 2), (2, 4), (4,)], {"frozen": (0, 1, 2, 3)}),
     # -- fused.fused_linear: LinearParts (W, b, A, B, s, keep) that share x, as q, k, v do --
     ("fused_linear-three-plain",  lambda x, W1, W2, W3, b1, b3: fused_linear(
         x, [LinearPart(W1, b1), LinearPart(W2), LinearPart(W3, b3)]),
@@ -251,7 +264,7 @@ CASES = BINARY_CASES + [
 ENGINE_OPS = ["add", "radd", "sub", "rsub", "mul", "rmul", "div", "rdiv", "pow", "neg", "matmul", "sum", "mean",
               "max", "reshape", "transpose", "T", "permute", "getitem", "exp", "log", "tanh", "relu", "where",
               "masked_fill", "concat", "split", "stack"]
-LINEAR_OPS = ["lora_linear", "fused_linear"]  # the lesson's LoRA op (lora.py) and the model's fast one (fused.py)
+LINEAR_OPS = ["lora_linear", "dora_linear", "fused_linear"]  # the lesson's LoRA and DoRA ops (lora.py), the fast one
 
 
 @pytest.mark.parametrize(

@@ -458,10 +458,13 @@ CONFIG_ERRORS = [
     ("targets", ["q", "nope"], "['nope']"), ("targets", None, "got None"), ("targets", [], "(none given)"),
     ("modules_to_save", ["wte", "nope"], "['nope']"), ("modules_to_save", 7, "got 7"),
     ("modules_to_save", "blocks", "['blocks']"),
+    ("dora", 1, "got 1"), ("dora", "yes", "got 'yes'"), ("dora", None, "got None"),
+    ("init", "gaussian", "got 'gaussian'"), ("init", None, "got None"), ("init", "PiSSA", "got 'PiSSA'"),
 ]
 FIELD_IN_MESSAGE = {"r": r"LoRAConfig\.r ", "alpha": r"LoRAConfig\.alpha ", "dropout": r"LoRAConfig\.dropout ",
                     "rslora": r"LoRAConfig\.rslora ", "zero": r"LoRAConfig\.zero ", "seed": r"LoRAConfig\.seed ",
-                    "targets": r"LoRA target", "modules_to_save": r"modules_to_save"}
+                    "targets": r"LoRA target", "modules_to_save": r"modules_to_save", "dora": r"LoRAConfig\.dora ",
+                    "init": r"LoRAConfig\.init "}
 
 
 @pytest.mark.parametrize("field, value, culprit", CONFIG_ERRORS, ids=[f"{f}={v!r}" for f, v, _ in CONFIG_ERRORS])
@@ -493,7 +496,8 @@ def test_lora_config_scaling():
 
 @pytest.mark.parametrize("config", [LoRAConfig(), LoRAConfig(r=3, alpha=5, targets="all-linear", dropout=0.1,
                                                              rslora=True, zero="A", seed=9,
-                                                             modules_to_save=("lm_head", "ln_f"))])
+                                                             modules_to_save=("lm_head", "ln_f")),
+                                    LoRAConfig(r=4, dora=True, init="pissa")])
 def test_lora_config_round_trips_through_json(config):
     d = config.to_dict()
     assert list(d) == [f.name for f in dataclasses.fields(LoRAConfig)]

@@ -125,8 +125,8 @@ def count_trainable(config: GPTConfig, lora: LoRAConfig | None, train_only: Sequ
     if lora is None:
         return base, (config.n_layer * sum(linear_params[t] for t in only) if only else base)
     _check_rank(config, lora)
-    adapters = config.n_layer * sum(lora.r * (d_in + d_out) for t, (d_in, d_out) in linears.items()
-                                    if t in lora.targets)
+    adapters = config.n_layer * sum(lora.r * (d_in + d_out) + (d_out if lora.dora else 0)  # DoRA: m (d_out,)
+                                    for t, (d_in, d_out) in linears.items() if t in lora.targets)
     return base + adapters, adapters + sum(top[m] for m in lora.modules_to_save)
 
 
@@ -143,6 +143,9 @@ def analytic_ledger(config: GPTConfig, lora: LoRAConfig | None, batch_size: int,
     if not 1 <= T <= config.block_size or batch_size < 1:
         raise ValueError(f"need batch_size >= 1 and 1 <= block_size <= {config.block_size}, got {batch_size}, {T}")
     total, trainable = count_trainable(config, lora, train_only)
+    if lora is not None and lora.dora:  # PiSSA keeps LoRA's graph exactly; DoRA's op does not
+        raise ValueError("analytic_ledger: DoRA's op (lora.dora_linear) keeps V (d_in, d_out) and z (N, d_out) per "
+                         "layer besides LoRA's arrays, and runs q, k, v apart: the ledger does not model it")
     only = resolve_train_only(train_only)
     acts = _replay_forward(config, lora, batch_size, T, dtype_bytes, only)
     return Ledger(weights=total * dtype_bytes, gradients=trainable * dtype_bytes,
