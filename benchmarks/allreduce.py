@@ -78,19 +78,20 @@ def bytes_table(quick: bool) -> dict[str, Any]:
 # -- the worker: run under mpiexec, measures, rank 0 writes --------------------------------------------------------
 
 
-def _step(model: Any, opt: Any, x: Any, y: Any, dp: distributed.DataParallel | None) -> float:
+def _step(model: Any, opt: Any, x: Any, y: Any, dp: distributed.DataParallel | None) -> tuple[float, float]:
     """One training step of ``train``'s shape (shard, forward, backward, all-reduce, AdamW), without clipping as
-    bench_step; returns the seconds spent in the all-reduce."""
+    bench_step -> (the global batch's loss, the seconds spent in the all-reduce)."""
     B, before = len(x), dp.seconds_reducing if dp else 0.0
     if dp is not None:
         x, y = dp.shard(x, y)
     opt.zero_grad()
     _, loss = model(x, y)
     loss.backward()
+    value = loss.item()
     if dp is not None:
-        dp.average_gradients(model.trainable_parameters(), loss.item(), share=len(x) / B)
+        value = dp.average_gradients(model.trainable_parameters(), value, share=len(x) / B)
     opt.step()
-    return dp.seconds_reducing - before if dp else 0.0
+    return value, dp.seconds_reducing - before if dp else 0.0
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -116,24 +117,25 @@ def worker(args: argparse.Namespace) -> None:
 
     gen = backend.rng(0)  # the same fixed batch on every rank
     x, y = (gen.integers(0, cfg.vocab_size, size=(B, cfg.block_size)) for _ in range(2))
-    built = {mode: build(cfg, mode) for mode in MODES}  # the same seed on every rank: the same weights
-    if dp is not None:
-        for model, _ in built.values():
-            dp.check_same_weights(model, "before the benchmark")
     # At 1 rank also the half batch: what each of 2 ranks computes, so 2 ranks' ideal step is its time + the
     # all-reduce, and the gap to the measured step is what the machine took (cores shared with other work).
     runs = {mode: (mode, B) for mode in MODES} | ({f"{m} (batch {B // 2})": (m, B // 2) for m in MODES} if dp is None
                                                    else {})
-    steps: dict[str, dict[str, Any]] = {run: {"seconds": [], "cpu_seconds": [], "allreduce_seconds": []}
+    built = {run: build(cfg, mode) for run, (mode, _) in runs.items()}  # the same seed on every rank: same weights
+    if dp is not None:
+        for model, _ in built.values():
+            dp.check_same_weights(model, "before the benchmark")
+    steps: dict[str, dict[str, Any]] = {run: {"seconds": [], "cpu_seconds": [], "allreduce_seconds": [], "loss": []}
                                         for run in runs}
     load_before = _loadavg()
     for i in range(args.warmup + args.steps):  # the runs alternate: the machine's drift hits all alike
-        for run, (mode, b) in runs.items():
-            model, opt = built[mode]
+        for run, (_, b) in runs.items():
+            model, opt = built[run]
             bytes_before = dp.bytes_reduced if dp else 0
             t0, c0 = time.perf_counter(), time.process_time()
-            reduce_s = _step(model, opt, x[:b], y[:b], dp)
+            loss, reduce_s = _step(model, opt, x[:b], y[:b], dp)
             seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+            steps[run]["loss"].append(loss)  # every step's, warm-up included: 1 and 2 ranks train alike
             if i >= args.warmup:
                 steps[run]["seconds"].append(seconds)
                 steps[run]["cpu_seconds"].append(cpu)
@@ -144,7 +146,7 @@ def worker(args: argparse.Namespace) -> None:
                   "steps": {run: {**s, "batch_size": runs[run][1], "median_seconds": statistics.median(s["seconds"]),
                                   "median_cpu_seconds": statistics.median(s["cpu_seconds"]),
                                   "median_allreduce_seconds": statistics.median(s["allreduce_seconds"]),
-                                  "trainable": sum(p.data.size for p in built[runs[run][0]][0].trainable_parameters())}
+                                  "trainable": sum(p.data.size for p in built[run][0].trainable_parameters())}
                             for run, s in steps.items()}}
         Path(args.worker_out).write_text(json.dumps(result))
 
@@ -170,7 +172,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 [str(ROOT), os.environ.get("PYTHONPATH", "")])})
             runs[str(n)] = json.loads(out.read_text())
     one, two = runs["1"]["steps"], runs["2"]["steps"]
-    return {"runs": runs, "speedup_2_ranks": {m: one[m]["median_seconds"] / two[m]["median_seconds"] for m in two},
+    return {"runs": runs, "loss_max_relative_difference": {m: max(abs(a - b) / abs(a) for a, b in zip(
+                one[m]["loss"], two[m]["loss"])) for m in two}, "losses_bitwise_equal": {
+                m: one[m]["loss"] == two[m]["loss"] for m in two},
+            "speedup_2_ranks": {m: one[m]["median_seconds"] / two[m]["median_seconds"] for m in two},
             "ideal_2_ranks_seconds": {m: one[half_batch(m, runs)]["median_seconds"]
                                       + runs["2"]["allreduce"][BUFFER[m]]["seconds"] for m in two}}
 
@@ -214,6 +219,9 @@ def report(result: dict[str, Any]) -> str:
                      f"{s['median_seconds']:.3f} s | {s['median_allreduce_seconds'] * 1e3:.2f} ms | "
                      f"{m['speedup_2_ranks'][mode]:.2f}× | {m['ideal_2_ranks_seconds'][mode]:.3f} s | "
                      f"{s['median_cpu_seconds'] / s['median_seconds']:.0%} |")
+    lines.append("\nthe same steps' losses, 2 ranks against 1: " + ", ".join(
+        f"{mode} max relative difference {d:.1e}{' (bitwise equal)' if m['losses_bitwise_equal'][mode] else ''}"
+        for mode, d in m["loss_max_relative_difference"].items()))
     lines.append(f"\nload average (1, 5, 15 min) before and after: 1 rank {one['load_average']}, "
                  f"2 ranks {two['load_average']}; {result['machine']['nproc']} cores")
     return "\n".join(lines)
