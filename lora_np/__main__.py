@@ -364,8 +364,14 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(backend.env_error)
         if getattr(args, "backend", None):
             backend.set_backend(args.backend)
+        if args.command != "finetune" and distributed.launched_ranks()[1] > 1:
+            raise UsageError(f"under mpiexec only finetune runs (data-parallel); run {args.command} without it")
         work = COMMANDS[args.command](args)  # checks everything, returns the work to do
     except (UsageError, ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        if distributed.launched_ranks()[1] > 1 and not isinstance(e, distributed.AgreedError):
+            e = distributed.fail_together(e)  # under mpiexec every rank hears of it; None: rank 0 says it
+            if e is None:
+                return 2
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     try:

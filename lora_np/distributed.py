@@ -222,34 +222,63 @@ def weights_fingerprint(model: Module) -> str:
     return h.hexdigest()
 
 
+class AgreedError(ValueError):
+    """A failed check or a disagreement that every rank already knows of (``agreed``, ``fail_together``): rank 0
+    raises it, to be printed as one line; the other ranks exit quietly."""
+
+
 def agreed(dp: DataParallel | None, checks: Callable[[], T], describe: Callable[[T], str]) -> T:
     """Run a command's ``checks`` on every rank, then make their outcome collective: a check that fails on any
     rank fails on all (else the ranks that passed would wait forever for one that left), and ``describe(result)``
-    (the config, the corpora's digest, ...) must be the same on every rank. Rank 0 raises one error saying which
-    rank failed, or which ranks disagree; the other ranks exit with code 2 quietly. Without ``dp``: ``checks()``.
+    (the config, the corpora's digest, ...) must be the same on every rank. Rank 0 raises one AgreedError saying
+    which rank failed and why, or that the ranks disagree; the other ranks exit with code 2 quietly. Without
+    ``dp``: ``checks()``.
     """
     if dp is None:
         return checks()
     try:
-        result: T | None = checks()
-        mine = (None, hashlib.sha256(describe(result).encode()).hexdigest())  # type: ignore[arg-type]
+        result = checks()
     except Exception as e:  # whatever it is, every rank must hear of it
-        result, mine, own = None, (f"{e}", None), e
+        mine: tuple[str | None, str | None] = (str(e), None)
+    else:
+        mine = (None, hashlib.sha256(describe(result).encode()).hexdigest())
+    message = _settle(dp, mine)
+    if message is None:
+        return result
+    if not dp.is_root:
+        raise SystemExit(2)  # rank 0 says it
+    raise AgreedError(message)
+
+
+def fail_together(error: Exception) -> Exception | None:
+    """A check failed on this rank before it reached ``agreed`` (a bad argument, say): join the other ranks'
+    agreement with the failure, so that none of them waits for this one. Returns the error rank 0 prints (this
+    rank's, or the first failing rank's), None on the other ranks. Without MPI to tell the others with (no mpi4py),
+    rank 0 prints its own error."""
+    rank, _ = launched_ranks()
+    try:
+        dp = from_environment()
+    except (RuntimeError, SystemExit):
+        return error if rank == 0 else None
+    if dp is None:
+        return error
+    message = _settle(dp, (str(error), None))
+    return AgreedError(message) if dp.is_root else None
+
+
+def _settle(dp: DataParallel, mine: tuple[str | None, str | None]) -> str | None:
+    """One allgather of every rank's (failure message or None, digest of its run or None) -> what rank 0 must say,
+    or None when every rank passed and all describe the same run."""
     outcomes = dp.comm.allgather(mine)
     failed = [(rank, message) for rank, (message, _) in enumerate(outcomes) if message is not None]
-    if failed and not dp.is_root:
-        raise SystemExit(2)  # rank 0 says it
     if failed:
-        if failed[0][0] == 0:
-            raise own
-        raise ValueError(f"rank {failed[0][0]} of {dp.size}: {failed[0][1]}")
-    differ = [rank for rank, (_, digest) in enumerate(outcomes) if digest != outcomes[0][1]]
-    if differ and not dp.is_root:
-        raise SystemExit(2)
-    if differ:
-        raise ValueError(f"the ranks disagree on the run: rank {differ[0]}'s arguments, config or corpora differ "
-                         "from rank 0's (every rank must run the same command on the same files)")
-    return result  # type: ignore[return-value]
+        rank, message = failed[0]
+        return message if rank == 0 else f"rank {rank} of {dp.size}: {message}"
+    if any(digest != outcomes[0][1] for _, digest in outcomes):
+        differ = next(rank for rank, (_, digest) in enumerate(outcomes) if digest != outcomes[0][1])
+        return (f"the ranks disagree on the run: rank {differ}'s arguments, config or corpora differ from rank 0's "
+                "(every rank must run the same command on the same files)")
+    return None
 
 
 @contextmanager
@@ -273,5 +302,5 @@ def stop_all_on_error(dp: DataParallel | None) -> Iterator[None]:
         dp.comm.Abort(1)
 
 
-__all__ = ["DataParallel", "DistributedError", "agreed", "find_mpiexec", "from_environment", "launched_ranks",
-           "shard_rows", "stop_all_on_error", "weights_fingerprint"]
+__all__ = ["AgreedError", "DataParallel", "DistributedError", "agreed", "fail_together", "find_mpiexec",
+           "from_environment", "launched_ranks", "shard_rows", "stop_all_on_error", "weights_fingerprint"]

@@ -158,13 +158,22 @@ def test_a_non_finite_loss_on_one_rank_stops_all_at_the_same_step():
     assert result["stopped"].startswith("non-finite loss nan at step 3") and len(result["step_loss"]) == 2
 
 
+FINETUNE = ["finetune", "--quick", "--no-progress"]
+
+
 @needs_mpi
-@pytest.mark.parametrize("second, message", [
-    (["--rank", "4"], r"error: the ranks disagree on the run: rank 1's arguments, config or corpora differ .*"),
-    (["--corpus", "no-such-file.txt"], r"error: rank 1 of 2: .*no-such-file.txt.*"),
-], ids=["other-config", "check-fails-on-rank-1"])
-def test_ranks_that_disagree_or_fail_a_check_are_one_line(second, message):
-    cmd = [sys.executable, "-m", "lora_np", "finetune", "--quick", "--no-progress"]
-    out = run([MPIEXEC, "-n", "1", *cmd, ":", "-n", "1", *cmd, *second], timeout=120)  # rank 1 runs another command
+@pytest.mark.parametrize("first, second, message", [
+    (FINETUNE, [*FINETUNE, "--rank", "4"],
+     r"error: the ranks disagree on the run: rank 1's arguments, config or corpora differ .*"),
+    (FINETUNE, [*FINETUNE, "--corpus", "no-such-file.txt"], r"error: rank 1 of 2: .*no-such-file.txt.*"),
+    (FINETUNE, [*FINETUNE, "--rank", "0"], r"error: rank 1 of 2: .*argument --rank: '0' is not a positive integer"),
+    ([*FINETUNE, "--rank", "0"], [*FINETUNE, "--rank", "0"], r"error: .*argument --rank: '0' is not a positive .*"),
+    (["sweep", "--quick"], ["sweep", "--quick"], r"error: under mpiexec only finetune runs \(data-parallel\); .*"),
+    (["sweep", "--quick"], FINETUNE, r"error: under mpiexec only finetune runs \(data-parallel\); .*"),
+], ids=["other-config", "check-fails-on-rank-1", "bad-argument-on-rank-1", "bad-argument-everywhere",
+        "sweep", "sweep-and-finetune"])
+def test_ranks_that_disagree_or_fail_a_check_are_one_line(first, second, message):
+    python = [sys.executable, "-m", "lora_np"]
+    out = run([MPIEXEC, "-n", "1", *python, *first, ":", "-n", "1", *python, *second], timeout=120)  # rank 0 : rank 1
     assert out.returncode == 2 and out.stdout == ""
     assert re.fullmatch(message + "\n", out.stderr), out.stderr
