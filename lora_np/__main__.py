@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import backend, memory
+from . import backend, distributed, memory
 from .bert import minilm_dir
 from .checkpoint import check_adapter, load_adapter, save_adapter, write_atomic
 from .data import CORPORA, CharTokenizer
@@ -386,8 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "backend", None):
             backend.set_backend(args.backend)
         _notes.clear()
+        if args.command != "finetune" and distributed.launched_ranks()[1] > 1:
+            raise UsageError(f"under mpiexec only finetune runs (data-parallel); run {args.command} without it")
         work = COMMANDS[args.command](args)  # checks everything, returns the work to do
     except (UsageError, ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        if distributed.launched_ranks()[1] > 1 and not isinstance(e, distributed.AgreedError):
+            e = distributed.fail_together(e)  # under mpiexec every rank hears of it; None: rank 0 says it
+            if e is None:
+                return 2
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     for note in _notes:
@@ -485,18 +491,28 @@ def cmd_pretrain(args: argparse.Namespace) -> Callable[[], int]:
 
 
 def cmd_finetune(args: argparse.Namespace) -> Callable[[], int]:
-    if args.full and (args.save_adapter or args.train_embeddings):
-        raise UsageError("--save-adapter and --train-embeddings are LoRA options; drop them or --full")
-    cfg, corpora = _prepare(args)
-    if args.save_adapter:
-        check_writable_file(Path(args.save_adapter), "--save-adapter")
-        check_not_input(args, [Path(args.save_adapter)], "--save-adapter", reads=[base_model_path(cfg, corpora)])
-    spec = RunSpec("full") if args.full else RunSpec(f"lora-r{cfg.lora.r}", cfg.lora)
+    # Under `mpiexec -n N` (N > 1) this process is one rank of a data-parallel run (lora_np/distributed.py); else
+    # dp is None and nothing below differs from one process. Every rank checks; a failure on any stops all.
+    dp = distributed.from_environment()
+    cfg, corpora, spec = distributed.agreed(dp, lambda: _finetune_checks(args),
+                                            describe=lambda r: repr((r[0], r[1].digest, r[2])))
 
     def work() -> int:
-        base, info = pretrain_base(cfg, corpora, progress=not args.no_progress)
-        _warn_cache(info)
-        model, row = finetune_run(base, spec, cfg, corpora, progress=not args.no_progress, measure_memory=False)
+        with distributed.stop_all_on_error(dp):  # a rank that raises ends every rank: no rank waits forever
+            if dp is None or dp.is_root:
+                base, info = pretrain_base(cfg, corpora, progress=not args.no_progress)
+                _warn_cache(info)
+            else:
+                base = GPT(model_config(cfg, corpora))  # its weights come from rank 0
+            if dp is not None:
+                dp.broadcast_parameters(base)
+            model, row = finetune_run(base, spec, cfg, corpora, progress=not args.no_progress,
+                                      measure_memory=False, data_parallel=dp)
+        if dp is not None and not dp.is_root:
+            return 0  # rank 0 reports
+        if dp is not None:
+            print(f"data-parallel over {dp.size} ranks: {dp.reductions} gradient all-reduces of "
+                  f"{dp.bytes_reduced // max(dp.reductions, 1):,} bytes each")
         print(f"{spec.name}: trainable {row['trainable']:,} of {row['total']:,}; validation loss "
               f"{row['final_val_loss']:.3f} (seen chars {row['val_loss_seen']:.3f}, "
               f"unseen {row['val_loss_unseen'] or float('nan'):.3f})")
@@ -506,6 +522,17 @@ def cmd_finetune(args: argparse.Namespace) -> Callable[[], int]:
             print(f"adapter: {args.save_adapter} ({Path(args.save_adapter).stat().st_size:,} bytes)")
         return 0
     return work
+
+
+def _finetune_checks(args: argparse.Namespace) -> tuple[ExperimentConfig, Corpora, RunSpec]:
+    if args.full and (args.save_adapter or args.train_embeddings):
+        raise UsageError("--save-adapter and --train-embeddings are LoRA options; drop them or --full")
+    cfg, corpora = _prepare(args)
+    if args.save_adapter:
+        check_writable_file(Path(args.save_adapter), "--save-adapter")
+        check_not_input(args, [Path(args.save_adapter)], "--save-adapter", reads=[base_model_path(cfg, corpora)])
+    spec = RunSpec("full") if args.full else RunSpec(f"lora-r{cfg.lora.r}", cfg.lora)
+    return cfg, corpora, spec
 
 
 def cmd_generate(args: argparse.Namespace) -> Callable[[], int]:

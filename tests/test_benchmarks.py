@@ -59,3 +59,24 @@ def test_variants_quick_prints_every_method_against_plain_lora():
     for method in ("lora-r8", "dora-r8", "pissa-r8", "lora-r8-seed1"):
         assert f"\n{method} " in out
     assert "a second seed of plain LoRA moved it by" in out and "quick configuration" in out
+
+
+def test_allreduce_quick_counts_the_bytes_and_draws(tmp_path):
+    """The bytes table from the configs; where MPI is installed, the 1- and 2-rank runs, whose buffers held exactly
+    the table's bytes (4 per trainable number, + the loss), else the reason it was not measured."""
+    path, png = tmp_path / "allreduce.json", tmp_path / "allreduce.png"
+    out = run("allreduce.py", "--quick", "--steps", "1", "--warmup", "0", "--reps", "2", "--out", str(path),
+              "--figure", str(png))
+    result = json.loads(path.read_text())
+    assert png.read_bytes().startswith(b"\x89PNG") and "| GPT-3 175B | q,v |" in out
+    gpt3 = result["bytes"]["GPT-3 175B"]
+    assert round(gpt3["parameters"] / 1e9) == 175 and gpt3["lora"]["4"]["numbers"] == 2 * 96 * 2 * 12288 * 4
+    assert result["bytes"]["GPT-2 124M"]["parameters"] == 124_439_808  # Hugging Face's gpt2
+    measured = result["measured"]
+    if "skipped" in measured:
+        assert "requirements-mpi.txt" in measured["skipped"]
+        return
+    bench, two = result["bytes"]["bench"], measured["runs"]["2"]["steps"]
+    assert two["full"]["bytes"] == bench["full"]["bytes"] == 4 * (two["full"]["trainable"] + 1)
+    assert two["lora"]["bytes"] == bench["lora"]["8"]["bytes"] == 4 * (two["lora"]["trainable"] + 1)
+    assert set(measured["speedup_2_ranks"]) == {"full", "lora"}

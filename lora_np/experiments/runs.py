@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -41,6 +41,9 @@ from ..functional import _log_softmax
 from ..lora import LoRAConfig, check_setup, count_parameters, prepare_finetuning
 from ..model import GPT, GPTConfig
 from ..train import TrainConfig, evaluate, train
+
+if TYPE_CHECKING:
+    from ..distributed import DataParallel
 
 
 def is_rate(value: Any) -> bool:
@@ -340,18 +343,24 @@ def sample_text(model: GPT, tok: CharTokenizer, prompt: str, n: int, seed: int =
 
 
 def finetune_run(base: GPT, spec: RunSpec, cfg: ExperimentConfig, corpora: Corpora, progress: bool = True,
-                 measure_memory: bool = True, sample: bool = True) -> tuple[GPT, dict[str, Any]]:
+                 measure_memory: bool = True, sample: bool = True,
+                 data_parallel: DataParallel | None = None) -> tuple[GPT, dict[str, Any]]:
     """One fine-tuning run from a copy of the base model -> (the trained model, its row of the results).
 
     The row holds the setup (name, mode, rank, targets, ...), the parameter counts, the loss history, the final
     validation loss (also split into seen and unseen characters), the test loss (if ``corpora.test``), the loss on
     the pretraining text, the step time and, with ``sample`` and ``measure_memory``, the costly extras of
-    ``run_extras``. Nothing is written: the caller decides."""
+    ``run_extras``. Nothing is written: the caller decides.
+
+    With ``data_parallel`` the training is shared by the ranks (``train``) and rank 0 alone scores the trained
+    model: the other ranks get an empty row (their model is the same)."""
     model = prepare_finetuning(copy.deepcopy(base), spec.lora, spec.train_only)
     counts = count_parameters(model)
     lr = spec.lr if spec.lr is not None else (cfg.full_lr if spec.lora is None else cfg.finetune.lr)
     train_cfg = replace(cfg.finetune, lr=lr, min_lr=min(cfg.finetune.min_lr, lr))
-    history = train(model, corpora.finetune, train_cfg, progress=progress)
+    history = train(model, corpora.finetune, train_cfg, progress=progress, data_parallel=data_parallel)
+    if data_parallel is not None and not data_parallel.is_root:
+        return model, {}
     T = cfg.model.block_size
     lora = spec.lora
     row: dict[str, Any] = {
