@@ -25,7 +25,7 @@ from typing import Any
 
 from . import backend
 from .analysis import subspace_similarity
-from .lora import LoRAConfig
+from .lora import TARGETS, LoRAConfig
 from .memory import analytic_ledger, count_trainable
 from .model import GPTConfig
 
@@ -582,3 +582,34 @@ def check_minilm_reading(reading: Callable[[], str], results: dict[str, Any]) ->
         return "a difference counts as resolved only when its paired 95% interval over test chapters excludes 0"
 
     check(reading)
+
+
+# -- notebook 11: data-parallel training -----------------------------------------------------------------------
+
+
+@_exercise("11 · the bytes a LoRA run all-reduces per step")
+def check_allreduce_bytes(allreduce_bytes: Callable[[GPTConfig, int, tuple[str, ...]], int]) -> str:
+    """``allreduce_bytes(cfg, r, targets)``: the bytes of float32 gradients that one data-parallel step of LoRA at
+    rank ``r`` on ``targets`` (names of the block linears, e.g. ("q", "v")) of a GPT ``cfg`` all-reduces: the
+    gradients of A and B of every adapted matrix of every block, nothing of the frozen weights."""
+    cases = ((GPTConfig(vocab_size=103, block_size=64, n_layer=4, n_head=4, n_embd=128), 8, ("q", "v")),
+             (GPTConfig(vocab_size=103, block_size=64, n_layer=2, n_head=2, n_embd=32), 1, TARGETS),
+             (GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768), 4, ("q", "v")))
+    for cfg, r, targets in cases:
+        expected = 4 * count_trainable(cfg, LoRAConfig(r=r, alpha=16, targets=targets))[1]
+        got = _call(allreduce_bytes, cfg, r, targets)
+        d, f = cfg.n_embd, 4 * cfg.n_embd  # the MLP's up is (d, 4d), down (4d, d): not every matrix is square
+        square = 4 * cfg.n_layer * len(targets) * 2 * d * r
+        full = 4 * count_trainable(cfg, None)[1]
+        why = ("each adapted matrix of shape (d_in, d_out) sends r·(d_in + d_out) numbers (A and B), 4 bytes each, "
+               "in every block")
+        if got is not None and not isinstance(got, bool) and isinstance(got, (int, float)):
+            if got == square and square != expected:
+                why = f"up is ({d}, {f}) and down ({f}, {d}): 2dr holds only for a square matrix"
+            elif got == full:
+                why = "that is full fine-tuning's buffer: with LoRA the frozen weights send nothing"
+            elif got * 4 == expected:
+                why = "those are numbers; float32 takes 4 bytes each"
+        _number(f"allreduce_bytes(n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, r={r}, {targets})", got, expected,
+                why)
+    return "4 bytes × r·(d_in + d_out) per adapted matrix per block: the trainable count, nothing frozen"

@@ -10,6 +10,7 @@ import pytest
 
 from lora_np import exercises as ex
 from lora_np.analysis import subspace_similarity
+from lora_np.memory import count_trainable
 
 
 # -- right answers (the notebooks' solutions say the same in their own words) ---------------------------------
@@ -322,3 +323,18 @@ def test_the_minilm_reading_not_attempted_other_letters_and_missing_results(caps
         ex.check_minilm_reading(lambda: "f", results)
     with pytest.raises(ValueError, match="lora-qv-r4 - full"):  # the notebook's error, not the student's
         ex.check_minilm_reading(lambda: "b", {"differences": {"lora-qv-r1 - full": [0.0, 0.0]}})
+
+
+def test_allreduce_bytes_check_names_the_usual_slips():
+    def right(cfg, r, targets):
+        d = cfg.n_embd
+        shapes = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "up": (d, 4 * d), "down": (4 * d, d)}
+        return 4 * cfg.n_layer * sum(r * sum(shapes[t]) for t in targets)
+
+    ex.check_allreduce_bytes(right)
+    with pytest.raises(ex.ExerciseError, match="2dr holds only for a square matrix"):
+        ex.check_allreduce_bytes(lambda cfg, r, targets: 4 * cfg.n_layer * len(targets) * 2 * cfg.n_embd * r)
+    with pytest.raises(ex.ExerciseError, match="float32 takes 4 bytes each"):
+        ex.check_allreduce_bytes(lambda cfg, r, targets: right(cfg, r, targets) // 4)
+    with pytest.raises(ex.ExerciseError, match="full fine-tuning's buffer"):
+        ex.check_allreduce_bytes(lambda cfg, r, targets: 4 * count_trainable(cfg, None)[1])
