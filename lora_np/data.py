@@ -22,7 +22,7 @@ from pathlib import Path
 from pydoc_data.topics import topics as pydoc_topics  # the standard library's reference docs
 from typing import Any
 
-from . import backend
+from . import backend, checks
 
 np = backend.np  # host NumPy; this module never touches the device
 
@@ -188,7 +188,7 @@ def load_stdlib_sources(max_chars: int = 1_500_000) -> str:
     Only lines made of printable ASCII (space to ``~``) are kept, so the code adds about 30 characters to the
     Bible's 65, each seen many times, and no rare symbol that occurs once. The text depends on the Python version
     (its standard library): the base model's cache key holds a hash of the text, never a version number."""
-    max_chars = _positive_int("max_chars", max_chars)
+    max_chars = checks.positive_int(max_chars, "max_chars")
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for folder, subfolders, names in os.walk(root):
@@ -301,8 +301,8 @@ class BatchSampler:
 
     def __init__(self, ids: Any, block_size: int, batch_size: int, seed: int | None) -> None:
         self.ids = _as_token_stream(ids)
-        self.block_size = _positive_int("block_size", block_size)
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.block_size = checks.positive_int(block_size, "block_size")
+        self.batch_size = checks.positive_int(batch_size, "batch_size")
         _check_long_enough(self.ids, self.block_size)
         self.seed = seed
         self._rng = backend.rng(seed)
@@ -338,13 +338,13 @@ def iter_eval_batches(
     for the exact per-token mean. The tail of the stream shorter than one window is not scored.
     """
     ids = _as_token_stream(ids)
-    block_size = _positive_int("block_size", block_size)
-    batch_size = _positive_int("batch_size", batch_size)
+    block_size = checks.positive_int(block_size, "block_size")
+    batch_size = checks.positive_int(batch_size, "batch_size")
     _check_long_enough(ids, block_size)
     n_windows = (len(ids) - 1) // block_size  # each window needs block_size inputs + 1 target past its end
     n_used = n_windows
     if max_batches is not None:
-        n_used = min(n_windows, _positive_int("max_batches", max_batches) * batch_size)
+        n_used = min(n_windows, checks.positive_int(max_batches, "max_batches") * batch_size)
     # Evenly spaced window numbers, in exact integer arithmetic: distinct because n_used <= n_windows.
     chosen = (np.arange(n_used) * n_windows) // n_used  # (n_used,)
     starts = chosen * block_size  # (n_used,) first token of each window
@@ -375,12 +375,6 @@ def _as_token_stream(ids: Any) -> backend.np.ndarray:
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
     return arr.astype(np.int64, copy=False)
-
-
-def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _check_long_enough(ids: backend.np.ndarray, block_size: int) -> None:
@@ -487,14 +481,13 @@ def bible_genre_splits(val_fraction: float = 0.1, test_fraction: float = 0.1, se
     has 404 verses, the histories 8,025); ``max_per_class`` keeps at most that many verses of each genre in each
     split, drawn at random with ``seed``. ``GenreSplits.report()`` prints the balance.
     """
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-            raise ValueError(f"bible_genre_splits: {name} must be in (0, 1), got {value!r}")
+    checks.fraction(val_fraction, "bible_genre_splits: val_fraction")
+    checks.fraction(test_fraction, "bible_genre_splits: test_fraction")
     if val_fraction + test_fraction >= 1.0:
         raise ValueError(f"bible_genre_splits: val_fraction + test_fraction = {val_fraction + test_fraction} "
                          "leaves no training data")
     if max_per_class is not None:
-        max_per_class = _positive_int("max_per_class", max_per_class)
+        max_per_class = checks.positive_int(max_per_class, "bible_genre_splits: max_per_class")
     genre_of = {book: g for g, books in enumerate(GENRE_BOOKS[name] for name in GENRES) for book in books}
     verses = load_bible_verses()
     unknown = sorted({v["book"] for v in verses} - set(genre_of))

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import backend
+from . import backend, checks
 from . import functional as F
 from .engine import Tensor, no_grad
 
@@ -187,9 +187,7 @@ class Dropout(Module):
     """Inverted dropout, active only in training mode; masks come from the module's own seeded generator."""
 
     def __init__(self, p: float = 0.0, seed: int | None = 0) -> None:
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
-        self.p = p
+        self.p = checks.probability(p, "Dropout: p")
         self.gen = backend.rng(seed)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -378,8 +378,8 @@ def test_max_per_class_caps_each_genre_in_each_split():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"val_fraction": 0.0}, r"val_fraction must be in \(0, 1\)"),
-    ({"test_fraction": 1.5}, r"test_fraction must be in \(0, 1\)"),
+    ({"val_fraction": 0.0}, r"val_fraction must be a number in \(0, 1\)"),
+    ({"test_fraction": 1.5}, r"test_fraction must be a number in \(0, 1\)"),
     ({"val_fraction": 0.5, "test_fraction": 0.5}, "leaves no training data"),
     ({"max_per_class": 0}, "max_per_class must be a positive integer"),
 ])
