@@ -1,7 +1,7 @@
 """LoRA on a real pretrained transformer: all-MiniLM-L6-v2 learns the genre of a Bible verse.
 
 The task: a verse of the King James Bible -> its genre (law, history, wisdom, prophets, gospels, letters,
-apocalypse), with train, validation and test verses from disjoint chapters (``data.bible_genre_splits``, split seed
+apocalypse), with train, validation and test verses from disjoint chapters (``genres.bible_genre_splits``, split seed
 ``cfg.data_seed``). At most ``*_per_class`` verses of each genre per split, drawn at random; Revelation is one
 book, so the apocalypse class has fewer (35 validation and 40 test verses in all) and every score is BALANCED: the
 mean over genres of the per-genre accuracy (or cross-entropy), so chance is 1/7 whatever the class sizes. The
@@ -52,11 +52,11 @@ from .. import backend, checks, memory
 from .. import functional as F
 from ..bert import Bert, load_minilm
 from ..checkpoint import encode_adapter
-from ..data import GENRES, LabelledTexts, bible_genre_splits
 from ..engine import Tensor
 from ..lora import LoRAConfig, count_parameters, prepare_finetuning
 from ..nn import Linear, Module
 from ..optim import AdamW, clip_grad_norm, cosine_lr
+from .genres import GENRES, LabelledTexts, bible_genre_splits
 from .runs import LR_EXTEND, T975, interval, machine_info, search_lr, to_json
 
 N_GENRES = len(GENRES)
