@@ -49,6 +49,7 @@ from .experiments.minilm import markdown_table as minilm_table
 from .experiments.planted import PlantedConfig, distillation_splits, run_planted
 from .experiments.planted import markdown_table as planted_table
 from .experiments.planted import verdict as planted_verdict
+from .experiments.runs import SAMPLE_TEMPERATURE, SAMPLE_TOP_K
 from .experiments.summary import forgetting_summary, format_forgetting
 from .experiments.summary import markdown_table as runs_table
 from .experiments.task_distance import TASKS, StudyConfig, load_study_data, markdown_table, paper_table, task_config
@@ -209,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="PATH", type=path_text, help="an adapter file from 'finetune --save-adapter'")
     p.add_argument("--prompt", default="def ", help="text to continue")
     p.add_argument("--max-new-tokens", type=_int_in(1, 1_000_000, "a positive integer"), default=300)
-    p.add_argument("--temperature", type=positive_float, default=0.8)
-    p.add_argument("--top-k", type=positive_int, default=20)
+    p.add_argument("--temperature", type=positive_float, default=SAMPLE_TEMPERATURE)
+    p.add_argument("--top-k", type=positive_int, default=SAMPLE_TOP_K)
     p.add_argument("--seed", type=nonnegative_int, default=0)
 
     p = sub.add_parser("report", help="parameter and memory table (analytic vs measured) for a config")

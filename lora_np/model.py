@@ -17,7 +17,7 @@ from . import backend, checks
 from . import functional as F
 from .engine import Tensor, split
 from .lora import shared_input_linear
-from .nn import Dropout, Embedding, LayerNorm, Linear, Module
+from .nn import DROPOUT_SEED_BOUND, Dropout, Embedding, LayerNorm, Linear, Module
 
 
 @dataclass
@@ -54,8 +54,8 @@ class CausalSelfAttention(Module):
         self.k = Linear(C, C, cfg.bias, gen=gen)
         self.v = Linear(C, C, cfg.bias, gen=gen)
         self.o = Linear(C, C, cfg.bias, std=resid_std, gen=gen)
-        self.attn_drop = Dropout(cfg.dropout, seed=int(gen.integers(2**31)))
-        self.resid_drop = Dropout(cfg.dropout, seed=int(gen.integers(2**31)))
+        self.attn_drop = Dropout(cfg.dropout, seed=int(gen.integers(DROPOUT_SEED_BOUND)))
+        self.resid_drop = Dropout(cfg.dropout, seed=int(gen.integers(DROPOUT_SEED_BOUND)))
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
@@ -81,7 +81,7 @@ class MLP(Module):
         C = cfg.n_embd
         self.up = Linear(C, 4 * C, cfg.bias, gen=gen)
         self.down = Linear(4 * C, C, cfg.bias, std=0.02 / math.sqrt(2 * cfg.n_layer), gen=gen)
-        self.drop = Dropout(cfg.dropout, seed=int(gen.integers(2**31)))
+        self.drop = Dropout(cfg.dropout, seed=int(gen.integers(DROPOUT_SEED_BOUND)))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.down(F.gelu(self.up(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
@@ -105,7 +105,7 @@ class GPT(Module):
         gen = backend.rng(cfg.seed)
         self.wte = Embedding(cfg.vocab_size, cfg.n_embd, gen=gen)  # token embeddings (V, C)
         self.wpe = Embedding(cfg.block_size, cfg.n_embd, gen=gen)  # position embeddings (block_size, C)
-        self.drop = Dropout(cfg.dropout, seed=int(gen.integers(2**31)))
+        self.drop = Dropout(cfg.dropout, seed=int(gen.integers(DROPOUT_SEED_BOUND)))
         self.blocks = [Block(cfg, gen) for _ in range(cfg.n_layer)]
         self.ln_f = LayerNorm(cfg.n_embd, cfg.bias, cfg.layer_norm_eps)
         # Untied (default): the head is its own (C, V) matrix, frozen or trained alone. Tied: no head at all, the

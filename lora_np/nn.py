@@ -183,6 +183,12 @@ class LayerNorm(Module):
         return F.layer_norm(x, self.weight, self.bias, self.eps)
 
 
+# A model gives each of its Dropout layers its own seed, drawn from the model's initialisation generator below this
+# bound (a non-negative int32, which every seeding API accepts): the masks are then fixed by the model's seed. The
+# bound is part of what that seed determines; another would change every mask.
+DROPOUT_SEED_BOUND = 2**31
+
+
 class Dropout(Module):
     """Inverted dropout, active only in training mode; masks come from the module's own seeded generator."""
 

@@ -300,10 +300,17 @@ def pretrain_val_loss(model: GPT, corpora: Corpora, cfg: ExperimentConfig) -> fl
                     cfg.finetune.eval_batches)
 
 
+# How every sample is drawn, in the experiments and by the command line's ``generate`` (its defaults): a little colder
+# than the model's distribution, and only from the most likely characters, so that a few rare ones do not derail it.
+SAMPLE_TEMPERATURE = 0.8
+SAMPLE_TOP_K = 20
+
+
 def sample_text(model: GPT, tok: CharTokenizer, prompt: str, n: int, seed: int = 0) -> str:
-    """``n`` characters after ``prompt``: temperature 0.8, the 20 most likely characters (all of them, for a
-    vocabulary of fewer)."""
-    ids = model.generate(tok.encode(prompt)[None], n, temperature=0.8, top_k=min(20, tok.vocab_size), seed=seed)
+    """``n`` characters after ``prompt``: at ``SAMPLE_TEMPERATURE``, from the ``SAMPLE_TOP_K`` most likely characters
+    (all of them, for a vocabulary of fewer)."""
+    ids = model.generate(tok.encode(prompt)[None], n, temperature=SAMPLE_TEMPERATURE,
+                         top_k=min(SAMPLE_TOP_K, tok.vocab_size), seed=seed)
     return tok.decode(ids[0])
 
 
