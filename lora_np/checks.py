@@ -137,6 +137,13 @@ def choice(value: Any, what: str, options: Collection[str]) -> str:
     return value
 
 
+def instance(value: Any, what: str, cls: type) -> Any:
+    """An object of class ``cls``: a config nested in another (``ExperimentConfig.model`` is a ``GPTConfig``)."""
+    if not isinstance(value, cls):
+        refuse(what, f"{'an' if cls.__name__[0].lower() in 'aeiou' else 'a'} {cls.__name__}", value)
+    return value
+
+
 def nonempty_str(value: Any, what: str) -> str:
     """A name, a prompt, a corpus: a string that is not empty."""
     if not isinstance(value, str) or not value:

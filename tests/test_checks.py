@@ -25,6 +25,7 @@ GOOD = [
     (checks.flag, (), False, False),
     (checks.choice, (("gelu", "gelu_new"),), "gelu", "gelu"),
     (checks.nonempty_str, (), "def ", "def "),
+    (checks.instance, (tuple,), (1,), (1,)),
     (checks.ranks, (), [np.int64(1), 4], (1, 4)),
     (checks.ranks, (True,), (), ()),
 ]
@@ -67,6 +68,8 @@ ERRORS = [
     (checks.flag, (), 1, "True or False"),
     (checks.choice, (("near", "far"),), "middle", "one of ['near', 'far']"),
     (checks.nonempty_str, (), "", "a non-empty string"),
+    (checks.instance, (int,), "8", "an int"),
+    (checks.instance, (tuple,), [1], "a tuple"),
     (checks.ranks, (), (), "positive integers"),
     (checks.ranks, (), (1, 0), "positive integers"),
     (checks.ranks, (), (1, True), "positive integers"),

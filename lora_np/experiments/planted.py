@@ -117,8 +117,7 @@ class PlantedConfig:
     plant_seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.experiment, ExperimentConfig):
-            raise ValueError(f"PlantedConfig.experiment must be an ExperimentConfig, got {self.experiment!r}")
+        checks.instance(self.experiment, "PlantedConfig.experiment", ExperimentConfig)
         d = self.experiment.model.n_embd
         checks.fields(self, checks.positive_int, "k", "seeds", "span", "sigma_batches")
         checks.fields(self, checks.nonnegative_int, "plant_seed")

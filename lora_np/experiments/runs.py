@@ -74,8 +74,7 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         for name, kind in (("model", GPTConfig), ("pretrain", TrainConfig), ("finetune", TrainConfig),
                            ("lora", LoRAConfig)):
-            if not isinstance(getattr(self, name), kind):
-                raise ValueError(f"ExperimentConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+            checks.instance(getattr(self, name), f"ExperimentConfig.{name}", kind)
         checks.fields(self, checks.positive_number, "full_lr")
         checks.fields(self, checks.rate_grid, "lora_lrs", "full_lrs")
         ranks = checks.ranks(self.ranks, "ExperimentConfig.ranks")

@@ -125,8 +125,7 @@ class StudyConfig:
     seed_phi_size: int = 16  # ... and between two seeds of r = 64 (Fig. 4 shows up to 64; the JSON stays small)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.experiment, ExperimentConfig):
-            raise ValueError(f"StudyConfig.experiment must be an ExperimentConfig, got {self.experiment!r}")
+        checks.instance(self.experiment, "StudyConfig.experiment", ExperimentConfig)
         checks.fields(self, checks.ranks, "qv_ranks", "all_linear_ranks", "rslora_ranks")
         checks.max_rank((*self.qv_ranks, *self.all_linear_ranks, *self.rslora_ranks), self.experiment.model.n_embd,
                         "StudyConfig.experiment.model.n_embd")
