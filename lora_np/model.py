@@ -13,11 +13,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import backend
+from . import backend, checks
 from . import functional as F
 from .engine import Tensor, split
 from .lora import shared_input_linear
-from .nn import Dropout, Embedding, LayerNorm, Linear, Module
+from .nn import DROPOUT_SEED_BOUND, Dropout, Embedding, LayerNorm, Linear, Module
 
 
 @dataclass
@@ -34,23 +34,13 @@ class GPTConfig:
     tie_weights: bool = False  # True: no lm_head, the logits use wte's table transposed (GPT-2 does this)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        checks.fields(self, checks.positive_int, "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.bias, bool):
-            raise ValueError(f"GPTConfig.bias must be True or False, got {self.bias!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"GPTConfig.seed must be a non-negative integer, got {self.seed!r}")
-        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
-                or not 0 < self.layer_norm_eps < 1:
-            raise ValueError(f"GPTConfig.layer_norm_eps must be in (0, 1), got {self.layer_norm_eps!r}")
-        if not isinstance(self.tie_weights, bool):
-            raise ValueError(f"GPTConfig.tie_weights must be True or False, got {self.tie_weights!r}")
+        checks.fields(self, checks.probability, "dropout")
+        checks.fields(self, checks.flag, "bias", "tie_weights")
+        checks.fields(self, checks.nonnegative_int, "seed")
+        checks.fields(self, checks.fraction, "layer_norm_eps")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,8 +54,8 @@ class CausalSelfAttention(Module):
         self.k = Linear(C, C, cfg.bias, gen=gen)
         self.v = Linear(C, C, cfg.bias, gen=gen)
         self.o = Linear(C, C, cfg.bias, std=resid_std, gen=gen)
-        self.attn_drop = Dropout(cfg.dropout, seed=int(gen.integers(2**31)))
-        self.resid_drop = Dropout(cfg.dropout, seed=int(gen.integers(2**31)))
+        self.attn_drop = Dropout(cfg.dropout, seed=int(gen.integers(DROPOUT_SEED_BOUND)))
+        self.resid_drop = Dropout(cfg.dropout, seed=int(gen.integers(DROPOUT_SEED_BOUND)))
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
@@ -91,7 +81,7 @@ class MLP(Module):
         C = cfg.n_embd
         self.up = Linear(C, 4 * C, cfg.bias, gen=gen)
         self.down = Linear(4 * C, C, cfg.bias, std=0.02 / math.sqrt(2 * cfg.n_layer), gen=gen)
-        self.drop = Dropout(cfg.dropout, seed=int(gen.integers(2**31)))
+        self.drop = Dropout(cfg.dropout, seed=int(gen.integers(DROPOUT_SEED_BOUND)))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.down(F.gelu(self.up(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
@@ -115,7 +105,7 @@ class GPT(Module):
         gen = backend.rng(cfg.seed)
         self.wte = Embedding(cfg.vocab_size, cfg.n_embd, gen=gen)  # token embeddings (V, C)
         self.wpe = Embedding(cfg.block_size, cfg.n_embd, gen=gen)  # position embeddings (block_size, C)
-        self.drop = Dropout(cfg.dropout, seed=int(gen.integers(2**31)))
+        self.drop = Dropout(cfg.dropout, seed=int(gen.integers(DROPOUT_SEED_BOUND)))
         self.blocks = [Block(cfg, gen) for _ in range(cfg.n_layer)]
         self.ln_f = LayerNorm(cfg.n_embd, cfg.bias, cfg.layer_norm_eps)
         # Untied (default): the head is its own (C, V) matrix, frozen or trained alone. Tied: no head at all, the
@@ -156,10 +146,9 @@ class GPT(Module):
         re-reads the last block_size tokens, which is simple and fast enough at this size. ``temperature``
         divides the logits; ``top_k`` keeps the k most likely tokens; sampling uses a host generator from ``seed``.
         """
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"generate: temperature must be a finite number > 0, got {temperature}")
-        if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
-            raise ValueError(f"generate: top_k must be in [1, {self.config.vocab_size}], got {top_k}")
+        checks.positive_number(temperature, "generate: temperature")
+        if top_k is not None:
+            top_k = checks.integer(top_k, "generate: top_k", 1, self.config.vocab_size)
         np, gen = backend.np, backend.rng(seed)
         ids = np.array(backend.to_numpy(idx), dtype=np.int64, ndmin=2)
         if ids.ndim != 2 or ids.shape[1] == 0:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import backend
+from . import backend, checks
 from . import functional as F
 from .engine import Tensor, no_grad
 
@@ -191,13 +191,17 @@ class LayerNorm(Module):
         return F.layer_norm(x, self.weight, self.bias, self.eps)
 
 
+# A model gives each of its Dropout layers its own seed, drawn from the model's initialisation generator below this
+# bound (a non-negative int32, which every seeding API accepts): the masks are then fixed by the model's seed. The
+# bound is part of what that seed determines; another would change every mask.
+DROPOUT_SEED_BOUND = 2**31
+
+
 class Dropout(Module):
     """Inverted dropout, active only in training mode; masks come from the module's own seeded generator."""
 
     def __init__(self, p: float = 0.0, seed: int | None = 0) -> None:
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
-        self.p = p
+        self.p = checks.probability(p, "Dropout: p")
         self.gen = backend.rng(seed)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from . import checks
 from .data import BatchSampler, iter_eval_batches
 from .nn import Module
 from .optim import AdamW, clip_grad_norm, cosine_lr
@@ -38,27 +39,12 @@ class TrainConfig:
     seed: int = 0  # data order: equal seeds give equal batches, so runs compare fairly
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "eval_every", "eval_batches"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "seed"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        if self.block_size is not None and (not _is_int(self.block_size) or self.block_size < 1):
-            raise ValueError(f"TrainConfig.block_size must be None or a positive integer, got {self.block_size!r}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
-            if not _is_real(getattr(self, name)) or not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        checks.fields(self, checks.positive_int, "max_steps", "batch_size", "eval_every", "eval_batches")
+        checks.fields(self, checks.nonnegative_int, "warmup_steps", "seed")
+        self.block_size = checks.optional(checks.positive_int, self.block_size, "TrainConfig.block_size")
+        checks.fields(self, checks.nonnegative_number, "lr", "min_lr", "weight_decay", "grad_clip")
         if self.lr <= 0 or self.min_lr > self.lr:
             raise ValueError(f"TrainConfig: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass

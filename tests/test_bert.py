@@ -170,9 +170,9 @@ CONFIG_ERRORS = [  # (change to a valid config.json, the key the message must na
     ({"add_cross_attention": True}, "add_cross_attention=True"),
     ({"num_hidden_layers": None}, r"missing key\(s\) \['num_hidden_layers'\]"),
     ({"num_attention_heads": 3}, "hidden_size=8 must be divisible by num_attention_heads=3"),
-    ({"layer_norm_eps": -1.0}, "layer_norm_eps must be in"),
+    ({"layer_norm_eps": -1.0}, "layer_norm_eps must be a number in"),
     ({"hidden_size": "8"}, "hidden_size must be a positive integer"),
-    ({"hidden_dropout_prob": 1.0}, r"hidden_dropout_prob must be in \[0, 1\)"),
+    ({"hidden_dropout_prob": 1.0}, r"hidden_dropout_prob must be a number in \[0, 1\)"),
 ]
 
 
@@ -306,14 +306,15 @@ FOLDER_ERRORS = {
                                       "intermediate.dense.weight: shape (16, 8), expected (4096, 8)"),
     "null where a number belongs": (_null("hidden_size"), "config.json", "hidden_size must be a positive integer, "
                                     "got None"),
-    "null for the epsilon": (_null("layer_norm_eps"), "config.json", "layer_norm_eps must be in (0, 1), got None"),
+    "null for the epsilon": (_null("layer_norm_eps"), "config.json",
+                             "layer_norm_eps must be a number in (0, 1), got None"),
     "zero heads": (_config(num_attention_heads=0), "config.json", "num_attention_heads must be a positive integer"),
     "negative layers": (_config(num_hidden_layers=-2), "config.json", "num_hidden_layers must be a positive integer"),
     "a float where an integer belongs": (_config(vocab_size=14.0), "config.json", "vocab_size must be a positive "
                                          "integer, got 14.0"),
     "NaN dropout": (_replace("config.json", json.dumps({**hf_config(BertConfig(**TINY)), "hidden_dropout_prob":
                                                         float("nan")}).encode()), "config.json",
-                    "hidden_dropout_prob must be in [0, 1), got nan"),
+                    "hidden_dropout_prob must be a number in [0, 1), got nan"),
     "config not JSON": (_replace("config.json", b"{hidden_size: 8"), "config.json", "is not a JSON file"),
     "config nested 100000 deep": (_replace("config.json", b"[" * 100_000 + b"]" * 100_000), "config.json",
                                   "nested deeper than 32 levels"),

@@ -178,7 +178,7 @@ CONFIG_ERRORS = [
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True"),
     ({"n_head": "drop"}, r"missing key\(s\) \['n_head'\]"),
     ({"n_head": 3}, "n_embd=8 must be divisible by n_head=3"),
-    ({"layer_norm_epsilon": 0}, "layer_norm_eps must be in"),
+    ({"layer_norm_epsilon": 0}, "layer_norm_eps must be a number in"),
 ]
 
 
@@ -280,8 +280,8 @@ def test_defaults_keep_old_configs_and_checkpoints(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [("tie_weights", 1, "tie_weights must be True or False"),
-                                                   ("layer_norm_eps", 0.0, "layer_norm_eps must be in"),
-                                                   ("layer_norm_eps", True, "layer_norm_eps must be in")])
+                                                   ("layer_norm_eps", 0.0, "layer_norm_eps must be a number in"),
+                                                   ("layer_norm_eps", True, "layer_norm_eps must be a number in")])
 def test_new_config_fields_are_validated(field, value, message):
     with pytest.raises(ValueError, match=message):
         GPTConfig(**TINY, **{field: value})

@@ -570,7 +570,7 @@ APPLY_ERRORS = {
     "a dict for the config": (tiny_gpt, lambda m: apply_lora(m, {"r": 2}), TypeError,
                               "expected a LoRAConfig, got dict"),
     "r larger than the targets allow": (tiny_gpt, lambda m: apply_lora(m, targets="all-linear", r=9), ValueError,
-                                        r"LoRA rank r must be at most 8 \(min\(d_in, d_out\) of the targets"),
+                                        r"LoRA rank\(s\) \[9\] exceed 8 \(min\(d_in, d_out\) of the targets"),
     "modules_to_save not in the model": (OneLayer, lambda m: apply_lora(m, targets="q", r=2, modules_to_save=["wte"]),
                                          ValueError, r"modules_to_save \['wte'\] are not modules of OneLayer"),
     "targets not in the model": (OneLayer, lambda m: apply_lora(m, targets="v", r=2),
@@ -601,7 +601,7 @@ def test_apply_lora_refuses_and_leaves_values_and_flags_as_they_were(case, some_
     [
         (dict(r=2, seed=-1), ValueError, r"seed must be a non-negative integer, got -1"),
         (dict(r=2, alpha=math.nan), ValueError, r"LoRAConfig\.alpha"),
-        (dict(r=5), ValueError, r"r must be at most min\(d_in, d_out\) = 4, got 5"),
+        (dict(r=5), ValueError, r"LoRA rank\(s\) \[5\] exceed 4 \(min\(d_in, d_out\)\)"),
         (dict(config=LoRAConfig(), r=2), TypeError, "not both"),
     ],
 )

@@ -129,7 +129,7 @@ def test_lora_adds_per_adapted_layer():
         (None, 4, SMALL.block_size + 1, "block_size"),
         (None, 0, None, "batch_size"),
         (LoRAConfig(), 4, 0, "block_size"),
-        (LoRAConfig(r=SMALL.n_embd + 1), 4, None, r"LoRA rank r must be at most 64 \(n_embd\), got 65"),
+        (LoRAConfig(r=SMALL.n_embd + 1), 4, None, r"LoRA rank\(s\) \[65\] exceed 64 \(n_embd\)"),
     ],
 )
 def test_bad_arguments(lora, batch_size, block_size, match):

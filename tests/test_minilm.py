@@ -187,7 +187,7 @@ def test_methods_are_the_labs():
 
 CONFIG_ERRORS = [
     ({"steps": 0}, "steps must be a positive integer"),
-    ({"warmup_steps": 300}, r"warmup_steps must be an integer in \[0, steps=200\]"),
+    ({"warmup_steps": 300}, r"warmup_steps must be an integer in \[0, 200\] \(at most steps\)"),
     ({"max_length": 600}, r"max_length must be an integer in \[3, 512\]"),
     ({"lora_lrs": (1e-3,)}, "lora_lrs must be at least 2 distinct finite numbers > 0"),
     ({"full_lrs": (1e-4, 1e-4)}, "full_lrs must be at least 2 distinct"),
@@ -196,7 +196,7 @@ CONFIG_ERRORS = [
     ({"seeds": ()}, "seeds must be"),
     ({"probe_lr": 0}, "probe_lr must be a finite number > 0"),
     ({"bootstrap": 0}, "bootstrap must be a positive integer"),
-    ({"ranks": (1, 400)}, r"ranks must be distinct integers in \[1, 384\]"),
+    ({"ranks": (1, 400)}, r"LoRA rank\(s\) \[400\] exceed 384"),
     ({"alpha": 0}, "alpha must be a finite number > 0"),
     ({"data_seed": -1}, "data_seed must be a non-negative integer"),
 ]

@@ -163,7 +163,7 @@ def test_generate_refuses_bad_arguments(case):
 
 @pytest.mark.parametrize("top_k", [0, -1, 12])
 def test_generate_rejects_top_k_out_of_range(top_k):
-    with pytest.raises(ValueError, match=r"top_k must be in \[1, 11\]"):
+    with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, 11\]"):
         tiny_gpt().generate(np.array([[0]]), 1, top_k=top_k)
 
 

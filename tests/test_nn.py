@@ -308,7 +308,7 @@ def test_embedding_and_layer_norm_forward():
 
 @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, float("nan")])
 def test_dropout_rejects_p_outside_0_1(p):
-    with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"Dropout: p must be a number in \[0, 1\)"):
         Dropout(p)
 
 

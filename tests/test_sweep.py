@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lora_np.experiments import ExperimentConfig, runs, sweep_specs
-from lora_np.experiments.runs import check_lr_grid, load_corpora, next_lr, search_lr
+from lora_np.experiments.runs import load_corpora, next_lr, search_lr
 from lora_np.experiments.summary import chosen_runs, compare_runs
 from lora_np.experiments.sweep import run_sweep
 from lora_np.figures import draw, drawable, learned_forgotten
@@ -175,7 +175,6 @@ def test_experiment_config_grids_and_rslora_ranks():
     assert cfg.lora_lrs == (1e-3, 3e-3) and cfg.rslora_ranks == ()
     assert cfg.lr_grid(None) == cfg.full_lrs and cfg.lr_grid(cfg.lora) == cfg.lora_lrs
     assert ExperimentConfig(lora=LoRAConfig(rslora=True), rslora_ranks=()).lora.rslora
-    assert check_lr_grid((3e-3, 1e-3), "x") == (3e-3, 1e-3)
     names = [s.name for s in sweep_specs(ExperimentConfig(rslora_ranks=(1, 4, 16, 64)))]
     assert names[7:11] == ["rslora-r1", "rslora-r4", "rslora-r16", "rslora-r64"]
     assert all(s.lr is None for s in sweep_specs(ExperimentConfig()))  # every method is searched

@@ -1,7 +1,7 @@
 """LoRA on a real pretrained transformer: all-MiniLM-L6-v2 learns the genre of a Bible verse.
 
 The task: a verse of the King James Bible -> its genre (law, history, wisdom, prophets, gospels, letters,
-apocalypse), with train, validation and test verses from disjoint chapters (``data.bible_genre_splits``, split seed
+apocalypse), with train, validation and test verses from disjoint chapters (``genres.bible_genre_splits``, split seed
 ``cfg.data_seed``). At most ``*_per_class`` verses of each genre per split, drawn at random; Revelation is one
 book, so the apocalypse class has fewer (35 validation and 40 test verses in all) and every score is BALANCED: the
 mean over genres of the per-genre accuracy (or cross-entropy), so chance is 1/7 whatever the class sizes. The
@@ -48,27 +48,19 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .. import backend, memory
+from .. import backend, checks, memory
 from .. import functional as F
 from ..bert import Bert, load_minilm
 from ..checkpoint import encode_adapter
-from ..data import GENRES, LabelledTexts, bible_genre_splits
 from ..engine import Tensor
 from ..lora import LoRAConfig, count_parameters, prepare_finetuning
 from ..nn import Linear, Module
 from ..optim import AdamW, clip_grad_norm, cosine_lr
+from .genres import GENRES, LabelledTexts, bible_genre_splits
 from .runs import LR_EXTEND, T975, interval, machine_info, search_lr, to_json
 
 N_GENRES = len(GENRES)
-
-
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
-def _grid(v: Any) -> bool:
-    return isinstance(v, tuple) and len(v) >= 2 and len(set(v)) == len(v) and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in v)
+MINILM_WIDTH = 384  # all-MiniLM-L6-v2's hidden size C: every Linear it has is C x C, C x 4C or 4C x C
 
 
 @dataclass(frozen=True)
@@ -103,42 +95,22 @@ class MiniLMConfig:
     bootstrap: int = 2000  # resamples of the test chapters for each interval
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "bucket_batches", "train_per_class", "val_per_class", "test_per_class",
-                     "probe_steps", "all_linear_rank", "eval_batch_size", "bootstrap"):
-            if not _positive_int(getattr(self, name)):
-                raise ValueError(f"MiniLMConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "lr_extend", "data_seed"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or \
-                    getattr(self, name) < 0:
-                raise ValueError(f"MiniLMConfig.{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"MiniLMConfig.warmup_steps must be an integer in [0, steps={self.steps}], "
-                             f"got {self.warmup_steps!r}")
-        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or not 3 <= self.max_length <= 512:
-            raise ValueError(f"MiniLMConfig.max_length must be an integer in [3, 512] (MiniLM's positions), "
-                             f"got {self.max_length!r}")
-        for name in ("probe_l2s", "lora_lrs", "full_lrs", "ranks", "seeds"):
-            value = getattr(self, name)
-            object.__setattr__(self, name, tuple(value) if isinstance(value, (list, tuple)) else value)
-        for name in ("probe_l2s", "lora_lrs", "full_lrs"):
-            if not _grid(getattr(self, name)):
-                raise ValueError(f"MiniLMConfig.{name} must be at least 2 distinct finite numbers > 0, "
-                                 f"got {getattr(self, name)!r}")
-        if not self.ranks or len(set(self.ranks)) != len(self.ranks) or not all(
-                _positive_int(r) and r <= 384 for r in self.ranks):
-            raise ValueError(f"MiniLMConfig.ranks must be distinct integers in [1, 384], got {self.ranks!r}")
-        if self.all_linear_rank > 384:
-            raise ValueError(f"MiniLMConfig.all_linear_rank must be at most 384, got {self.all_linear_rank}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or len(self.seeds) > len(T975) + 1 or not all(
-                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds):
-            raise ValueError(f"MiniLMConfig.seeds must be 1 to {len(T975) + 1} distinct non-negative integers, "
-                             f"got {self.seeds!r}")
-        for name in ("alpha", "grad_clip", "probe_lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-                    value < 0 or (name != "grad_clip" and value == 0):
-                raise ValueError(f"MiniLMConfig.{name} must be a finite number "
-                                 f"{'>= 0' if name == 'grad_clip' else '> 0'}, got {value!r}")
+        checks.fields(self, checks.positive_int, "steps", "batch_size", "bucket_batches", "train_per_class",
+                      "val_per_class", "test_per_class", "probe_steps", "all_linear_rank", "eval_batch_size",
+                      "bootstrap")
+        checks.fields(self, checks.nonnegative_int, "warmup_steps", "lr_extend", "data_seed")
+        checks.integer(self.warmup_steps, "MiniLMConfig.warmup_steps", 0, self.steps, why="(at most steps)")
+        checks.integer(self.max_length, "MiniLMConfig.max_length", 3, 512, why="(MiniLM's positions)")
+        checks.fields(self, checks.rate_grid, "probe_l2s", "lora_lrs", "full_lrs")
+        checks.fields(self, checks.ranks, "ranks")
+        checks.max_rank((*self.ranks, self.all_linear_rank), MINILM_WIDTH, "min(d_in, d_out) = MiniLM's hidden size")
+        seeds = tuple(self.seeds) if isinstance(self.seeds, (list, tuple)) else self.seeds
+        if not (isinstance(seeds, tuple) and 1 <= len(seeds) <= len(T975) + 1 and len(set(seeds)) == len(seeds)
+                and all(checks.is_int(s) and s >= 0 for s in seeds)):
+            checks.refuse("MiniLMConfig.seeds", f"1 to {len(T975) + 1} distinct non-negative integers", self.seeds)
+        object.__setattr__(self, "seeds", tuple(int(s) for s in seeds))
+        checks.fields(self, checks.positive_number, "alpha", "probe_lr")
+        checks.fields(self, checks.nonnegative_number, "grad_clip")
 
     @classmethod
     def quick(cls, **changes: Any) -> MiniLMConfig:

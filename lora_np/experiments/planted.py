@@ -58,10 +58,18 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .. import analysis, backend
+from .. import analysis, backend, checks
 from ..data import BatchSampler, iter_eval_batches
 from ..functional import _log_softmax, _softmax
-from ..lora import LoRAConfig, count_parameters, lora_layers, prepare_finetuning, resolve_targets, target_layers
+from ..lora import (
+    LoRAConfig,
+    count_parameters,
+    finetuning_mode,
+    lora_layers,
+    prepare_finetuning,
+    resolve_targets,
+    target_layers,
+)
 from ..model import GPT
 from ..nn import Module
 from ..train import TrainConfig, train
@@ -69,9 +77,7 @@ from .runs import (
     T975,
     Corpora,
     ExperimentConfig,
-    check_lr_grid,
     interval,
-    is_rate,
     load_corpora,
     machine_info,
     pretrain_base,
@@ -111,26 +117,20 @@ class PlantedConfig:
     plant_seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.experiment, ExperimentConfig):
-            raise ValueError(f"PlantedConfig.experiment must be an ExperimentConfig, got {self.experiment!r}")
+        checks.instance(self.experiment, "PlantedConfig.experiment", ExperimentConfig)
         d = self.experiment.model.n_embd
-        for name, low in (("k", 1), ("seeds", 1), ("span", 1), ("sigma_batches", 1), ("plant_seed", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"PlantedConfig.{name} must be an integer >= {low}, got {v!r}")
+        checks.fields(self, checks.positive_int, "k", "seeds", "span", "sigma_batches")
+        checks.fields(self, checks.nonnegative_int, "plant_seed")
         if self.seeds > len(T975) + 1:
             raise ValueError(f"PlantedConfig.seeds must be at most {len(T975) + 1}, got {self.seeds}")
         if self.span * self.k > d:
             raise ValueError(f"PlantedConfig: span·k = {self.span * self.k} exceeds n_embd = {d}")
         sv = self.singular_values
-        if (not isinstance(sv, tuple) or len(sv) != self.k or any(
-                isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0) for v in sv)
-                or list(sv) != sorted(sv, reverse=True)):
-            raise ValueError(f"PlantedConfig.singular_values must be k = {self.k} numbers > 0, largest first, "
-                             f"got {sv!r}")
-        for name in ("target_kl", "alpha"):
-            if not is_rate(getattr(self, name)):  # a finite number > 0, as every rate
-                raise ValueError(f"PlantedConfig.{name} must be a number > 0, got {getattr(self, name)!r}")
+        ok = isinstance(sv, tuple) and len(sv) == self.k and all(checks.is_real(v) and math.isfinite(v) and v > 0
+                                                                   for v in sv)
+        if not ok or list(sv) != sorted(sv, reverse=True):
+            checks.refuse("PlantedConfig.singular_values", f"k = {self.k} finite numbers > 0, largest first", sv)
+        checks.fields(self, checks.positive_number, "target_kl", "alpha")
         if not isinstance(self.placements, tuple) or len(self.placements) < 2:
             raise ValueError(f"PlantedConfig.placements must name at least two placements (each teacher's "
                              f"'wrong' matrices are the next placement's), got {self.placements!r}")
@@ -142,14 +142,14 @@ class PlantedConfig:
         if len(set(norm)) != len(norm):
             raise ValueError(f"PlantedConfig.placements repeats a placement: {self.placements!r}")
         object.__setattr__(self, "placements", norm)
+        checks.fields(self, checks.ranks, "ranks")
         r = self.ranks
-        if not isinstance(r, tuple) or not r or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= d
-                                                    for v in r) or list(r) != sorted(set(r)):
-            raise ValueError(f"PlantedConfig.ranks must be increasing integers in [1, n_embd = {d}], got {r!r}")
+        checks.max_rank(r, d, "PlantedConfig.experiment.model.n_embd")
+        if list(r) != sorted(r):
+            checks.refuse("PlantedConfig.ranks", "increasing integers", r)
         if self.k not in r or max(r) <= self.k or min(r) >= self.k:
             raise ValueError(f"PlantedConfig.ranks must hold ranks below k, k = {self.k} itself and above, got {r!r}")
-        for name in ("lora_lrs", "full_lrs"):
-            object.__setattr__(self, name, check_lr_grid(getattr(self, name), f"PlantedConfig.{name}"))
+        checks.fields(self, checks.rate_grid, "lora_lrs", "full_lrs")
 
     @classmethod
     def quick(cls, **changes: Any) -> PlantedConfig:
@@ -358,7 +358,7 @@ def distil(task: Task, method: str, lora: LoRAConfig | None, only: tuple[str, ..
                if (lora is not None and name in adapters)
                or (lora is None and (not only or name.rsplit(".", 1)[1] in only))]
     return {"placement": task.placement, "method": method, "lr": lr, "seed": seed,
-            "mode": "lora" if lora is not None else "partial" if only else "full",
+            "mode": finetuning_mode(lora, only),
             "rank": lora.r if lora else None, "targets": ",".join(lora.targets if lora else only or ("all",)),
             "trainable": count_parameters(model).trainable, "stopped": history.stopped,
             "kl_val": kl_to_teacher(model, task.teacher, val_ids, ecfg),

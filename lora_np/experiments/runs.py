@@ -33,41 +33,17 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from .. import backend, memory
+from .. import backend, checks, memory
 from ..checkpoint import encode_adapter, load_model, save_model
 from ..data import CharTokenizer, iter_eval_batches, load_corpus, train_val_split, train_val_test_split
 from ..engine import NUMERICS_VERSION
 from ..functional import _log_softmax
-from ..lora import LoRAConfig, check_setup, count_parameters, prepare_finetuning
+from ..lora import LoRAConfig, check_setup, count_parameters, finetuning_mode, prepare_finetuning
 from ..model import GPT, GPTConfig
 from ..train import TrainConfig, evaluate, train
 
 if TYPE_CHECKING:
     from ..distributed import DataParallel
-
-
-def is_rate(value: Any) -> bool:
-    """A learning rate: a finite number > 0 (not a bool). The one check of every rate field here."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-
-
-def check_lr_grid(value: Any, what: str) -> tuple[float, ...]:
-    """``value`` as a learning-rate grid for ``search_lr``: at least 2 distinct rates, each ``is_rate``."""
-    grid = tuple(value) if isinstance(value, (list, tuple)) else value
-    if not isinstance(grid, tuple) or len(grid) < 2 or not all(is_rate(v) for v in grid) or len(set(grid)) != len(
-            grid):
-        raise ValueError(f"{what} must be at least 2 distinct finite numbers > 0, got {value!r}")
-    return grid
-
-
-def _check_ranks(value: Any, what: str, allow_empty: bool = False) -> tuple[int, ...]:
-    ranks = tuple(value) if isinstance(value, (list, tuple)) else value
-    if not isinstance(ranks, tuple) or not (ranks or allow_empty) or any(
-            isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
-        raise ValueError(f"{what} must be positive integers, got {value!r}")
-    if len(set(ranks)) != len(ranks):
-        raise ValueError(f"{what} has repeated values: {list(ranks)}")
-    return ranks
 
 
 @dataclass(frozen=True)
@@ -101,18 +77,13 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         for name, kind in (("model", GPTConfig), ("pretrain", TrainConfig), ("finetune", TrainConfig),
                            ("lora", LoRAConfig)):
-            if not isinstance(getattr(self, name), kind):
-                raise ValueError(f"ExperimentConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
-        if not is_rate(self.full_lr):
-            raise ValueError(f"ExperimentConfig.full_lr must be a finite number > 0, got {self.full_lr!r}")
-        for name in ("lora_lrs", "full_lrs"):
-            object.__setattr__(self, name, check_lr_grid(getattr(self, name), f"ExperimentConfig.{name}"))
-        ranks = _check_ranks(self.ranks, "ExperimentConfig.ranks")
-        rs_ranks = _check_ranks(self.rslora_ranks, "ExperimentConfig.rslora_ranks", allow_empty=True)
-        max_r = self.model.n_embd  # every Linear of a block is C x C or C x 4C
-        too_big = sorted({r for r in (*ranks, *rs_ranks, self.lora.r) if r > max_r})
-        if too_big:
-            raise ValueError(f"LoRA rank(s) {too_big} exceed min(d_in, d_out) = n_embd = {max_r} of this model")
+            checks.instance(getattr(self, name), f"ExperimentConfig.{name}", kind)
+        checks.fields(self, checks.positive_number, "full_lr")
+        checks.fields(self, checks.rate_grid, "lora_lrs", "full_lrs")
+        ranks = checks.ranks(self.ranks, "ExperimentConfig.ranks")
+        rs_ranks = checks.ranks(self.rslora_ranks, "ExperimentConfig.rslora_ranks", allow_empty=True)
+        checks.max_rank((*ranks, *rs_ranks, self.lora.r), self.model.n_embd,  # every Linear is C x C or C x 4C
+                        "min(d_in, d_out) = n_embd of this model")
         if rs_ranks and self.lora.rslora:
             raise ValueError("ExperimentConfig.rslora_ranks adds rsLoRA runs next to the α/r ones; with lora.rslora "
                              "the rank series is rsLoRA already: set rslora_ranks=()")
@@ -120,11 +91,9 @@ class ExperimentConfig:
         object.__setattr__(self, "rslora_ranks", rs_ranks)
         object.__setattr__(self, "extra_modules", replace(self.lora, modules_to_save=self.extra_modules)
                            .modules_to_save)  # checked and ordered by LoRAConfig
-        for name in ("pretrain_corpus", "finetune_corpus", "pretrain_prompt", "samples_prompt"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"ExperimentConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
-        if isinstance(self.sample_tokens, bool) or not isinstance(self.sample_tokens, int) or self.sample_tokens < 1:
-            raise ValueError(f"ExperimentConfig.sample_tokens must be a positive integer, got {self.sample_tokens!r}")
+        checks.fields(self, checks.nonempty_str, "pretrain_corpus", "finetune_corpus", "pretrain_prompt",
+                      "samples_prompt")
+        checks.fields(self, checks.positive_int, "sample_tokens")
 
     def lr_grid(self, lora: LoRAConfig | None) -> tuple[float, ...]:
         """The learning-rate grid of a method: ``lora_lrs`` for LoRA, ``full_lrs`` for full fine-tuning of every
@@ -296,17 +265,15 @@ class RunSpec:
     train_only: tuple[str, ...] = ()  # with lora=None: only these Linear layers of every block train ("q,v", ...)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"RunSpec.name must be a non-empty string, got {self.name!r}")
-        if self.lr is not None and not is_rate(self.lr):
-            raise ValueError(f"RunSpec.lr must be None or a finite number > 0, got {self.lr!r}")
+        checks.fields(self, checks.nonempty_str, "name")
+        checks.optional(checks.positive_number, self.lr, "RunSpec.lr")
         only = check_setup(self.lora, self.train_only, "RunSpec", wrong_type=ValueError)
         object.__setattr__(self, "train_only", only)
 
     @property
     def mode(self) -> str:
         """"lora", "full" (every weight) or "partial" (full fine-tuning of the ``train_only`` layers)."""
-        return "lora" if self.lora is not None else "partial" if self.train_only else "full"
+        return finetuning_mode(self.lora, self.train_only)
 
 
 def split_loss(model: GPT, ids: Any, unseen_ids: list[int], block_size: int, batch_size: int,
@@ -335,10 +302,17 @@ def pretrain_val_loss(model: GPT, corpora: Corpora, cfg: ExperimentConfig) -> fl
                     cfg.finetune.eval_batches)
 
 
+# How every sample is drawn, in the experiments and by the command line's ``generate`` (its defaults): a little colder
+# than the model's distribution, and only from the most likely characters, so that a few rare ones do not derail it.
+SAMPLE_TEMPERATURE = 0.8
+SAMPLE_TOP_K = 20
+
+
 def sample_text(model: GPT, tok: CharTokenizer, prompt: str, n: int, seed: int = 0) -> str:
-    """``n`` characters after ``prompt``: temperature 0.8, the 20 most likely characters (all of them, for a
-    vocabulary of fewer)."""
-    ids = model.generate(tok.encode(prompt)[None], n, temperature=0.8, top_k=min(20, tok.vocab_size), seed=seed)
+    """``n`` characters after ``prompt``: at ``SAMPLE_TEMPERATURE``, from the ``SAMPLE_TOP_K`` most likely characters
+    (all of them, for a vocabulary of fewer)."""
+    ids = model.generate(tok.encode(prompt)[None], n, temperature=SAMPLE_TEMPERATURE,
+                         top_k=min(SAMPLE_TOP_K, tok.vocab_size), seed=seed)
     return tok.decode(ids[0])
 
 

@@ -56,14 +56,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import numbers
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from .. import analysis, backend
+from .. import analysis, backend, checks
 from ..data import (
     CharTokenizer,
     load_bible_verses,
@@ -79,7 +78,6 @@ from .runs import (
     Corpora,
     ExperimentConfig,
     RunSpec,
-    check_lr_grid,
     finetune_run,
     machine_info,
     pretrain_base,
@@ -127,30 +125,19 @@ class StudyConfig:
     seed_phi_size: int = 16  # ... and between two seeds of r = 64 (Fig. 4 shows up to 64; the JSON stays small)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.experiment, ExperimentConfig):
-            raise ValueError(f"StudyConfig.experiment must be an ExperimentConfig, got {self.experiment!r}")
-        d = self.experiment.model.n_embd
-        for name in ("qv_ranks", "all_linear_ranks", "rslora_ranks"):
-            ranks = getattr(self, name)
-            if not isinstance(ranks, tuple) or not ranks or any(
-                    isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= d for r in ranks):
-                raise ValueError(f"StudyConfig.{name} must be a tuple of integers in [1, n_embd = {d}], got {ranks!r}")
-        for name in ("lora_lrs", "full_lrs"):
-            lrs = check_lr_grid(getattr(self, name), f"StudyConfig.{name}")
-            if len(lrs) < 3:  # a choice with a tried rate on both sides needs three to start from
-                raise ValueError(f"StudyConfig.{name} must be at least 3 distinct numbers > 0, got {lrs!r}")
-        if not (isinstance(self.rslora_lr, (int, float)) and math.isfinite(self.rslora_lr) and self.rslora_lr > 0):
-            raise ValueError(f"StudyConfig.rslora_lr must be a number > 0, got {self.rslora_lr!r}")
-        if self.side_task not in TASKS:
-            raise ValueError(f"StudyConfig.side_task must be one of {TASKS}, got {self.side_task!r}")
+        checks.instance(self.experiment, "StudyConfig.experiment", ExperimentConfig)
+        checks.fields(self, checks.ranks, "qv_ranks", "all_linear_ranks", "rslora_ranks")
+        checks.max_rank((*self.qv_ranks, *self.all_linear_ranks, *self.rslora_ranks), self.experiment.model.n_embd,
+                        "StudyConfig.experiment.model.n_embd")
+        for name in ("lora_lrs", "full_lrs"):  # a choice with a tried rate on both sides needs three to start from
+            object.__setattr__(self, name, checks.rate_grid(getattr(self, name), f"StudyConfig.{name}", at_least=3))
+        checks.fields(self, checks.positive_number, "rslora_lr")
+        checks.choice(self.side_task, "StudyConfig.side_task", TASKS)
         need = {4, 8, 64} - set(self.qv_ranks)  # the analyses read r = 4, 8, 64 (Table 7, Fig. 3 and 4)
         if need:
             raise ValueError(f"StudyConfig.qv_ranks must hold 4, 8 and 64 (the §7 analyses use them), lacks {need}")
-        for name in ("code_chars", "cipher_seed", "phi_size", "seed_phi_size", "lr_extend"):
-            v = getattr(self, name)
-            low = 0 if name in ("cipher_seed", "lr_extend") else 1
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"StudyConfig.{name} must be an integer >= {low}, got {v!r}")
+        checks.fields(self, checks.positive_int, "code_chars", "phi_size", "seed_phi_size")
+        checks.fields(self, checks.nonnegative_int, "cipher_seed", "lr_extend")
 
     @classmethod
     def quick(cls, **changes: Any) -> StudyConfig:
@@ -307,10 +294,9 @@ PHI_CHANCE = 10.83
 def phi_verdict(phi11: float, d: int) -> str:
     """What φ(1, 1) between two adapters' A says, against chance in R^d: "shared (> 0.5)" (the paper's reading of
     Fig. 3), "above chance" (d·φ > 10.83, p ≈ 0.001 for random directions) or "at chance"."""
-    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-        raise ValueError(f"phi_verdict: d must be a positive integer, got {d!r}")
-    if isinstance(phi11, bool) or not (isinstance(phi11, numbers.Real) and -1e-9 <= phi11 <= 1 + 1e-9):
-        raise ValueError(f"phi_verdict: φ(1, 1) must be a number in [0, 1], got {phi11!r}")
+    checks.positive_int(d, "phi_verdict: d")
+    if not (checks.is_real(phi11) and -1e-9 <= phi11 <= 1 + 1e-9):
+        checks.refuse("phi_verdict: φ(1, 1)", "a number in [0, 1]", phi11)
     if phi11 > PHI_SHARED:
         return "shared (> 0.5)"
     return "above chance" if d * phi11 > PHI_CHANCE else "at chance"

@@ -61,10 +61,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import checks
 from ..lora import (
     TARGETS,
     LoRAConfig,
     check_setup,
+    finetuning_mode,
     lora_layers,
     resolve_train_only,
     target_layers,
@@ -124,7 +126,7 @@ def count_trainable(config: GPTConfig, lora: LoRAConfig | None, train_only: Sequ
     base = sum(top.values()) + config.n_layer * (2 * layer_norm + sum(linear_params.values()))
     if lora is None:
         return base, (config.n_layer * sum(linear_params[t] for t in only) if only else base)
-    _check_rank(config, lora)
+    checks.max_rank(lora.r, config.n_embd, "n_embd")  # every target is C x C or C x 4C
     adapters = config.n_layer * sum(lora.r * (d_in + d_out) + (d_out if lora.dora else 0)  # DoRA: m (d_out,)
                                     for t, (d_in, d_out) in linears.items() if t in lora.targets)
     return base + adapters, adapters + sum(top[m] for m in lora.modules_to_save)
@@ -149,7 +151,7 @@ def analytic_ledger(config: GPTConfig, lora: LoRAConfig | None, batch_size: int,
     only = resolve_train_only(train_only)
     acts = _replay_forward(config, lora, batch_size, T, dtype_bytes, only)
     return Ledger(weights=total * dtype_bytes, gradients=trainable * dtype_bytes,
-                  optimizer=2 * trainable * dtype_bytes, activations=acts, mode=_mode(lora, only))
+                  optimizer=2 * trainable * dtype_bytes, activations=acts, mode=finetuning_mode(lora, only))
 
 
 def ledger_of(model: GPT, batch_size: int, block_size: int | None = None) -> Ledger:
@@ -173,16 +175,6 @@ def ledger_of(model: GPT, batch_size: int, block_size: int | None = None) -> Led
         return analytic_ledger(model.config, None, batch_size, block_size, dtype_bytes, train_only=only)
     raise ValueError("ledger_of: a model without LoRA must train every parameter (full fine-tuning) or exactly the "
                      "Linear layers of some targets (train_only) to be modelled")
-
-
-def _mode(lora: LoRAConfig | None, train_only: Sequence[str] = ()) -> str:
-    """"lora", "full" or "partial" (full fine-tuning of the train_only layers): the ``RunSpec.mode`` names."""
-    return "lora" if lora is not None else "partial" if train_only else "full"
-
-
-def _check_rank(config: GPTConfig, lora: LoRAConfig) -> None:
-    if lora.r > config.n_embd:  # every target is C x C or C x 4C
-        raise ValueError(f"LoRA rank r must be at most {config.n_embd} (n_embd), got {lora.r}")
 
 
 # -- the replay of GPT.forward on sizes ----------------------------------------------------------------------------

@@ -101,13 +101,23 @@ def measure_step(model: Module, optimizer: Optimizer, x: Any, y: Any, warmup_ste
     return Measured(weights, gradients, optimizer.state_nbytes(), activations, traced_peak)
 
 
+# The optimizer of every measured step. Its state's bytes do not depend on these settings (m and v have the shapes of
+# the parameters whatever the rate), but one setting for every measurement keeps them the same step.
+MEASURE_LR = 1e-3
+MEASURE_WEIGHT_DECAY = 0.01
+
+
+def _optimizer(model: GPT) -> AdamW:
+    return AdamW(model.trainable_parameters(), lr=MEASURE_LR, weight_decay=MEASURE_WEIGHT_DECAY)
+
+
 def compare(config: GPTConfig, lora: LoRAConfig | None, batch_size: int, block_size: int | None = None,
             seed: int = 0, train_only: Sequence[str] | str = ()) -> tuple[Ledger, Measured]:
     """The analytic ledger and the measured step for the same model, ``GPT(config)`` set up with ``lora`` (None:
-    full fine-tuning; with ``train_only``, of those layers only), with AdamW (lr 1e-3, weight decay 0.01), on a
-    batch of random token ids (int64)."""
+    full fine-tuning; with ``train_only``, of those layers only), with AdamW (``MEASURE_LR``,
+    ``MEASURE_WEIGHT_DECAY``), on a batch of random token ids (int64)."""
     model = prepare_finetuning(GPT(config), lora, train_only)
-    opt = AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=0.01)
+    opt = _optimizer(model)
     T = config.block_size if block_size is None else block_size
     gen = backend.rng(seed)
     x, y = (gen.integers(0, config.vocab_size, size=(batch_size, T)) for _ in range(2))  # int64, on the host
@@ -121,7 +131,7 @@ def measure_model(model: GPT, train_ids: Any, batch_size: int, block_size: int |
     T = block_size or model.config.block_size
     x, y = BatchSampler(train_ids, T, batch_size, seed).sample()
     ledger = ledger_of(model, batch_size, T)
-    opt = AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=0.01)
+    opt = _optimizer(model)
     measured = measure_step(model, opt, x, y)
     return {"mode": ledger.mode, "batch_size": batch_size, "block_size": T,
             "analytic": ledger.to_dict(), "measured": measured.to_dict()}
