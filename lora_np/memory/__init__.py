@@ -19,12 +19,14 @@ One concern per file:
                  docstring derives every term of the activations
     measure.py   the measurement: ``measure_step`` runs one real step under ``tracemalloc``; ``compare``,
                  ``measure_model``, ``format_table`` and ``format_comparison`` put it next to the prediction
-    paper.py     the paper's GPT-3 175B numbers, recomputed (``gpt3_example``)
+    paper.py     the papers' numbers, recomputed: GPT-3 175B (``gpt3_example``), QLoRA's 65B on one 48 GB GPU
+                 (``qlora_65b_example``)
 """
 
 from .ledger import CATEGORIES, MIB, Ledger, analytic_ledger, count_trainable, ledger_of
 from .measure import Measured, compare, format_comparison, format_table, measure_model, measure_step
-from .paper import gpt3_example
+from .paper import gpt3_example, qlora_65b_example
 
 __all__ = ["CATEGORIES", "MIB", "Ledger", "Measured", "analytic_ledger", "compare", "count_trainable",
-           "format_comparison", "format_table", "gpt3_example", "ledger_of", "measure_model", "measure_step"]
+           "format_comparison", "format_table", "gpt3_example", "ledger_of", "measure_model", "measure_step",
+           "qlora_65b_example"]
