@@ -3,7 +3,8 @@
 A training step holds four kinds of arrays (Hu et al. 2021, §4.2: LoRA needs no gradient and no optimizer
 state for the frozen weights):
 
-    weights       every parameter, trainable or frozen (for LoRA: W, b, ... and every A and B)
+    weights       every parameter, trainable or frozen (for LoRA: W, b, ... and every A and B); a 4-bit W
+                  (QLoRA, ``qlora.quantize_base``) at its stored bytes, ``Ledger.quantized``
     gradients     one ``.grad`` per TRAINABLE parameter: backward allocates no gradient for a frozen W
     optimizer     AdamW's m and v: 2 × the trainable numbers, allocated on a parameter's first step
     activations   what the autograd graph keeps alive from the forward pass until backward is done
