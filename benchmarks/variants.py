@@ -1,13 +1,14 @@
-"""DoRA and PiSSA against plain LoRA on the sweep's task, each at its own learning rate (issue 20).
+"""DoRA, PiSSA and QLoRA against plain LoRA on the sweep's task, each at its own learning rate (issue 20).
 
     python benchmarks/variants.py --quick              # the quick configuration: seconds
-    python benchmarks/variants.py                      # the sweep's full configuration (r = 8 on q, v): long
+    python benchmarks/variants.py --out results/variants.json   # the sweep's full configuration (r = 8 on q, v)
     python benchmarks/variants.py --r 4 --out benchmarks/results/variants.json
 
 The experiment is ``lora_np.experiments.variants.run_variants``: the same base model, steps and batches for every
 method, the learning rate chosen on the validation loss (``search_lr``), the test loss of the chosen run reported.
-This script prints one line per method and, with ``--out``, writes the results as JSON. One seed: the second plain
-LoRA run (another initialisation seed) is the yardstick for differences that a seed alone makes.
+This script prints one line per method (and one for the untrained 4-bit base) and, with ``--out``, writes the
+results as JSON (notebook 10 reads ``results/variants.json``). One seed: the second plain LoRA run (another
+initialisation seed) is the yardstick for differences that a seed alone makes.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def report(results: dict[str, Any]) -> str:
              f"{'s/step':>7}",
              f"{'base':<16} {'':>7} {'':>8} {base['finetune_val_loss']:>7.4f} {base['finetune_test_loss']:>7.4f} "
              f"{base['pretrain_val_loss']:>8.4f} {0:>9,} {'':>7}"]
+    for q in results.get("quantized_bases", []):  # the base in 4 bits, untrained: what quantizing alone cost
+        name = f"base {q['base_quant']['kind']}{'+dq' if q['base_quant']['double_quant'] else ''}"
+        lines.append(f"{name:<16} {'':>7} {'':>8} {q['finetune_val_loss']:>7.4f} {q['finetune_test_loss']:>7.4f} "
+                     f"{q['pretrain_val_loss']:>8.4f} {0:>9,} {'':>7}")
     for run in runs:
         search = results["lr_search"][run["method"]]
         lines.append(f"{run['method']:<16} {run['lr']:>7.0e} {str(search['interior']):>8} "
@@ -45,6 +50,12 @@ def report(results: dict[str, Any]) -> str:
         gap = run["test_loss"] - plain["test_loss"]
         told = "larger than the seed gap" if abs(gap) > abs(seed_gap) else "within the seed gap: not told apart"
         lines.append(f"  {run['method']:<14} {gap:+.4f} ({told})")
+    qlora = next((run for run in variants if run.get("base_quant")), None)
+    if qlora is not None and results.get("quantized_bases"):  # does LoRA recover what quantization cost?
+        cost = results["quantized_bases"][0]["finetune_test_loss"] - base["finetune_test_loss"]
+        lines.append(f"the 4-bit base before training: {cost:+.4f} test loss against the float base; after "
+                     f"fine-tuning, {qlora['method']} against {plain['method']}: "
+                     f"{qlora['test_loss'] - plain['test_loss']:+.4f}")
     return "\n".join(line.rstrip() for line in lines)
 
 

@@ -613,3 +613,150 @@ def check_allreduce_bytes(allreduce_bytes: Callable[[GPTConfig, int, tuple[str, 
         _number(f"allreduce_bytes(n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, r={r}, {targets})", got, expected,
                 why)
     return "4 bytes × r·(d_in + d_out) per adapted matrix per block: the trainable count, nothing frozen"
+
+
+# -- notebook 10: LoRA in practice (a 4-bit base, many adapters in one batch, the variants) ----------------------
+# Self-contained: the block imports what it checks against where it is used, so the rest of this file does not
+# depend on the quantizer.
+
+
+@_exercise("10 · a blockwise absmax round trip")
+def check_absmax_round_trip(round_trip: Callable[[Any, Any, int], Any]) -> str:
+    """``round_trip(W, levels, block) -> W_hat``: W's numbers cut into blocks of ``block`` (row-major), each block
+    divided by its largest |w|, each number replaced by the nearest of the 16 sorted ``levels``, then multiplied back:
+    what ``quantize`` stores and ``dequantize`` gives back, W's shape kept."""
+    from .quantize import CODE_BOOKS, QuantConfig, quantize
+
+    gen = np.random.default_rng(110)
+    for kind, shape, block in (("nf4", (8, 16), 16), ("uniform4", (6, 10), 4), ("nf4", (4, 32), 64)):
+        W = gen.standard_normal(shape) * 0.02
+        W[0, :3] = 0.0  # a few exact zeros: NF4 keeps them exactly
+        levels = CODE_BOOKS[kind]()
+        expected = backend.to_numpy(quantize(W, QuantConfig(kind, block)).dequantize()).astype(np.float64)
+        got = _array("W_hat", _call(round_trip, W.copy(), levels.copy(), block))
+        # the usual slips, in float64 as a student computes them
+        absmax = np.abs(W.reshape(-1, block)).max(axis=1, keepdims=True)  # (n_blocks, 1)
+        scaled = W.reshape(-1, block) / absmax  # in [-1, 1]
+        nearest = levels[np.abs(scaled[..., None] - levels).argmin(axis=-1)]  # (n_blocks, block)
+        below = levels[np.clip(np.searchsorted(levels, scaled, side="right") - 1, 0, 15)]  # the level at or below
+        unit = W / np.abs(W).max()  # one scale for the whole W
+        _known_slips("W_hat", got, {
+            "one absmax for the whole W: each block of `block` numbers has its own scale (an outlier then costs "
+            "only its own block its precision)": levels[np.abs(unit[..., None] - levels).argmin(axis=-1)]
+                                                 * np.abs(W).max(),
+            "the levels are in [-1, 1]: multiply each block back by its absmax": nearest.reshape(shape),
+            "that is the level at or below each number; take the NEAREST level": (below * absmax).reshape(shape),
+        })
+        _compare("W_hat", got, expected, f"W_hat has W's shape {shape}", rtol=1e-5)
+    return "the same numbers as quantize(W).dequantize(), for NF4 and for 16 evenly spaced levels"
+
+
+@_exercise("10 · the bytes of a 4-bit weight")
+def check_stored_bytes(stored_bytes: Callable[[int, int, bool], int]) -> str:
+    """``stored_bytes(size, block, double_quant)``: the bytes of a weight of ``size`` numbers in 4 bits: two codes a
+    byte, and per block of ``block`` numbers one float32 scale, or, with double quantization, one 8-bit scale plus a
+    float32 absmax per group of 256 scales (the last group may be short) and one float32 mean for the weight."""
+    from .quantize import QuantConfig, stored_nbytes
+
+    for size, block, dq in ((4096, 64, False), (16384, 64, True), (64 * 300, 64, True), (1_048_576, 64, True),
+                            (240, 8, False)):
+        got = _call(stored_bytes, size, block, dq)
+        expected = stored_nbytes(size, QuantConfig(block=block, double_quant=dq))
+        slips = {"the codes alone: every block also stores its scale": size / 2,
+                 "a 4-bit code is half a byte: two codes share one byte": size + expected - size // 2}
+        if dq:
+            slips["with double quantization each group of 256 scales also keeps a float32 absmax, and the weight a "
+                  "float32 mean"] = size / 2 + size // block
+        _known_slips(f"stored_bytes({size}, {block}, {dq})", got, {k: np.float64(v) for k, v in slips.items()})
+        _number(f"stored_bytes({size}, {block}, {dq})", got, expected,
+                "count the codes (½ byte a number), then the scales (4 bytes per block, or with double quantization "
+                "1 byte per block + 4 per group of 256 blocks, rounded up, + 4 for the mean)")
+    return "½ byte a number + the scales: 0.5625 byte a number at block 64, 0.516 with double quantization"
+
+
+@_exercise("10 · many adapters in one batch")
+def check_mixed_batch(mixed_batch: Callable[..., Any]) -> str:
+    """``mixed_batch(x, W, A, B, s, ids) -> y``: x (n, L, d_in), W (d_in, d_out), A (K, d_in, r), B (K, r, d_out),
+    s (K,), ids (n,): y_i = x_i @ W + s[k] · (x_i @ A[k]) @ B[k] with k = ids[i], for every sample i."""
+    gen = np.random.default_rng(111)
+    for n, L, d_in, d_out, r, K, ids in ((5, 3, 6, 4, 2, 3, [2, 0, 2, 1, 0]), (4, 2, 5, 7, 3, 4, [3, 3, 1, 2])):
+        x, W = gen.standard_normal((n, L, d_in)), gen.standard_normal((d_in, d_out))
+        A, B = gen.standard_normal((K, d_in, r)), gen.standard_normal((K, r, d_out))
+        s, ids = gen.uniform(0.5, 2.0, K), np.array(ids)
+        got = _array("y", _call(mixed_batch, x, W, A, B, s, ids))
+        # each sample alone through its adapter merged into W: what the batch must equal
+        merged = np.stack([x[i] @ (W + s[k] * A[k] @ B[k]) for i, k in enumerate(ids)])
+        _known_slips("y", got, {
+            "every sample ran with adapter 0: gather each sample's own A[ids[i]] and B[ids[i]]":
+                np.stack([x[i] @ (W + s[0] * A[0] @ B[0]) for i in range(n)]),
+            "the scale s[k] is missing": np.stack([x[i] @ (W + A[k] @ B[k]) for i, k in enumerate(ids)]),
+            "sample i ran with adapter i mod K: the adapter of sample i is ids[i]":
+                np.stack([x[i] @ (W + s[i % K] * A[i % K] @ B[i % K]) for i in range(n)]),
+            "only the base x @ W: the adapter's path is missing": x @ W,
+        })
+        _compare("y", got, merged, f"y has shape (n, L, d_out) = {(n, L, d_out)}")
+    return "each sample equals itself alone through its adapter merged into W"
+
+
+VARIANTS_LETTERS = ("a", "b", "c", "d", "e")
+
+
+def variants_gaps(results: dict[str, Any]) -> dict[str, float]:
+    """From the variants comparison (``run_variants``'s dict or results/variants.json): each variant's test loss
+    minus plain LoRA's ("dora", "pissa", "qlora") and the yardstick, "seed": the second seed of plain LoRA minus
+    the first. Plain LoRA is the first method, the yardstick the last (``variants_specs``' order)."""
+    runs = [r for r in results["runs"] if r.get("chosen", True)]
+    plain, yardstick = runs[0], runs[-1]
+    gaps = {"seed": yardstick["test_loss"] - plain["test_loss"]}
+    for run in runs[1:-1]:
+        gaps[run["method"].split("-")[0]] = run["test_loss"] - plain["test_loss"]
+    missing = {"dora", "pissa", "qlora"} - set(gaps)
+    if missing:
+        raise ValueError(f"variants_gaps: the results lack {sorted(missing)} (run_variants' methods)")
+    return gaps
+
+
+def variants_readings(results: dict[str, Any]) -> dict[str, str | None]:
+    """Each option of notebook 10's reading exercise -> None if ``results`` support it, else why not (with the
+    numbers). Test losses; a difference is 'told apart' when it exceeds the two seeds' difference of plain LoRA."""
+    g = variants_gaps(results)
+    y = abs(g["seed"])
+    names = {"dora": "DoRA", "pissa": "PiSSA", "qlora": "LoRA on the 4-bit base"}
+    said = {m: f"{names[m]} − plain LoRA = {g[m]:+.4f} nats, against {y:.4f} between plain LoRA's two seeds"
+            for m in names}
+    apart = [m for m in names if abs(g[m]) > y]
+    return {
+        # (a) DoRA ends better than plain LoRA, by more than one seed's difference.
+        "a": None if g["dora"] < -y else f"{said['dora']}: " + (
+            "DoRA ends worse" if g["dora"] >= 0 else "better, but by no more than a seed alone moves it"),
+        # (b) PiSSA ends better than plain LoRA, by more than one seed's difference.
+        "b": None if g["pissa"] < -y else f"{said['pissa']}: " + (
+            "PiSSA ends worse" if g["pissa"] >= 0 else "better, but by no more than a seed alone moves it"),
+        # (c) Fine-tuning on the 4-bit base ends worse than on the float base, by more than one seed's difference.
+        "c": None if g["qlora"] > y else f"{said['qlora']}: " + (
+            "the 4-bit base ends no worse" if g["qlora"] <= 0 else "worse, but by no more than a seed alone moves it"),
+        # (d) None of the three is told apart from plain LoRA.
+        "d": None if not apart else "; ".join(said[m] for m in apart) + ": larger than the seeds' difference",
+        # (e) At least one of the three is told apart from plain LoRA, in one direction or the other.
+        "e": None if apart else "every difference is within the seeds' difference: " + "; ".join(
+            said[m] for m in names),
+    }
+
+
+def check_variants_reading(reading: Callable[[], str], results: dict[str, Any]) -> None:
+    """``reading()``: returns the letter of a reading of notebook 10's comparison that ``results`` (the variants
+    comparison, as the notebook runs or reads it) support. Several options can be right; each depends on the run."""
+    verdicts = variants_readings(results)  # first: results without the methods are not the student's error
+
+    @_exercise("10 · reading the variants comparison")
+    def check(answer: Callable[[], str]) -> str:
+        got = _call(answer)
+        letter = str(got).strip().lower().strip("()")
+        if letter not in verdicts:
+            raise ExerciseError(f"answer with one of the letters {', '.join(VARIANTS_LETTERS)}; got {got!r}")
+        if verdicts[letter] is not None:
+            raise ExerciseError(f"({letter}) does not follow: {verdicts[letter]}")
+        return ("one pair of seeds is a yardstick, a lower bound on the noise: a difference beyond it is worth "
+                "another look with more seeds, not yet a significant one")
+
+    check(reading)

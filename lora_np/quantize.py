@@ -203,6 +203,15 @@ def quantize_uniform4(W: Any, block: int = 64, double_quant: bool = False) -> Qu
     return quantize(W, QuantConfig("uniform4", block, double_quant))
 
 
+def stored_nbytes(size: int, config: QuantConfig) -> int:
+    """The bytes ``quantize`` stores for a weight of ``size`` numbers (a multiple of ``config.block``): ½ a number of
+    codes + the block scales (4 bytes each, or with double quantization 1 byte each + a float32 per group of 256
+    + the float32 mean). ``Quantized4bit.nbytes`` from the size alone: the memory ledger counts 4-bit weights so."""
+    n_blocks = size // config.block
+    scales = n_blocks + 4 * -(-n_blocks // SCALE_BLOCK) + 4 if config.double_quant else 4 * n_blocks
+    return size // 2 + scales
+
+
 def dequantize(q: Quantized4bit, dtype: Any = None) -> Any:
     """``q.dequantize(dtype)``: the weight back as a float array of its shape (float32 unless ``dtype``)."""
     return q.dequantize(dtype)

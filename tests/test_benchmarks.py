@@ -56,9 +56,10 @@ def test_multi_adapter_quick_prints_speed_and_memory():
 
 def test_variants_quick_prints_every_method_against_plain_lora():
     out = run("variants.py", "--quick")
-    for method in ("lora-r8", "dora-r8", "pissa-r8", "lora-r8-seed1"):
+    for method in ("base nf4+dq", "lora-r8", "dora-r8", "pissa-r8", "qlora-r8", "lora-r8-seed1"):
         assert f"\n{method} " in out
     assert "a second seed of plain LoRA moved it by" in out and "quick configuration" in out
+    assert "the 4-bit base before training:" in out
 
 
 def test_allreduce_quick_counts_the_bytes_and_draws(tmp_path):

@@ -61,6 +61,25 @@ def _inv_sqrt(sigma):
     return (evecs / np.sqrt(evals)) @ evecs.T
 
 
+def round_trip(W, levels, block):  # notebook 10: blockwise absmax, nearest level, back
+    blocks = W.reshape(-1, block)
+    absmax = np.abs(blocks).max(axis=1, keepdims=True)
+    return (levels[np.abs((blocks / absmax)[..., None] - levels).argmin(axis=-1)] * absmax).reshape(W.shape)
+
+
+def stored_bytes(size, block, double_quant):
+    n_blocks = size // block
+    return size // 2 + (n_blocks + 4 * -(-n_blocks // 256) + 4 if double_quant else 4 * n_blocks)
+
+
+def mixed_batch(x, W, A, B, s, ids):
+    return x @ W + s[ids][:, None, None] * (x @ A[ids] @ B[ids])
+
+
+RIGHT += [(ex.check_absmax_round_trip, round_trip), (ex.check_stored_bytes, stored_bytes),
+          (ex.check_mixed_batch, mixed_batch)]
+
+
 @pytest.mark.parametrize("check, answer", RIGHT, ids=lambda v: getattr(v, "__name__", ""))
 def test_the_right_answer_passes(check, answer, capsys):
     assert check(answer) is None  # nothing returned: the notebook shows the printed verdict only
@@ -129,6 +148,23 @@ WRONG = [
     (ex.check_spectrum_reading, lambda: "b", "differ by 0.0033 (near)"),
     (ex.check_spectrum_reading, lambda: "d", "ceiling, not a target"),
     (ex.check_spectrum_reading, lambda: 2, "one of the letters"),
+    (ex.check_absmax_round_trip, lambda W, lv, b: round_trip(W.reshape(1, -1), lv, W.size).reshape(W.shape),
+     "one absmax for the whole W"),
+    (ex.check_absmax_round_trip, lambda W, lv, b: round_trip(W, lv, b) / np.repeat(
+        np.abs(W.reshape(-1, b)).max(axis=1), b).reshape(W.shape), "multiply each block back"),
+    (ex.check_absmax_round_trip, lambda W, lv, b: round_trip(W, lv, b).T, "transposed shape"),
+    (ex.check_absmax_round_trip, lambda W, lv, b: round_trip(W, np.linspace(-1, 1, 16), b), "wrong values"),
+    (ex.check_stored_bytes, lambda size, block, dq: size / 2, "the codes alone"),
+    (ex.check_stored_bytes, lambda size, block, dq: size + stored_bytes(size, block, dq) - size // 2,
+     "two codes share one byte"),
+    (ex.check_stored_bytes, lambda size, block, dq: size // 2 + (size // block if dq else 4 * size // block),
+     "float32 absmax"),
+    (ex.check_stored_bytes, lambda size, block, dq: size // 2 + 4 * size // block, "stored_bytes(16384, 64, True)"),
+    (ex.check_mixed_batch, lambda x, W, A, B, s, ids: x @ W + s[0] * (x @ A[0] @ B[0]), "adapter 0"),
+    (ex.check_mixed_batch, lambda x, W, A, B, s, ids: x @ W + x @ A[ids] @ B[ids], "scale s[k] is missing"),
+    (ex.check_mixed_batch, lambda x, W, A, B, s, ids: x @ W, "the adapter's path is missing"),
+    (ex.check_mixed_batch, lambda x, W, A, B, s, ids: mixed_batch(x, W, A, B, s, np.arange(len(ids)) % len(s)),
+     "ids[i]"),
 ]
 
 
@@ -338,3 +374,61 @@ def test_allreduce_bytes_check_names_the_usual_slips():
         ex.check_allreduce_bytes(lambda cfg, r, targets: right(cfg, r, targets) // 4)
     with pytest.raises(ex.ExerciseError, match="full fine-tuning's buffer"):
         ex.check_allreduce_bytes(lambda cfg, r, targets: 4 * count_trainable(cfg, None)[1])
+
+
+# -- notebook 10: the reading exercise, on synthetic results ----------------------------------------------------
+def variants_results(lora, dora, pissa, qlora, seed1):
+    # the chosen runs of run_variants, in variants_specs' order, with their test losses (and an unchosen row)
+    names = ["lora-r8", "dora-r8", "pissa-r8", "qlora-r8", "lora-r8-seed1"]
+    runs = [{"method": n, "test_loss": t, "chosen": True} for n, t in zip(names, (lora, dora, pissa, qlora, seed1))]
+    return {"runs": [{"method": "lora-r8", "test_loss": 9.0, "chosen": False}, *runs]}
+
+
+VARIANTS_CASES = [
+    # seed gap 0.01: PiSSA better beyond it, DoRA within, the 4-bit base worse beyond it
+    (variants_results(2.50, 2.495, 2.47, 2.53, 2.51),
+     {"a": "better, but by no more", "b": None, "c": None, "d": "larger than the seeds' difference", "e": None}),
+    # every variant within the seed gap (0.02), one of them worse
+    (variants_results(2.50, 2.51, 2.49, 2.515, 2.48),
+     {"a": "DoRA ends worse", "b": "better, but by no more", "c": "worse, but by no more", "d": None,
+      "e": "every difference is within"}),
+    # DoRA better beyond the gap, the 4-bit base better too (so (c) is refuted by its sign)
+    (variants_results(2.50, 2.40, 2.52, 2.45, 2.505),
+     {"a": None, "b": "PiSSA ends worse", "c": "the 4-bit base ends no worse", "d": "DoRA − plain LoRA = -0.1000",
+      "e": None}),
+]
+VARIANTS_VERDICTS = [(r, letter, words) for r, verdicts in VARIANTS_CASES for letter, words in verdicts.items()]
+
+
+@pytest.mark.parametrize("results, letter, words", VARIANTS_VERDICTS)
+def test_the_variants_reading_follows_the_results(results, letter, words, capsys):
+    if words is None:  # a right reading of this run passes, in any of the notebook's spellings
+        for spelling in (letter, f"({letter.upper()}) "):
+            ex.check_variants_reading(lambda spelling=spelling: spelling, results)
+            assert capsys.readouterr().out.startswith("passed: 10")
+        return
+    with pytest.raises(ex.ExerciseError) as err:
+        ex.check_variants_reading(lambda: letter, results)
+    message = str(err.value)
+    assert message.startswith("10 · ") and f"({letter}) does not follow" in message and words in message, message
+    assert not [o for o in ex.VARIANTS_LETTERS if o != letter and f"({o})" in message], message  # names no other
+    assert capsys.readouterr().out == ""
+
+
+def test_the_variants_reading_not_attempted_other_letters_and_missing_results(capsys):
+    results = VARIANTS_CASES[0][0]
+    ex.check_variants_reading(stub, results)
+    ex.check_variants_reading(None, results)
+    assert capsys.readouterr().out.count("not attempted yet") == 2
+    with pytest.raises(ex.ExerciseError, match="one of the letters"):
+        ex.check_variants_reading(lambda: "f", results)
+    without = {"runs": [r for r in results["runs"] if r["method"] != "pissa-r8"]}
+    with pytest.raises(ValueError, match="pissa"):  # the notebook's error, not the student's
+        ex.check_variants_reading(lambda: "b", without)
+
+
+def test_one_of_d_and_e_is_always_right():
+    # (d) and (e) negate each other, so every run has a right reading
+    for results, _ in VARIANTS_CASES:
+        verdicts = ex.variants_readings(results)
+        assert (verdicts["d"] is None) != (verdicts["e"] is None)

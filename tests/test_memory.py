@@ -24,6 +24,8 @@ import pytest
 from lora_np import memory
 from lora_np.lora import LoRAConfig, count_parameters, prepare_finetuning
 from lora_np.model import GPT, GPTConfig
+from lora_np.qlora import quantize_base, quantized_weights
+from lora_np.quantize import QuantConfig, quantize, stored_nbytes
 
 KIB = 1024
 SMALL = GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=64)
@@ -220,3 +222,48 @@ def test_gpt3_numbers():
     assert g["lora_training_bytes"]["value"] == pytest.approx(350e9, rel=1e-3)  # the paper's "350GB"
     assert g["vram_saving"]["value"] == pytest.approx(2 / 3, abs=1e-3)  # "up to 2/3"
     assert all(isinstance(v["formula"], str) and v["formula"] for v in g.values())
+
+
+# -- QLoRA: the frozen W in 4 bits ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size, config", [(4096, QuantConfig()), (4096, QuantConfig(block=64, double_quant=True)),
+                                          (64 * 300, QuantConfig(double_quant=True)),  # 300 scales: 2 groups
+                                          (40, QuantConfig("uniform4", block=8, double_quant=True))])
+def test_stored_nbytes_is_what_quantize_stores(size, config):
+    W = np.random.default_rng(0).standard_normal(size).astype(np.float32)
+    assert stored_nbytes(size, config) == quantize(W, config).nbytes
+
+
+@pytest.mark.parametrize("lora, quant", [(LoRAConfig(), QuantConfig()),
+                                         (LoRAConfig(targets="all-linear", r=4), QuantConfig(double_quant=True))])
+def test_a_4bit_base_counts_its_stored_bytes(lora, quant):
+    """QLoRA: each block Linear's W counts ½ byte a number + its scales; nothing else in the ledger changes, and the
+    measured step agrees byte for byte on the parameter state."""
+    ledger, m = memory.compare(SMALL, lora, 4, quant=quant)
+    assert (m.weights, m.quantized, m.gradients, m.optimizer) == (ledger.weights, ledger.quantized, ledger.gradients,
+                                                                    ledger.optimizer)
+    assert 0 <= m.activations - ledger.activations <= 128 * KIB
+    model = quantize_base(prepare_finetuning(GPT(SMALL), lora), quant)
+    weights = quantized_weights(model).values()
+    assert ledger.quantized == sum(w.nbytes for w in weights)
+    float_ledger = memory.analytic_ledger(SMALL, lora, 4)
+    assert ledger.weights == float_ledger.weights - 4 * sum(w.size for w in weights) + ledger.quantized
+    assert (ledger.gradients, ledger.optimizer, ledger.activations) == (
+        float_ledger.gradients, float_ledger.optimizer, float_ledger.activations)
+    assert memory.ledger_of(model, 4) == ledger  # read from the model's quant_config
+    assert "4-bit W" in ledger.table() and "4-bit W" in memory.format_table(ledger, m)
+    with pytest.raises(ValueError, match="trains adapters only"):
+        memory.analytic_ledger(SMALL, None, 4, quant=quant)
+
+
+def test_qlora_65b_numbers():
+    q = memory.qlora_65b_example()
+    assert q["parameters"]["value"] == pytest.approx(65.3e9, rel=1e-3)  # LLaMA-65B
+    assert q["full_training_bytes"]["value"] > 780e9  # the paper's ">780GB"
+    assert q["bytes_per_4bit_number"]["value"] == pytest.approx(0.5 + 0.127 / 8, abs=1e-4)  # 4.127 bits
+    assert q["double_quant_saving"]["value"] == pytest.approx(3e9, rel=0.05)  # "approximately 3 GB"
+    assert q["lora_parameters"]["value"] == 80 * 64 * (4 * 2 * 8192 + 3 * (8192 + 22016))
+    assert q["qlora_training_bytes"]["value"] == q["base_4bit_bytes"]["value"] + q["adapter_training_bytes"]["value"]
+    assert 0 < q["left_for_activations"]["value"] < 48e9 - q["base_4bit_bytes"]["value"]  # "<48GB", with room left
+    assert all(isinstance(v["formula"], str) and v["formula"] for v in q.values())

@@ -15,7 +15,8 @@ def test_the_course_notebooks_exist():
     assert [p.name for p in NOTEBOOKS] == ["00_course_guide.ipynb", "01_autograd.ipynb", "02_lora_layer.ipynb",
                                            "03_pretrain_base.ipynb", "04_rank_sweep.ipynb", "05_memory.ipynb",
                                            "06_task_distance.ipynb", "07_why_low_rank.ipynb", "08_real_model.ipynb",
-                                           "09_when_low_rank_suffices.ipynb", "11_distributed.ipynb"]
+                                           "09_when_low_rank_suffices.ipynb", "10_lora_in_practice.ipynb",
+                                           "11_distributed.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

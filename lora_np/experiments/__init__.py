@@ -11,7 +11,8 @@
     targets.py   which weights to adapt at a fixed parameter budget (Hu et al. Table 5, in small)
     task_distance.py  the study of issue 8: three tasks at increasing distance from one base, every method at a
                  learning-rate grid chosen on validation and scored on test, and the §7 analyses of the models
-    variants.py  DoRA and PiSSA against plain LoRA at one rank, each at its own rate (benchmarks/variants.py prints it)
+    variants.py  DoRA, PiSSA and QLoRA (LoRA on a 4-bit base) against plain LoRA at one rank, each at its own rate
+                 (benchmarks/variants.py prints it)
 
 Experiments compute and return results (plain dicts, JSON-ready); they write no file and draw nothing. The command
 line (``lora_np/__main__.py``) writes ``results/*.json``, draws the figures (``figures.draw``) and prints. A new

@@ -40,6 +40,8 @@ from ..engine import NUMERICS_VERSION
 from ..functional import _log_softmax
 from ..lora import LoRAConfig, check_setup, count_parameters, finetuning_mode, prepare_finetuning
 from ..model import GPT, GPTConfig
+from ..qlora import quantize_base
+from ..quantize import QuantConfig
 from ..train import TrainConfig, evaluate, train
 
 if TYPE_CHECKING:
@@ -263,12 +265,18 @@ class RunSpec:
     # experiment (run_experiment), a search over the config's grid (ExperimentConfig.lr_grid)
     lr: float | None = None
     train_only: tuple[str, ...] = ()  # with lora=None: only these Linear layers of every block train ("q,v", ...)
+    # QLoRA: the copy of the base stores its block Linears' W in 4 bits (qlora.quantize_base) before LoRA is
+    # applied; None: the float base. Only with LoRA: a 4-bit weight cannot train
+    base_quant: QuantConfig | None = None
 
     def __post_init__(self) -> None:
         checks.fields(self, checks.nonempty_str, "name")
         checks.optional(checks.positive_number, self.lr, "RunSpec.lr")
         only = check_setup(self.lora, self.train_only, "RunSpec", wrong_type=ValueError)
         object.__setattr__(self, "train_only", only)
+        checks.optional(lambda v, what: checks.instance(v, what, QuantConfig), self.base_quant, "RunSpec.base_quant")
+        if self.base_quant is not None and self.lora is None:
+            raise ValueError("RunSpec.base_quant needs lora: a 4-bit base trains adapters only (QLoRA)")
 
     @property
     def mode(self) -> str:
@@ -328,7 +336,10 @@ def finetune_run(base: GPT, spec: RunSpec, cfg: ExperimentConfig, corpora: Corpo
 
     With ``data_parallel`` the training is shared by the ranks (``train``) and rank 0 alone scores the trained
     model: the other ranks get an empty row (their model is the same)."""
-    model = prepare_finetuning(copy.deepcopy(base), spec.lora, spec.train_only)
+    model = copy.deepcopy(base)
+    if spec.base_quant is not None:  # QLoRA: the frozen W in 4 bits, LoRA on top unchanged
+        quantize_base(model, spec.base_quant)
+    model = prepare_finetuning(model, spec.lora, spec.train_only)
     counts = count_parameters(model)
     lr = spec.lr if spec.lr is not None else (cfg.full_lr if spec.lora is None else cfg.finetune.lr)
     train_cfg = replace(cfg.finetune, lr=lr, min_lr=min(cfg.finetune.min_lr, lr))
@@ -342,6 +353,7 @@ def finetune_run(base: GPT, spec: RunSpec, cfg: ExperimentConfig, corpora: Corpo
         "targets": ",".join(lora.targets if lora else spec.train_only), "alpha": lora.alpha if lora else None,
         "rslora": lora.rslora if lora else False, "modules_to_save": list(lora.modules_to_save) if lora else [],
         "lora": lora.to_dict() if lora else None, "lr": lr,
+        "base_quant": spec.base_quant.to_dict() if spec.base_quant else None,
         "trainable": counts.trainable, "frozen": counts.frozen, "total": counts.total,
         "final_train_loss": history.train_loss[-1] if history.train_loss else math.nan,
         "final_val_loss": history.final_val_loss, "stopped": history.stopped,
@@ -490,32 +502,42 @@ def run_experiment(cfg: ExperimentConfig, specs: list[RunSpec], name: str, progr
     -> the results dict (JSON-ready through ``to_json``): config, machine, base model, "runs" (one row per run,
     every rate of every method; the chosen ones marked "chosen"), "lr_search" (method -> the chosen "lr",
     "interior", the "grid" tried), seconds. The base holds its losses on the fine-tuning text's validation and test
-    splits and on the pretraining text. The trained models are not kept."""
+    splits and on the pretraining text (``base_losses``); where a spec stores the base in 4 bits (``base_quant``),
+    "quantized_bases" holds the same losses of each such 4-bit base, untrained. The trained models are not kept."""
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):  # "lr_search" is keyed by method
         raise ValueError(f"run_experiment: every method needs its own name, got {names}")
     start = time.perf_counter()
     corpora = load_corpora(cfg)
     base, base_info = pretrain_base(cfg, corpora, progress)
-    T = cfg.model.block_size
-    bs, nb = cfg.finetune.batch_size, cfg.finetune.eval_batches
     results: dict[str, Any] = {
         "experiment": name, "config": asdict(cfg), "machine": machine_info(), "unseen_chars": "".join(corpora.unseen),
         "vocab_size": corpora.tokenizer.vocab_size,
-        "base": {**base_info, "finetune_val_loss": evaluate(base, corpora.finetune[1], T, bs, nb),
-                 "finetune_test_loss": evaluate(base, corpora.test, T, bs, nb),
-                 "pretrain_val_loss": pretrain_val_loss(base, corpora, cfg),
-                 **split_loss(base, corpora.finetune[1], corpora.unseen_ids, T, bs, nb),
-                 "total": count_parameters(base).total,
+        "base": {**base_info, **base_losses(base, cfg, corpora), "total": count_parameters(base).total,
                  "sample": sample_text(base, corpora.tokenizer, cfg.samples_prompt, cfg.sample_tokens)},
         "runs": [], "lr_search": {},
     }
+    quants = list(dict.fromkeys(spec.base_quant for spec in specs if spec.base_quant))  # each one once, in order
+    if quants:  # what quantizing alone costs, before any training: each 4-bit base's losses next to the float one's
+        results["quantized_bases"] = [{"base_quant": q.to_dict(),
+                                       **base_losses(quantize_base(copy.deepcopy(base), q), cfg, corpora)}
+                                      for q in quants]
     for spec in tqdm(specs, desc=name, disable=not progress):
         search = run_method(base, spec, cfg, corpora, progress, measure_memory)
         results["runs"] += search["rows"]
         results["lr_search"][spec.name] = {"lr": search["lr"], "interior": search["interior"], "grid": search["grid"]}
     results["seconds"] = time.perf_counter() - start
     return to_json(results)
+
+
+def base_losses(model: GPT, cfg: ExperimentConfig, corpora: Corpora) -> dict[str, float]:
+    """A model's losses before fine-tuning: on the fine-tuning text's validation (also split into seen and unseen
+    characters) and test splits, and on the pretraining text's validation split."""
+    T, bs, nb = cfg.model.block_size, cfg.finetune.batch_size, cfg.finetune.eval_batches
+    return {"finetune_val_loss": evaluate(model, corpora.finetune[1], T, bs, nb),
+            "finetune_test_loss": evaluate(model, corpora.test, T, bs, nb),
+            "pretrain_val_loss": pretrain_val_loss(model, corpora, cfg),
+            **split_loss(model, corpora.finetune[1], corpora.unseen_ids, T, bs, nb)}
 
 
 def to_json(obj: Any) -> Any:

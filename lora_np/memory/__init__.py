@@ -3,7 +3,8 @@
 A training step holds four kinds of arrays (Hu et al. 2021, §4.2: LoRA needs no gradient and no optimizer
 state for the frozen weights):
 
-    weights       every parameter, trainable or frozen (for LoRA: W, b, ... and every A and B)
+    weights       every parameter, trainable or frozen (for LoRA: W, b, ... and every A and B); a 4-bit W
+                  (QLoRA, ``qlora.quantize_base``) at its stored bytes, ``Ledger.quantized``
     gradients     one ``.grad`` per TRAINABLE parameter: backward allocates no gradient for a frozen W
     optimizer     AdamW's m and v: 2 × the trainable numbers, allocated on a parameter's first step
     activations   what the autograd graph keeps alive from the forward pass until backward is done
@@ -19,12 +20,14 @@ One concern per file:
                  docstring derives every term of the activations
     measure.py   the measurement: ``measure_step`` runs one real step under ``tracemalloc``; ``compare``,
                  ``measure_model``, ``format_table`` and ``format_comparison`` put it next to the prediction
-    paper.py     the paper's GPT-3 175B numbers, recomputed (``gpt3_example``)
+    paper.py     the papers' numbers, recomputed: GPT-3 175B (``gpt3_example``), QLoRA's 65B on one 48 GB GPU
+                 (``qlora_65b_example``)
 """
 
 from .ledger import CATEGORIES, MIB, Ledger, analytic_ledger, count_trainable, ledger_of
 from .measure import Measured, compare, format_comparison, format_table, measure_model, measure_step
-from .paper import gpt3_example
+from .paper import gpt3_example, qlora_65b_example
 
 __all__ = ["CATEGORIES", "MIB", "Ledger", "Measured", "analytic_ledger", "compare", "count_trainable",
-           "format_comparison", "format_table", "gpt3_example", "ledger_of", "measure_model", "measure_step"]
+           "format_comparison", "format_table", "gpt3_example", "ledger_of", "measure_model", "measure_step",
+           "qlora_65b_example"]

@@ -3,7 +3,11 @@
 weights, gradients and optimizer state are parameter counts (``count_trainable``: the sizes model.py and lora.py
 allocate) times the bytes of a number; activations come from ``_replay_forward``, derived below. Full fine-tuning
 of some weights only (``prepare_finetuning(model, None, train_only=("q", "v"))``) is modelled the same way: those
-layers' weights and biases train, everything else is frozen.
+layers' weights and biases train, everything else is frozen. QLoRA (LoRA on a base whose block Linears store W in 4
+bits, ``qlora.quantize_base``; ``quant=``) changes one term: each such W counts its stored bytes, ½ a number + the
+block scales (``quantize.stored_nbytes``), instead of 4; ``Ledger.quantized`` is that part of the weights. The
+activations do not change: a 4-bit W is dequantized when an op reads it, and the float copies the graph keeps are
+the ones it keeps of a float W (fused_linear's merged or concatenated weights).
 
 How the activations are counted
 -------------------------------
@@ -72,6 +76,7 @@ from ..lora import (
     target_layers,
 )
 from ..model import GPT, GPTConfig
+from ..quantize import QuantConfig, stored_nbytes
 
 MIB = 2**20
 CATEGORIES = ("weights", "gradients", "optimizer", "activations")
@@ -91,20 +96,23 @@ class Ledger:
     optimizer: int  # AdamW: m and v, 2 × trainable
     activations: int  # what the graph keeps from the forward pass until backward is done
     mode: str = ""
+    quantized: int = 0  # the part of `weights` stored in 4 bits (QLoRA's frozen W: codes + scales); 0 for a float base
 
     @property
     def total(self) -> int:
         return self.weights + self.gradients + self.optimizer + self.activations
 
     def table(self) -> str:
-        """The ledger in MiB, one line per category."""
+        """The ledger in MiB, one line per category (and the 4-bit part of the weights, if any)."""
         lines = [f"{'':<12} {'MiB':>10}   ({self.mode})"]
         lines += [f"{cat:<12} {getattr(self, cat) / MIB:>10.2f}" for cat in CATEGORIES]
+        if self.quantized:
+            lines.insert(2, f"{'  4-bit W':<12} {self.quantized / MIB:>10.2f}")
         lines.append(f"{'total':<12} {self.total / MIB:>10.2f}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**{cat: getattr(self, cat) for cat in CATEGORIES}, "total": self.total}
+        return {**{cat: getattr(self, cat) for cat in CATEGORIES}, "total": self.total, "quantized": self.quantized}
 
 
 def count_trainable(config: GPTConfig, lora: LoRAConfig | None, train_only: Sequence[str] | str = ()
@@ -133,13 +141,15 @@ def count_trainable(config: GPTConfig, lora: LoRAConfig | None, train_only: Sequ
 
 
 def analytic_ledger(config: GPTConfig, lora: LoRAConfig | None, batch_size: int, block_size: int | None = None,
-                    dtype_bytes: int = 4, train_only: Sequence[str] | str = ()) -> Ledger:
+                    dtype_bytes: int = 4, train_only: Sequence[str] | str = (), quant: QuantConfig | None = None
+                    ) -> Ledger:
     """The predicted bytes of one training step of ``GPT(config)`` set up with ``lora`` (None: full fine-tuning;
     with ``train_only``, full fine-tuning of those Linear layers only, see ``lora.prepare_finetuning``) on a batch
     of ``batch_size`` sequences of ``block_size`` tokens (default ``config.block_size``), with AdamW.
 
     weights = all parameters; gradients = trainable; optimizer = 2 × trainable; activations from the replay of the
     forward pass (module docstring). Dropout counts as in training mode (``config.dropout``, ``lora.dropout``).
+    With ``quant`` (LoRA only), the W of every block Linear counts its 4-bit storage (``quantized_bytes``).
     """
     T = config.block_size if block_size is None else block_size
     if not 1 <= T <= config.block_size or batch_size < 1:
@@ -150,8 +160,20 @@ def analytic_ledger(config: GPTConfig, lora: LoRAConfig | None, batch_size: int,
                          "layer besides LoRA's arrays, and runs q, k, v apart: the ledger does not model it")
     only = resolve_train_only(train_only)
     acts = _replay_forward(config, lora, batch_size, T, dtype_bytes, only)
-    return Ledger(weights=total * dtype_bytes, gradients=trainable * dtype_bytes,
-                  optimizer=2 * trainable * dtype_bytes, activations=acts, mode=finetuning_mode(lora, only))
+    if quant is not None and lora is None:
+        raise ValueError("analytic_ledger: a 4-bit base (quant) trains adapters only; give lora")
+    n_4bit, quantized = quantized_bytes(config, quant) if quant is not None else (0, 0)
+    return Ledger(weights=(total - n_4bit) * dtype_bytes + quantized, gradients=trainable * dtype_bytes,
+                  optimizer=2 * trainable * dtype_bytes, activations=acts, mode=finetuning_mode(lora, only),
+                  quantized=quantized)
+
+
+def quantized_bytes(config: GPTConfig, quant: QuantConfig) -> tuple[int, int]:
+    """(numbers, stored bytes) of the W of every block Linear (q, k, v, o, up, down) in 4 bits with ``quant``, as
+    ``qlora.quantize_base`` stores them: each weight on its own, so each has its own blocks and scale groups."""
+    C = config.n_embd
+    sizes = [C * C] * 4 + [C * 4 * C] * 2  # q, k, v, o; up, down
+    return config.n_layer * sum(sizes), config.n_layer * sum(stored_nbytes(n, quant) for n in sizes)
 
 
 def ledger_of(model: GPT, batch_size: int, block_size: int | None = None) -> Ledger:
@@ -163,7 +185,8 @@ def ledger_of(model: GPT, batch_size: int, block_size: int | None = None) -> Led
     if lora_layers(model):
         if any(m.merged for m in lora_layers(model).values()):
             raise ValueError("ledger_of: the model's LoRA layers are merged; unmerge() before training")
-        return analytic_ledger(model.config, model.lora_config, batch_size, block_size, dtype_bytes)
+        return analytic_ledger(model.config, model.lora_config, batch_size, block_size, dtype_bytes,
+                               quant=getattr(model, "quant_config", None))  # set by qlora.quantize_base
     if all(p.requires_grad for p in model.parameters()):
         return analytic_ledger(model.config, None, batch_size, block_size, dtype_bytes)
     # the targets whose layers train, found by structure: every block's layer of that name, weight and bias

@@ -20,6 +20,8 @@ from ..lora import LoRAConfig, prepare_finetuning
 from ..model import GPT, GPTConfig
 from ..nn import Module
 from ..optim import AdamW, Optimizer
+from ..qlora import QuantizedWeight, quantize_base
+from ..quantize import QuantConfig
 from .ledger import CATEGORIES, MIB, Ledger, ledger_of
 
 
@@ -45,6 +47,7 @@ class Measured:
     optimizer: int
     activations: int
     traced_peak: int
+    quantized: int = 0  # the part of `weights` stored in 4 bits (QuantizedWeight.nbytes: codes + scales)
 
     @property
     def scratch(self) -> int:
@@ -97,8 +100,9 @@ def measure_step(model: Module, optimizer: Optimizer, x: Any, y: Any, warmup_ste
     finally:
         if started:
             tracemalloc.stop()
-    weights = sum(int(p.data.nbytes) for p in model.parameters())
-    return Measured(weights, gradients, optimizer.state_nbytes(), activations, traced_peak)
+    quantized = sum(int(p.nbytes) for p in model.parameters() if isinstance(p, QuantizedWeight))  # as stored
+    weights = quantized + sum(int(p.data.nbytes) for p in model.parameters() if not isinstance(p, QuantizedWeight))
+    return Measured(weights, gradients, optimizer.state_nbytes(), activations, traced_peak, quantized)
 
 
 # The optimizer of every measured step. Its state's bytes do not depend on these settings (m and v have the shapes of
@@ -112,11 +116,14 @@ def _optimizer(model: GPT) -> AdamW:
 
 
 def compare(config: GPTConfig, lora: LoRAConfig | None, batch_size: int, block_size: int | None = None,
-            seed: int = 0, train_only: Sequence[str] | str = ()) -> tuple[Ledger, Measured]:
+            seed: int = 0, train_only: Sequence[str] | str = (), quant: QuantConfig | None = None
+            ) -> tuple[Ledger, Measured]:
     """The analytic ledger and the measured step for the same model, ``GPT(config)`` set up with ``lora`` (None:
-    full fine-tuning; with ``train_only``, of those layers only), with AdamW (``MEASURE_LR``,
-    ``MEASURE_WEIGHT_DECAY``), on a batch of random token ids (int64)."""
+    full fine-tuning; with ``train_only``, of those layers only; with ``quant``, LoRA on the base in 4 bits), with
+    AdamW (``MEASURE_LR``, ``MEASURE_WEIGHT_DECAY``), on a batch of random token ids (int64)."""
     model = prepare_finetuning(GPT(config), lora, train_only)
+    if quant is not None:
+        quantize_base(model, quant)
     opt = _optimizer(model)
     T = config.block_size if block_size is None else block_size
     gen = backend.rng(seed)
@@ -143,6 +150,9 @@ def format_table(ledger: Ledger, measured: Measured) -> str:
     for cat in (*CATEGORIES, "total"):
         a, m = getattr(ledger, cat), getattr(measured, cat)
         lines.append(f"{cat:<12} {a / MIB:>10.2f} {m / MIB:>10.2f} {m / a if a else math.nan:>8.3f}")
+        if cat == "weights" and (ledger.quantized or measured.quantized):
+            q, mq = ledger.quantized, measured.quantized
+            lines.append(f"{'  4-bit W':<12} {q / MIB:>10.2f} {mq / MIB:>10.2f} {mq / q if q else math.nan:>8.3f}")
         if cat == "activations":
             lines.append(f"{'  scratch':<12} {'':>10} {measured.scratch / MIB:>10.2f}   backward's transient arrays")
     return "\n".join(lines)
@@ -151,6 +161,6 @@ def format_table(ledger: Ledger, measured: Measured) -> str:
 def format_comparison(mem: dict[str, Any]) -> str:
     """``format_table`` for the dict that ``measure_model`` returns."""
     a, m = mem["analytic"], mem["measured"]
-    ledger = Ledger(*(a[c] for c in CATEGORIES), mode=mem.get("mode", ""))
-    measured = Measured(*(m[c] for c in (*CATEGORIES, "traced_peak")))
+    ledger = Ledger(*(a[c] for c in CATEGORIES), mode=mem.get("mode", ""), quantized=a.get("quantized", 0))
+    measured = Measured(*(m[c] for c in (*CATEGORIES, "traced_peak")), quantized=m.get("quantized", 0))
     return format_table(ledger, measured)
