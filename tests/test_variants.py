@@ -30,7 +30,7 @@ def test_the_methods_differ_only_in_the_variant():
 @pytest.mark.parametrize("kwargs, match", [
     ({"base_quant": QLORA_BASE}, "needs lora"),  # full fine-tuning on a 4-bit base: W cannot train
     ({"base_quant": QLORA_BASE, "train_only": "q,v"}, "needs lora"),
-    ({"lora": LoRAConfig(), "base_quant": "nf4"}, "must be a QuantConfig"),
+    ({"lora": LoRAConfig(), "base_quant": "nf4"}, "must be None or a QuantConfig"),
 ])
 def test_a_4bit_base_is_for_lora_only(kwargs, match):
     with pytest.raises(ValueError, match=match):
