@@ -573,12 +573,7 @@ def check_minilm_reading(reading: Callable[[], str], results: dict[str, Any]) ->
 
     @_exercise("08 · reading the MiniLM lab")
     def check(answer: Callable[[], str]) -> str:
-        got = _call(answer)
-        letter = str(got).strip().lower().strip("()")
-        if letter not in verdicts:
-            raise ExerciseError(f"answer with one of the letters {', '.join(MINILM_LETTERS)}; got {got!r}")
-        if verdicts[letter] is not None:
-            raise ExerciseError(f"({letter}) does not follow: {verdicts[letter]}")
+        _check_reading(answer, {letter: (why is None, why) for letter, why in verdicts.items()})
         return "a difference counts as resolved only when its paired 95% interval over test chapters excludes 0"
 
     check(reading)
@@ -750,12 +745,7 @@ def check_variants_reading(reading: Callable[[], str], results: dict[str, Any]) 
 
     @_exercise("10 · reading the variants comparison")
     def check(answer: Callable[[], str]) -> str:
-        got = _call(answer)
-        letter = str(got).strip().lower().strip("()")
-        if letter not in verdicts:
-            raise ExerciseError(f"answer with one of the letters {', '.join(VARIANTS_LETTERS)}; got {got!r}")
-        if verdicts[letter] is not None:
-            raise ExerciseError(f"({letter}) does not follow: {verdicts[letter]}")
+        _check_reading(answer, {letter: (why is None, why) for letter, why in verdicts.items()})
         return ("one pair of seeds is a yardstick, a lower bound on the noise: a difference beyond it is worth "
                 "another look with more seeds, not yet a significant one")
 

@@ -334,20 +334,26 @@ MINILM_CASES = [
 MINILM_VERDICTS = [(results, letter, words) for results, verdicts in MINILM_CASES for letter, words in verdicts.items()]
 
 
-@pytest.mark.parametrize("results, letter, words", MINILM_VERDICTS)
-def test_the_minilm_reading_follows_the_results(results, letter, words, capsys):
-    if words is None:  # a right reading of this run passes, in any of the notebook's spellings
+def assert_reading_follows(check, letters, notebook, results, letter, words, capsys):
+    """A reading check judged on ``results``: a right letter (``words`` None) passes in any of the notebook's
+    spellings; a wrong one fails with a reason containing ``words`` that names no other option (so no right one)."""
+    if words is None:
         for spelling in (letter, f"({letter.upper()}) "):
-            ex.check_minilm_reading(lambda spelling=spelling: spelling, results)
-            assert capsys.readouterr().out.startswith("passed: 08")
+            check(lambda spelling=spelling: spelling, results)
+            assert capsys.readouterr().out.startswith(f"passed: {notebook}")
         return
     with pytest.raises(ex.ExerciseError) as err:
-        ex.check_minilm_reading(lambda: letter, results)
+        check(lambda: letter, results)
     message = str(err.value)
-    assert message.startswith("08 · ") and f"({letter}) does not follow" in message and words in message, message
-    # the reason is about the option chosen: it names no other option, so no right one
-    assert not [o for o in ex.MINILM_LETTERS if o != letter and f"({o})" in message], message
+    assert message.startswith(f"{notebook} · ") and f"({letter}) does not follow" in message and words in message, \
+        message
+    assert not [o for o in letters if o != letter and f"({o})" in message], message
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("results, letter, words", MINILM_VERDICTS)
+def test_the_minilm_reading_follows_the_results(results, letter, words, capsys):
+    assert_reading_follows(ex.check_minilm_reading, ex.MINILM_LETTERS, "08", results, letter, words, capsys)
 
 
 def test_the_minilm_reading_not_attempted_other_letters_and_missing_results(capsys):
@@ -402,17 +408,7 @@ VARIANTS_VERDICTS = [(r, letter, words) for r, verdicts in VARIANTS_CASES for le
 
 @pytest.mark.parametrize("results, letter, words", VARIANTS_VERDICTS)
 def test_the_variants_reading_follows_the_results(results, letter, words, capsys):
-    if words is None:  # a right reading of this run passes, in any of the notebook's spellings
-        for spelling in (letter, f"({letter.upper()}) "):
-            ex.check_variants_reading(lambda spelling=spelling: spelling, results)
-            assert capsys.readouterr().out.startswith("passed: 10")
-        return
-    with pytest.raises(ex.ExerciseError) as err:
-        ex.check_variants_reading(lambda: letter, results)
-    message = str(err.value)
-    assert message.startswith("10 · ") and f"({letter}) does not follow" in message and words in message, message
-    assert not [o for o in ex.VARIANTS_LETTERS if o != letter and f"({o})" in message], message  # names no other
-    assert capsys.readouterr().out == ""
+    assert_reading_follows(ex.check_variants_reading, ex.VARIANTS_LETTERS, "10", results, letter, words, capsys)
 
 
 def test_the_variants_reading_not_attempted_other_letters_and_missing_results(capsys):
