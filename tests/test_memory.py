@@ -69,6 +69,28 @@ def test_parameter_bytes_are_exact(i, measured):
 def test_activations_match_tracemalloc(i, measured):
     ledger, m = measured[i]
     assert 0 <= m.activations - ledger.activations <= 128 * KIB
+    assert m.graph == ledger.activations  # counted node by node from the real graph: exact
+    assert sum(m.graph_by_op.values()) == m.graph
+
+
+@pytest.mark.parametrize("lora", [None, LoRAConfig(), LoRAConfig(targets="all-linear", r=4, dropout=0.1)])
+def test_graph_count_with_tied_weights(lora):
+    """The tied head reads wte.weight.T, a view of a parameter (frozen under LoRA): counted as a weight, not kept."""
+    cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, tie_weights=True)
+    ledger, m = memory.compare(cfg, lora, 3)
+    assert m.graph == ledger.activations
+
+
+def test_graph_count_by_op():
+    """Full fine-tuning of SMALL: each op's share is the module docstring's term (f = 4 bytes, N = B·T)."""
+    _, m = memory.compare(SMALL, None, 4)
+    N, C, H, T, V, L = 4 * 32, SMALL.n_embd, SMALL.n_head, 32, SMALL.vocab_size, SMALL.n_layer
+    f = 4
+    assert m.graph_by_op["causal_attention"] == L * (4 * H * T * T + N * C) * f  # attention weights, output
+    assert m.graph_by_op["fused_linear"] == L * (3 * N * C + 3 * C * C) * f  # [q | k | v], their (C, 3C) weights
+    assert m.graph_by_op["gelu"] == L * 2 * 4 * N * C * f  # output and tanh(u)
+    assert m.graph_by_op["cross_entropy"] == N * V * f + N + 8 * N  # log-probs, valid mask, clamped targets
+    assert m.graph_by_op["layer_norm"] == (2 * L + 1) * (2 * N * C + N) * f  # output, xhat and rstd
 
 
 def test_activation_gap_does_not_grow_with_the_batch():
@@ -154,6 +176,7 @@ def test_partial_fine_tuning_ledger_matches_a_measured_step(cfg, only, B, T):
     assert ledger.mode == "partial"
     assert (m.weights, m.gradients, m.optimizer) == (ledger.weights, ledger.gradients, ledger.optimizer)
     assert 0 <= m.activations - ledger.activations <= 128 * KIB
+    assert m.graph == ledger.activations
     model = prepare_finetuning(GPT(cfg), None, train_only=only)
     counts = count_parameters(model)
     assert memory.count_trainable(cfg, None, only) == (counts.total, counts.trainable)
@@ -244,6 +267,7 @@ def test_a_4bit_base_counts_its_stored_bytes(lora, quant):
     assert (m.weights, m.quantized, m.gradients, m.optimizer) == (ledger.weights, ledger.quantized, ledger.gradients,
                                                                     ledger.optimizer)
     assert 0 <= m.activations - ledger.activations <= 128 * KIB
+    assert m.graph == ledger.activations
     model = quantize_base(prepare_finetuning(GPT(SMALL), lora), quant)
     weights = quantized_weights(model).values()
     assert ledger.quantized == sum(w.nbytes for w in weights)
