@@ -291,3 +291,25 @@ def test_qlora_65b_numbers():
     assert q["qlora_training_bytes"]["value"] == q["base_4bit_bytes"]["value"] + q["adapter_training_bytes"]["value"]
     assert 0 < q["left_for_activations"]["value"] < 48e9 - q["base_4bit_bytes"]["value"]  # "<48GB", with room left
     assert all(isinstance(v["formula"], str) and v["formula"] for v in q.values())
+
+
+TINY = dict(vocab_size=30, block_size=8, n_layer=2, n_embd=16)
+GRAPH_SETUPS = [  # (config, LoRA or None, train_only, batch, block_size): corners of the activation terms
+    (GPTConfig(**TINY, n_head=1, dropout=0.1), None, (), 3, 8),  # one head: merging the heads is a view
+    (GPTConfig(**TINY, n_head=2, dropout=0.1), None, (), 3, 1),  # one position: a view too
+    (GPTConfig(**TINY, n_head=2, dropout=0.1), None, ("o", "down"), 2, 5),  # block 0's attention outside the graph
+    (GPTConfig(**TINY, n_head=2), LoRAConfig(targets="up", r=2, dropout=0.2, modules_to_save=("ln_f",)), (), 2, 8),
+    (GPTConfig(**TINY, n_head=2, tie_weights=True, dropout=0.1), LoRAConfig(targets="q,down", r=2, dropout=0.1,
+                                                                           modules_to_save=("wpe",)), (), 2, 6),
+    (GPTConfig(**TINY, n_head=4, bias=False), LoRAConfig(targets="k", r=3, modules_to_save=("lm_head",)), (), 2, 8),
+]
+
+
+@pytest.mark.parametrize("cfg, lora, only, B, T", GRAPH_SETUPS)
+def test_activation_terms_match_the_graph(cfg, lora, only, B, T):
+    """The ledger's terms (ledger._activation_bytes) against the arrays the real graph keeps, byte for byte."""
+    model = prepare_finetuning(GPT(cfg), lora, only)
+    x, y = (np.random.default_rng(i).integers(0, cfg.vocab_size, size=(B, T)) for i in range(2))
+    _, loss = model(x, y)
+    kept = memory.graph_bytes(loss, exclude=(*model.parameters(), x, y))
+    assert kept.total == memory.ledger_of(model, B, T).activations
