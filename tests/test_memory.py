@@ -1,9 +1,11 @@
-"""The memory ledger (lora_np/memory/: ledger.py, measure.py, paper.py): analytic bytes against the real arrays
-and against tracemalloc.
+"""The memory ledger (lora_np/memory/: ledger.py, graph.py, measure.py, paper.py): analytic bytes against the real
+arrays, the real graph and tracemalloc.
 
 Tolerances, and why:
 - weights, gradients, optimizer state: EXACT. The ledger counts the same sizes model.py and lora.py allocate.
-- activations: the measurement (tracemalloc after the forward pass) may only exceed the analytic count, by the
+- activations, counted on the real graph (``graph_bytes``: every node's inputs and the arrays its backward closure
+  captured, each buffer once): EXACT, on every setup below and on corner cases (``GRAPH_SETUPS``).
+- activations, as tracemalloc sees them after the forward pass: may only exceed the analytic count, by the
   Python objects of the graph (Tensors, closures): 0 <= measured - analytic <= 128 KiB for these 2-layer models
   (40-85 KiB is what it is). That gap must not grow with the batch: every array that does is counted.
 - total: the measured step's peak also holds backward's transient arrays ("scratch": pending gradients and each

@@ -38,8 +38,14 @@ def graph_bytes(loss: Tensor, exclude: Iterable[Any] = ()) -> GraphBytes:
     captured, each buffer once; the parameters and arrays in ``exclude`` (the model's parameters, the batch),
     any other parameter the graph reaches, and 0-d arrays left out. Call it after the forward pass and before
     ``backward()``, which frees the graph as it goes."""
-    skip = {id(_owner(a.data if isinstance(a, Tensor) else a)) for a in exclude
-            if not hasattr(a, "quantized")}  # a 4-bit weight's .data is a fresh array: nothing to skip
+    skip: set[int] = set()
+    stack = list(exclude)
+    while stack:  # a batch may come as a tuple, (ids, mask) for BERT
+        a = stack.pop()
+        if isinstance(a, (tuple, list)):
+            stack.extend(a)
+        elif not hasattr(a, "quantized"):  # a 4-bit weight's .data is a fresh array: nothing to skip
+            skip.add(id(_owner(a.data if isinstance(a, Tensor) else a)))
     made_by: dict[int, str] = {}  # buffer -> the op whose output it is
     kept: dict[int, tuple[Any, str]] = {}  # buffer -> (the buffer, the op a closure captured it in)
     for node in _topological_order(loss):
