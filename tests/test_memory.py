@@ -1,9 +1,11 @@
-"""The memory ledger (lora_np/memory/: ledger.py, measure.py, paper.py): analytic bytes against the real arrays
-and against tracemalloc.
+"""The memory ledger (lora_np/memory/: ledger.py, graph.py, measure.py, paper.py): analytic bytes against the real
+arrays, the real graph and tracemalloc.
 
 Tolerances, and why:
 - weights, gradients, optimizer state: EXACT. The ledger counts the same sizes model.py and lora.py allocate.
-- activations: the measurement (tracemalloc after the forward pass) may only exceed the analytic count, by the
+- activations, counted on the real graph (``graph_bytes``: every node's inputs and the arrays its backward closure
+  captured, each buffer once): EXACT, on every setup below and on corner cases (``GRAPH_SETUPS``).
+- activations, as tracemalloc sees them after the forward pass: may only exceed the analytic count, by the
   Python objects of the graph (Tensors, closures): 0 <= measured - analytic <= 128 KiB for these 2-layer models
   (40-85 KiB is what it is). That gap must not grow with the batch: every array that does is counted.
 - total: the measured step's peak also holds backward's transient arrays ("scratch": pending gradients and each
@@ -69,6 +71,28 @@ def test_parameter_bytes_are_exact(i, measured):
 def test_activations_match_tracemalloc(i, measured):
     ledger, m = measured[i]
     assert 0 <= m.activations - ledger.activations <= 128 * KIB
+    assert m.graph == ledger.activations  # counted node by node from the real graph: exact
+    assert sum(m.graph_by_op.values()) == m.graph
+
+
+@pytest.mark.parametrize("lora", [None, LoRAConfig(), LoRAConfig(targets="all-linear", r=4, dropout=0.1)])
+def test_graph_count_with_tied_weights(lora):
+    """The tied head reads wte.weight.T, a view of a parameter (frozen under LoRA): counted as a weight, not kept."""
+    cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, tie_weights=True)
+    ledger, m = memory.compare(cfg, lora, 3)
+    assert m.graph == ledger.activations
+
+
+def test_graph_count_by_op():
+    """Full fine-tuning of SMALL: each op's share is the module docstring's term (f = 4 bytes, N = B·T)."""
+    _, m = memory.compare(SMALL, None, 4)
+    N, C, H, T, V, L = 4 * 32, SMALL.n_embd, SMALL.n_head, 32, SMALL.vocab_size, SMALL.n_layer
+    f = 4
+    assert m.graph_by_op["causal_attention"] == L * (4 * H * T * T + N * C) * f  # attention weights, output
+    assert m.graph_by_op["fused_linear"] == L * (3 * N * C + 3 * C * C) * f  # [q | k | v], their (C, 3C) weights
+    assert m.graph_by_op["gelu"] == L * 2 * 4 * N * C * f  # output and tanh(u)
+    assert m.graph_by_op["cross_entropy"] == N * V * f + N + 8 * N  # log-probs, valid mask, clamped targets
+    assert m.graph_by_op["layer_norm"] == (2 * L + 1) * (2 * N * C + N) * f  # output, xhat and rstd
 
 
 def test_activation_gap_does_not_grow_with_the_batch():
@@ -154,6 +178,7 @@ def test_partial_fine_tuning_ledger_matches_a_measured_step(cfg, only, B, T):
     assert ledger.mode == "partial"
     assert (m.weights, m.gradients, m.optimizer) == (ledger.weights, ledger.gradients, ledger.optimizer)
     assert 0 <= m.activations - ledger.activations <= 128 * KIB
+    assert m.graph == ledger.activations
     model = prepare_finetuning(GPT(cfg), None, train_only=only)
     counts = count_parameters(model)
     assert memory.count_trainable(cfg, None, only) == (counts.total, counts.trainable)
@@ -244,6 +269,7 @@ def test_a_4bit_base_counts_its_stored_bytes(lora, quant):
     assert (m.weights, m.quantized, m.gradients, m.optimizer) == (ledger.weights, ledger.quantized, ledger.gradients,
                                                                     ledger.optimizer)
     assert 0 <= m.activations - ledger.activations <= 128 * KIB
+    assert m.graph == ledger.activations
     model = quantize_base(prepare_finetuning(GPT(SMALL), lora), quant)
     weights = quantized_weights(model).values()
     assert ledger.quantized == sum(w.nbytes for w in weights)
@@ -267,3 +293,25 @@ def test_qlora_65b_numbers():
     assert q["qlora_training_bytes"]["value"] == q["base_4bit_bytes"]["value"] + q["adapter_training_bytes"]["value"]
     assert 0 < q["left_for_activations"]["value"] < 48e9 - q["base_4bit_bytes"]["value"]  # "<48GB", with room left
     assert all(isinstance(v["formula"], str) and v["formula"] for v in q.values())
+
+
+TINY = dict(vocab_size=30, block_size=8, n_layer=2, n_embd=16)
+GRAPH_SETUPS = [  # (config, LoRA or None, train_only, batch, block_size): corners of the activation terms
+    (GPTConfig(**TINY, n_head=1, dropout=0.1), None, (), 3, 8),  # one head: merging the heads is a view
+    (GPTConfig(**TINY, n_head=2, dropout=0.1), None, (), 3, 1),  # one position: a view too
+    (GPTConfig(**TINY, n_head=2, dropout=0.1), None, ("o", "down"), 2, 5),  # block 0's attention outside the graph
+    (GPTConfig(**TINY, n_head=2), LoRAConfig(targets="up", r=2, dropout=0.2, modules_to_save=("ln_f",)), (), 2, 8),
+    (GPTConfig(**TINY, n_head=2, tie_weights=True, dropout=0.1), LoRAConfig(targets="q,down", r=2, dropout=0.1,
+                                                                           modules_to_save=("wpe",)), (), 2, 6),
+    (GPTConfig(**TINY, n_head=4, bias=False), LoRAConfig(targets="k", r=3, modules_to_save=("lm_head",)), (), 2, 8),
+]
+
+
+@pytest.mark.parametrize("cfg, lora, only, B, T", GRAPH_SETUPS)
+def test_activation_terms_match_the_graph(cfg, lora, only, B, T):
+    """The ledger's terms (ledger._activation_bytes) against the arrays the real graph keeps, byte for byte."""
+    model = prepare_finetuning(GPT(cfg), lora, only)
+    x, y = (np.random.default_rng(i).integers(0, cfg.vocab_size, size=(B, T)) for i in range(2))
+    _, loss = model(x, y)
+    kept = memory.graph_bytes(loss, exclude=(*model.parameters(), x, y))
+    assert kept.total == memory.ledger_of(model, B, T).activations

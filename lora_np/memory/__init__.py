@@ -20,14 +20,17 @@ One concern per file:
                  docstring derives every term of the activations
     measure.py   the measurement: ``measure_step`` runs one real step under ``tracemalloc``; ``compare``,
                  ``measure_model``, ``format_table`` and ``format_comparison`` put it next to the prediction
+    graph.py     the activations counted from the graph itself: ``graph_bytes`` walks the nodes after a forward
+                 pass and adds up the arrays each keeps (``measure_step`` reports it as ``Measured.graph``)
     paper.py     the papers' numbers, recomputed: GPT-3 175B (``gpt3_example``), QLoRA's 65B on one 48 GB GPU
                  (``qlora_65b_example``)
 """
 
+from .graph import GraphBytes, graph_bytes
 from .ledger import CATEGORIES, MIB, Ledger, analytic_ledger, count_trainable, ledger_of
 from .measure import Measured, compare, format_comparison, format_table, measure_model, measure_step
 from .paper import gpt3_example, qlora_65b_example
 
-__all__ = ["CATEGORIES", "MIB", "Ledger", "Measured", "analytic_ledger", "compare", "count_trainable",
-           "format_comparison", "format_table", "gpt3_example", "ledger_of", "measure_model", "measure_step",
-           "qlora_65b_example"]
+__all__ = ["CATEGORIES", "MIB", "GraphBytes", "Ledger", "Measured", "analytic_ledger", "compare", "count_trainable",
+           "format_comparison", "format_table", "gpt3_example", "graph_bytes", "ledger_of", "measure_model",
+           "measure_step", "qlora_65b_example"]

@@ -1,7 +1,8 @@
 """The analytic ledger: the bytes of one training step by category, predicted from the configs alone.
 
 weights, gradients and optimizer state are parameter counts (``count_trainable``: the sizes model.py and lora.py
-allocate) times the bytes of a number; activations come from ``_replay_forward``, derived below. Full fine-tuning
+allocate) times the bytes of a number; activations are a sum of terms of the config, derived below
+(``_activation_bytes``). Full fine-tuning
 of some weights only (``prepare_finetuning(model, None, train_only=("q", "v"))``) is modelled the same way: those
 layers' weights and biases train, everything else is frozen. QLoRA (LoRA on a base whose block Linears store W in 4
 bits, ``qlora.quantize_base``; ``quant=``) changes one term: each such W counts its stored bytes, ½ a number + the
@@ -18,10 +19,11 @@ graph op stays alive through the forward pass, and so does every array its closu
 graph keeps nothing. This engine keeps parents even where backward does not need their values (both inputs of an
 addition, for instance): PyTorch keeps only what backward reads.
 
-``_replay_forward`` replays ``GPT.forward`` line by line on sizes only, applying that rule; it is exact for any
-targets, modules_to_save, dropout and the first block (whose input needs no gradient under LoRA). For full
-fine-tuning it comes to this sum (floats of ``dtype_bytes``; N = B·T tokens, C channels, H heads, V vocabulary;
-a test checks the replay against it):
+``_activation_bytes`` adds up what that rule keeps, term by term, for any targets, modules_to_save, train_only,
+dropout and the first block (whose input needs no gradient under LoRA). The measured side counts the same arrays
+on the real graph (``graph.graph_bytes``, ``Measured.graph``), and the tests check the two agree to the byte. For
+full fine-tuning the terms come to this sum (floats of ``dtype_bytes``; N = B·T tokens, C channels, H heads, V
+vocabulary; a test checks it):
 
     embeddings   2·N·C + T·C         wte(idx) and wpe(pos) gathered, their sum; + 8·T bytes for pos (int64)
     per block:
@@ -62,7 +64,7 @@ objects of the graph (Tensors, closures; a few hundred bytes per node, visible i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .. import checks
@@ -147,8 +149,8 @@ def analytic_ledger(config: GPTConfig, lora: LoRAConfig | None, batch_size: int,
     with ``train_only``, full fine-tuning of those Linear layers only, see ``lora.prepare_finetuning``) on a batch
     of ``batch_size`` sequences of ``block_size`` tokens (default ``config.block_size``), with AdamW.
 
-    weights = all parameters; gradients = trainable; optimizer = 2 × trainable; activations from the replay of the
-    forward pass (module docstring). Dropout counts as in training mode (``config.dropout``, ``lora.dropout``).
+    weights = all parameters; gradients = trainable; optimizer = 2 × trainable; activations from the terms of the
+    module docstring (``_activation_bytes``). Dropout counts as in training mode (``config.dropout``, ``lora.dropout``).
     With ``quant`` (LoRA only), the W of every block Linear counts its 4-bit storage (``quantized_bytes``).
     """
     T = config.block_size if block_size is None else block_size
@@ -159,7 +161,7 @@ def analytic_ledger(config: GPTConfig, lora: LoRAConfig | None, batch_size: int,
         raise ValueError("analytic_ledger: DoRA's op (lora.dora_linear) keeps V (d_in, d_out) and z (N, d_out) per "
                          "layer besides LoRA's arrays, and runs q, k, v apart: the ledger does not model it")
     only = resolve_train_only(train_only)
-    acts = _replay_forward(config, lora, batch_size, T, dtype_bytes, only)
+    acts = _activation_bytes(config, lora, batch_size, T, dtype_bytes, only)
     if quant is not None and lora is None:
         raise ValueError("analytic_ledger: a 4-bit base (quant) trains adapters only; give lora")
     n_4bit, quantized = quantized_bytes(config, quant) if quant is not None else (0, 0)
@@ -200,112 +202,77 @@ def ledger_of(model: GPT, batch_size: int, block_size: int | None = None) -> Led
                      "Linear layers of some targets (train_only) to be modelled")
 
 
-# -- the replay of GPT.forward on sizes ----------------------------------------------------------------------------
+# -- the activations, term by term ------------------------------------------------------------------------------
 
 
-@dataclass(eq=False)
-class _Array:
-    nbytes: int  # 0 for what the ledger counts elsewhere (parameters, the batch) and for views
-    grad: bool  # does the Tensor require a gradient, i.e. is it part of the graph?
-    base: _Array | None = None  # a view shares its base's buffer
-    kept: bool = False
+def _activation_bytes(cfg: GPTConfig, lora: LoRAConfig | None, B: int, T: int, f: int,
+                      train_only: Sequence[str] = ()) -> int:
+    """Bytes the graph of ``GPT.forward`` + cross-entropy keeps alive: the module docstring's terms, block by block.
 
+    An op is in the graph when one of its inputs requires a gradient; an array is kept when some op in the graph
+    reads it (or its closure captured it). ``g_*`` says whether an op is in the graph (so its output requires a
+    gradient); each array is added once, at the op that reads it (the block's input at ln1 and the residual).
+    """
+    N, C, H, V, S = B * T, cfg.n_embd, cfg.n_head, cfg.vocab_size, B * cfg.n_head * T * T  # S: one (B, nh, T, T)
+    full = lora is None and not train_only  # every weight trains
+    r, targets, saved = (0, (), ()) if lora is None else (lora.r, lora.targets, lora.modules_to_save)
+    p, p_lora = cfg.dropout, (0.0 if lora is None else lora.dropout)
 
-@dataclass
-class _Replay:
-    """The engine's keep-alive rule on sizes: ``op`` returns the output of one op and, if the op joins the graph,
-    marks its inputs and the arrays its closure captured as kept."""
+    def trains(name: str) -> bool:  # a block Linear: its weight trains (full, train_only) or it has an adapter
+        return full or name in train_only or name in targets
 
-    arrays: list[_Array] = field(default_factory=list)
+    def adapter(name: str, d_in: int, d_out: int, x_grad: bool, alone: bool) -> int:
+        """What fused_linear keeps for an adapted layer besides x: h = x @ A (N, r), LoRA dropout's mask (N, d_in),
+        and (a layer computed alone, without dropout, whose x needs a gradient) the merged W + s·A@B."""
+        if name not in targets:
+            return 0
+        merged = d_in * d_out if alone and x_grad and p_lora == 0 else 0
+        return N * r + (N * d_in if p_lora > 0 else 0) + merged
 
-    def leaf(self, grad: bool, nbytes: int = 0) -> _Array:
-        a = _Array(nbytes, grad)
-        self.arrays.append(a)
-        return a
-
-    def op(self, inputs: Sequence[_Array], nbytes: int, captures: Sequence[int] = (), view: bool = False) -> _Array:
-        grad = any(a.grad for a in inputs)
-        out = _Array(0 if view else nbytes, grad, base=inputs[0] if view else None)
-        self.arrays.append(out)
-        if grad:  # the op is in the graph: its node holds its inputs, its closure the captured arrays
-            for a in inputs:
-                self._keep(a)
-            for n in captures:
-                self.arrays.append(_Array(n, False, kept=True))
-        return out
-
-    def _keep(self, a: _Array | None) -> None:
-        while a is not None:
-            a.kept, a = True, a.base
-
-    def kept_bytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays if a.kept)
-
-
-def _replay_forward(cfg: GPTConfig, lora: LoRAConfig | None, B: int, T: int, f: int,
-                    train_only: Sequence[str] = ()) -> int:
-    """Bytes the graph of ``GPT.forward`` + cross-entropy keeps alive (model.py and lora.py, line by line)."""
-    rp, full = _Replay(), lora is None  # full: no adapters; every weight trains unless train_only names some
-    N, C, H, V = B * T, cfg.n_embd, cfg.n_head, cfg.vocab_size
-    r, targets, modules_to_save = (0, (), ()) if full else (lora.r, lora.targets, lora.modules_to_save)
-    p, p_lora = cfg.dropout, (0.0 if full else lora.dropout)
-
-    def param(name: str) -> _Array:  # a weight, counted in `weights`; it requires grad if it trains
-        if train_only:  # "blocks.0.q" trains if "q" is named; nothing else does
-            return rp.leaf(name.startswith("blocks.") and name.split(".")[-1] in train_only)
-        return rp.leaf(full or name in modules_to_save)
-
-    def dropout(x: _Array, n: int, prob: float) -> _Array:  # F.dropout: identity at p = 0, else keeps `scale`
-        return rp.op([x], n * f, captures=[n * f]) if prob > 0 else x
-
-    def layer_norm(x: _Array, name: str) -> _Array:  # F.layer_norm: output (N, C); keeps xhat (N, C), rstd (N, 1)
-        return rp.op([x, param(name)], N * C * f, captures=[N * C * f, N * f])
-
-    def linears(x: _Array, names: Sequence[str], d_in: int, d_out: int) -> _Array:
-        """Linear or LoRALinear layers that read x: F.linear for one plain layer, else fused.fused_linear."""
-        adapted = [n for n in names if not full and n.split(".")[-1] in targets]
-        if len(names) == 1 and not adapted:  # F.linear: x @ W + b in one op, (N, d_in) -> (N, d_out); keeps x
-            return rp.op([x, param(names[0])], N * d_out * f)
-        # fused.fused_linear keeps x, h = x @ A (N, r) per adapter and, with LoRA dropout, the mask (N, d_in);
-        # and, where x needs a gradient, the weights it multiplied by unless they are a parameter itself: the
-        # merged W + s·A@B (without dropout) or the concatenation of several layers' W
-        captures = [N * r * f] * len(adapted) + [N * d_in * f] * (len(adapted) if p_lora > 0 else 0)
-        if x.grad and (len(names) > 1 or p_lora == 0):
-            captures.append(d_in * d_out * len(names) * f)
-        return rp.op([x] + [param(n) for n in names] + [rp.leaf(True) for _ in adapted], N * d_out * len(names) * f,
-                     captures=captures)
-
-    ids, pos = rp.leaf(False), rp.leaf(False, T * INT_BYTES)  # the batch (not counted); pos = xp.arange(T)
-    tok = rp.op([ids, param("wte")], N * C * f)  # wte(idx): (B, T) -> (B, T, C), a gather; keeps ids
-    pe = rp.op([pos, param("wpe")], T * C * f)  # wpe(pos): (T, C); keeps pos
-    x = dropout(rp.op([tok, pe], N * C * f), N * C, p)  # (B, T, C) + (T, C) -> (B, T, C)
-    score = B * H * T * T * f  # one (B, nh, T, T) attention matrix
-    for i in range(cfg.n_layer):
-        b = f"blocks.{i}"
-        h = layer_norm(x, f"{b}.ln1")
-        qkv = linears(h, [f"{b}.{t}" for t in ("q", "k", "v")], C, C)  # (N, 3C), one op
-        if p > 0:  # model.py's composed path: dropout on the attention weights needs them as a tensor
-            # split into q, k, v (getitem), then reshape and transpose: views
-            q, k, v = (rp.op([rp.op([rp.op([qkv], 0, view=True)], 0, view=True)], 0, view=True) for _ in range(3))
-            kT = rp.op([k], 0, view=True)  # k.transpose(0, 1, 3, 2): (B, nh, hs, T), a view
-            att = rp.op([q, kT], score)  # q @ kT: (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
-            att = rp.op([att], score)  # × 1/√hs
-            mask = rp.leaf(False, T * T * BOOL_BYTES)  # triu(ones((T, T), bool)): new each forward
-            att = rp.op([att, mask], score)  # masked_fill -> where(mask, -inf, att); the closure keeps the mask
-            att = rp.op([att], score)  # softmax: keeps its output y (the input of att @ v keeps it anyway)
-            att = dropout(att, B * H * T * T, p)
-            y = rp.op([att, v], N * C * f)  # att @ v: (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
-            y = rp.op([y], 0, view=True)  # transpose(0, 2, 1, 3): a view
-            copies = H > 1 and T > 1  # reshape of that transposed view copies, unless it happens to be contiguous
-            y = rp.op([y], N * C * f, view=not copies)  # reshape (B, T, nh, hs) -> (B, T, C)
-        else:  # F.causal_attention: one op, (N, 3C) -> (N, C); keeps only the attention weights (B, nh, T, T)
-            y = rp.op([qkv], N * C * f, captures=[score])
-        x = rp.op([x, dropout(linears(y, [f"{b}.o"], C, C), N * C, p)], N * C * f)  # x + attn
-        h = layer_norm(x, f"{b}.ln2")
-        u = linears(h, [f"{b}.up"], C, 4 * C)
-        u = rp.op([u], N * 4 * C * f, captures=[N * 4 * C * f])  # gelu: keeps tanh(u)
-        x = rp.op([x, dropout(linears(u, [f"{b}.down"], 4 * C, C), N * C, p)], N * C * f)  # x + mlp
-    h = layer_norm(x, "ln_f")
-    logits = linears(h, ["wte" if cfg.tie_weights else "lm_head"], C, V)  # (N, C) @ (C, V) -> (N, V); tied: wte.T
-    rp.op([logits], f, captures=[N * V * f, N * BOOL_BYTES, N * INT_BYTES])  # cross_entropy: logp, valid, safe_t
-    return rp.kept_bytes()
+    floats, extra = 0, 0  # extra: bytes that are not floats (int64 positions and targets, bool masks)
+    g_tok, g_pos = full or "wte" in saved, full or "wpe" in saved
+    g_x = g_tok or g_pos  # the embeddings' sum needs a gradient
+    extra += INT_BYTES * T if g_pos else 0  # wpe(arange(T)) keeps the positions
+    floats += (N * C + T * C) if g_x else 0  # the sum keeps tok (N, C) and pe (T, C)
+    floats += 2 * N * C if g_x and p > 0 else 0  # dropout keeps its input and its mask
+    for _ in range(cfg.n_layer):
+        g_ln1 = g_x or full
+        g_qkv = g_ln1 or any(trains(t) for t in ("q", "k", "v"))
+        g_o = g_qkv or trains("o")
+        g_res1 = g_x or g_o
+        g_ln2 = g_res1 or full
+        g_up = g_ln2 or trains("up")
+        g_down = g_up or trains("down")
+        g_res2 = g_res1 or g_down
+        floats += N * C if g_ln1 or g_res1 else 0  # the block's input x, read by ln1 and the residual
+        floats += N * C + N if g_ln1 else 0  # ln1: xhat, rstd
+        if g_qkv:  # [q | k | v] = ln1(x) @ [W_q W_k W_v]: keeps ln1(x), h per adapter, the (C, 3C) weights
+            floats += N * C + (3 * C * C if g_ln1 else 0)
+            floats += sum(adapter(t, C, C, g_ln1, alone=False) for t in ("q", "k", "v"))
+            if p == 0:  # F.causal_attention: keeps [q | k | v] and the attention weights
+                floats += 3 * N * C + S
+            else:  # composed ops keep six (B, nh, T, T): q @ kT, scaled, masked, softmax, dropout's mask and output;
+                # and att @ v (B, nh, T, hs) where merging the heads copies it (a view when nh = 1 or T = 1)
+                floats += 3 * N * C + 6 * S + (N * C if H > 1 and T > 1 else 0)
+                extra += T * T  # the causal mask (bool)
+        if g_o:
+            floats += N * C + adapter("o", C, C, g_qkv, alone=True)  # o keeps the attention's output
+        floats += N * C if g_res1 else 0  # the residual keeps the attention branch (o's or dropout's output)
+        floats += 2 * N * C if g_o and p > 0 else 0  # dropout after o keeps o's output and its mask
+        floats += N * C if g_ln2 or g_res2 else 0  # x + attn, read by ln2 and the next residual
+        floats += N * C + N if g_ln2 else 0  # ln2: xhat, rstd
+        if g_up:
+            floats += N * C + adapter("up", C, 4 * C, g_ln2, alone=True)  # up keeps ln2(x)
+            floats += 2 * 4 * N * C  # gelu keeps u (N, 4C) and tanh(u)
+        if g_down:
+            floats += 4 * N * C + adapter("down", 4 * C, C, g_up, alone=True)  # down keeps gelu(u)
+        floats += N * C if g_res2 else 0  # the residual keeps the MLP branch
+        floats += 2 * N * C if g_down and p > 0 else 0  # dropout after down: its input and mask
+        g_x = g_res2
+    g_lnf = g_x or full or "ln_f" in saved
+    floats += N * C + N * C + N if g_lnf else 0  # ln_f keeps x, xhat, rstd
+    g_head = g_lnf or full or ("wte" if cfg.tie_weights else "lm_head") in saved
+    floats += N * C if g_head else 0  # the head keeps ln_f(x)
+    floats += 2 * N * V  # cross_entropy keeps the logits (its input) and the log-probs
+    extra += N * BOOL_BYTES + N * INT_BYTES  # and the valid mask and the clamped targets
+    return floats * f + extra

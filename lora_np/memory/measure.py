@@ -11,7 +11,7 @@ import gc
 import math
 import tracemalloc
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import backend
@@ -22,6 +22,7 @@ from ..nn import Module
 from ..optim import AdamW, Optimizer
 from ..qlora import QuantizedWeight, quantize_base
 from ..quantize import QuantConfig
+from .graph import graph_bytes
 from .ledger import CATEGORIES, MIB, Ledger, ledger_of
 
 
@@ -40,6 +41,8 @@ class Measured:
     at once", the ledger's assumption. Because early activations are freed before the last weight gradients
     exist, it can come out negative in full fine-tuning. The ledger does not predict it.
     peak (= total): the most the step held at once, weights and optimizer state (allocated before it) included.
+    graph: the activations counted from the graph itself (``graph.graph_bytes``): the arrays its nodes keep, each
+    buffer once, without the Python objects; ``graph_by_op`` splits them by the op that made them.
     """
 
     weights: int
@@ -48,6 +51,8 @@ class Measured:
     activations: int
     traced_peak: int
     quantized: int = 0  # the part of `weights` stored in 4 bits (QuantizedWeight.nbytes: codes + scales)
+    graph: int = 0  # the arrays the graph keeps after the forward pass, counted node by node
+    graph_by_op: dict[str, int] = field(default_factory=dict)  # the same, by the op that made each array
 
     @property
     def scratch(self) -> int:
@@ -69,7 +74,8 @@ class Measured:
 
 def measure_step(model: Module, optimizer: Optimizer, x: Any, y: Any, warmup_steps: int = 1) -> Measured:
     """Run ``warmup_steps`` training steps (so AdamW's state exists), then one measured step: zero_grad, forward,
-    loss, backward, optimizer.step. Host memory only: ``tracemalloc`` does not see a GPU's memory.
+    loss, backward, optimizer.step. Host memory only: ``tracemalloc`` does not see a GPU's memory. Between the
+    forward pass and backward it also counts what the graph keeps, node by node (``graph_bytes``).
 
     Every step updates the weights, as training does. ``tracemalloc`` is started and stopped here unless the
     caller already runs it (then its peak is reset).
@@ -92,6 +98,7 @@ def measure_step(model: Module, optimizer: Optimizer, x: Any, y: Any, warmup_ste
         base = tracemalloc.get_traced_memory()[0]
         _, loss = model(x, y)
         activations = tracemalloc.get_traced_memory()[0] - base
+        kept = graph_bytes(loss, exclude=(*model.parameters(), x, y))  # after the reading: its lists are not counted
         loss.backward()
         gradients = sum(int(p.grad.nbytes) for p in optimizer.params if p.grad is not None)
         optimizer.step()
@@ -102,7 +109,8 @@ def measure_step(model: Module, optimizer: Optimizer, x: Any, y: Any, warmup_ste
             tracemalloc.stop()
     quantized = sum(int(p.nbytes) for p in model.parameters() if isinstance(p, QuantizedWeight))  # as stored
     weights = quantized + sum(int(p.data.nbytes) for p in model.parameters() if not isinstance(p, QuantizedWeight))
-    return Measured(weights, gradients, optimizer.state_nbytes(), activations, traced_peak, quantized)
+    return Measured(weights, gradients, optimizer.state_nbytes(), activations, traced_peak, quantized, kept.total,
+                    kept.by_op)
 
 
 # The optimizer of every measured step. Its state's bytes do not depend on these settings (m and v have the shapes of
@@ -153,6 +161,8 @@ def format_table(ledger: Ledger, measured: Measured) -> str:
         if cat == "weights" and (ledger.quantized or measured.quantized):
             q, mq = ledger.quantized, measured.quantized
             lines.append(f"{'  4-bit W':<12} {q / MIB:>10.2f} {mq / MIB:>10.2f} {mq / q if q else math.nan:>8.3f}")
+        if cat == "activations" and measured.graph:
+            lines.append(f"{'  in graph':<12} {'':>10} {measured.graph / MIB:>10.2f}   the arrays its nodes keep")
         if cat == "activations":
             lines.append(f"{'  scratch':<12} {'':>10} {measured.scratch / MIB:>10.2f}   backward's transient arrays")
     return "\n".join(lines)
@@ -162,5 +172,6 @@ def format_comparison(mem: dict[str, Any]) -> str:
     """``format_table`` for the dict that ``measure_model`` returns."""
     a, m = mem["analytic"], mem["measured"]
     ledger = Ledger(*(a[c] for c in CATEGORIES), mode=mem.get("mode", ""), quantized=a.get("quantized", 0))
-    measured = Measured(*(m[c] for c in (*CATEGORIES, "traced_peak")), quantized=m.get("quantized", 0))
+    measured = Measured(*(m[c] for c in (*CATEGORIES, "traced_peak")), quantized=m.get("quantized", 0),
+                        graph=m.get("graph", 0), graph_by_op=m.get("graph_by_op", {}))
     return format_table(ledger, measured)
