@@ -281,19 +281,26 @@ def predict(model: GenreClassifier, data: Encoded, batch_size: int) -> tuple[Any
             idx = order[i : i + batch_size]
             batch, labels = data.batch(idx)
             logits, _ = model(batch)
-            z = backend.to_numpy(logits.data).astype(np.float64)
-            logp = z - z.max(axis=1, keepdims=True)
-            logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
-            pred[idx] = z.argmax(axis=1)
-            loss[idx] = -logp[np.arange(len(idx)), labels]
+            pred[idx], loss[idx] = _classify(backend.to_numpy(logits.data), labels)
     return pred, loss
+
+
+def _classify(logits: Any, labels: Any) -> tuple[Any, Any]:
+    """Host logits (n, K) -> (the predicted class (n,), the cross-entropy of the true class (n,)), in float64."""
+    np = backend.np
+    z = logits.astype(np.float64)
+    logp = z - z.max(axis=1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    return z.argmax(axis=1), -logp[np.arange(len(labels)), labels]
+
+
+def _scores(pred: Any, loss: Any, labels: Any) -> dict[str, Any]:
+    return {"accuracy": balanced(pred == labels, labels), "loss": balanced(loss, labels), "predictions": pred.tolist()}
 
 
 def scores(model: GenreClassifier, data: Encoded, batch_size: int) -> dict[str, Any]:
     """Balanced accuracy and cross-entropy of ``model`` on ``data``, and its predictions."""
-    pred, loss = predict(model, data, batch_size)
-    return {"accuracy": balanced(pred == data.labels, data.labels), "loss": balanced(loss, data.labels),
-            "predictions": pred.tolist()}
+    return _scores(*predict(model, data, batch_size), data.labels)
 
 
 def accuracy(model: GenreClassifier, data: Encoded, batch_size: int) -> float:
@@ -555,11 +562,7 @@ def _head_scores(head: Linear, features: Any, labels: Any) -> dict[str, Any]:
     np = backend.np
     z = (features.astype(np.float64) @ backend.to_numpy(head.weight.data).astype(np.float64)
          + backend.to_numpy(head.bias.data).astype(np.float64))  # (n, C) @ (C, K) -> (n, K)
-    logp = z - z.max(axis=1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
-    pred = z.argmax(axis=1)
-    loss = -logp[np.arange(len(labels)), labels]
-    return {"accuracy": balanced(pred == labels, labels), "loss": balanced(loss, labels), "predictions": pred.tolist()}
+    return _scores(*_classify(z, labels), labels)
 
 
 # -- the table ------------------------------------------------------------------------------------------------------
