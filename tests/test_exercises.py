@@ -351,18 +351,22 @@ def assert_reading_follows(check, letters, notebook, results, letter, words, cap
     assert capsys.readouterr().out == ""
 
 
+def assert_stub_and_unknown_letter(check, results, capsys):
+    """An untouched stub or None is "not attempted"; a letter that is not an option is refused as such."""
+    check(stub, results)
+    check(None, results)
+    assert capsys.readouterr().out.count("not attempted yet") == 2
+    with pytest.raises(ex.ExerciseError, match="one of the letters"):
+        check(lambda: "f", results)
+
+
 @pytest.mark.parametrize("results, letter, words", MINILM_VERDICTS)
 def test_the_minilm_reading_follows_the_results(results, letter, words, capsys):
     assert_reading_follows(ex.check_minilm_reading, ex.MINILM_LETTERS, "08", results, letter, words, capsys)
 
 
 def test_the_minilm_reading_not_attempted_other_letters_and_missing_results(capsys):
-    results = MINILM_CASES[0][0]
-    ex.check_minilm_reading(stub, results)
-    ex.check_minilm_reading(None, results)
-    assert capsys.readouterr().out.count("not attempted yet") == 2
-    with pytest.raises(ex.ExerciseError, match="one of the letters"):
-        ex.check_minilm_reading(lambda: "f", results)
+    assert_stub_and_unknown_letter(ex.check_minilm_reading, MINILM_CASES[0][0], capsys)
     with pytest.raises(ValueError, match="lora-qv-r4 - full"):  # the notebook's error, not the student's
         ex.check_minilm_reading(lambda: "b", {"differences": {"lora-qv-r1 - full": [0.0, 0.0]}})
 
@@ -413,11 +417,7 @@ def test_the_variants_reading_follows_the_results(results, letter, words, capsys
 
 def test_the_variants_reading_not_attempted_other_letters_and_missing_results(capsys):
     results = VARIANTS_CASES[0][0]
-    ex.check_variants_reading(stub, results)
-    ex.check_variants_reading(None, results)
-    assert capsys.readouterr().out.count("not attempted yet") == 2
-    with pytest.raises(ex.ExerciseError, match="one of the letters"):
-        ex.check_variants_reading(lambda: "f", results)
+    assert_stub_and_unknown_letter(ex.check_variants_reading, results, capsys)
     without = {"runs": [r for r in results["runs"] if r["method"] != "pissa-r8"]}
     with pytest.raises(ValueError, match="pissa"):  # the notebook's error, not the student's
         ex.check_variants_reading(lambda: "b", without)

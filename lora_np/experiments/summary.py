@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -371,15 +372,18 @@ def _row(choice: str, advice: str, parts: list[str], measured: dict[str, Any], l
             "measured": measured, "literature": PRACTICE_LITERATURE[literature]}
 
 
+def _available(read: dict[str, tuple[dict[str, Any] | None, str]], names: Iterable[str]) -> Iterator[tuple[str, Any]]:
+    """(name, evidence) of each of ``names`` whose results file was read; ``_unread`` says why the others were not."""
+    return ((n, read[n][0]) for n in names if read[n][0] is not None)
+
+
 def _unread(read: dict[str, tuple[dict[str, Any] | None, str]], names: tuple[str, ...]) -> list[str]:
     return [f"{n}: not measured here ({read[n][1]})" for n in names if read[n][0] is None]
 
 
 def _lr_ratio_row(read: dict[str, tuple[dict[str, Any] | None, str]]) -> dict[str, Any]:
     parts, measured, every = [], {}, []
-    for name, (got, _) in read.items():
-        if got is None:
-            continue
+    for name, got in _available(read, read):
         ratios, edges = [], 0
         for cs in _groups(got["choices"]).values():
             full = _full(cs)
@@ -405,9 +409,7 @@ def _lr_ratio_row(read: dict[str, tuple[dict[str, Any] | None, str]]) -> dict[st
 
 def _interior_row(read: dict[str, tuple[dict[str, Any] | None, str]]) -> dict[str, Any]:
     parts, measured = [], {}
-    for name, (got, _) in read.items():
-        if got is None:
-            continue
+    for name, got in _available(read, read):
         known = [c for c in got["choices"] if c["interior"] is not None]
         if not known:
             parts.append(f"{name}: not recorded")
@@ -430,10 +432,7 @@ def _interior_row(read: dict[str, tuple[dict[str, Any] | None, str]]) -> dict[st
 def _alpha_row(read: dict[str, tuple[dict[str, Any] | None, str]]) -> dict[str, Any]:
     names = ("sweep", "all-linear", "study", "planted")
     parts, measured, alphas, spreads = [], {}, set(), []
-    for name in names:
-        got = read[name][0]
-        if got is None:
-            continue
+    for name, got in _available(read, names):
         alphas |= {c["alpha"] for c in got["choices"] if c["mode"] == "lora" and c["alpha"] is not None}
         for group, targets, s in _series(got["choices"], longest=True):
             lrs = [c["lr"] for c in s]
@@ -452,10 +451,7 @@ def _alpha_row(read: dict[str, tuple[dict[str, Any] | None, str]]) -> dict[str, 
 def _rslora_row(read: dict[str, tuple[dict[str, Any] | None, str]]) -> dict[str, Any]:
     names = ("sweep", "all-linear", "study")
     parts, measured = [], {}
-    for name in names:
-        got = read[name][0]
-        if got is None:
-            continue
+    for name, got in _available(read, names):
         cs = [c for c in got["choices"] if c["mode"] == "lora" and not c["modules"] and c["loss"] is not None]
         plain = {(c["group"], c["targets"], c["rank"]): c for c in cs if not c["rslora"]}
         pairs = [(k, c) for c in cs if c["rslora"] and (k := (c["group"], c["targets"], c["rank"])) in plain]
@@ -478,10 +474,7 @@ def _rslora_row(read: dict[str, tuple[dict[str, Any] | None, str]]) -> dict[str,
 def _rank_row(read: dict[str, tuple[dict[str, Any] | None, str]], tol: float) -> dict[str, Any]:
     names = ("sweep", "all-linear", "study", "planted")
     parts, measured = [], {}
-    for name in names:
-        got = read[name][0]
-        if got is None:
-            continue
+    for name, got in _available(read, names):
         groups = _groups(got["choices"])
         for group, targets, s in _series(got["choices"], min_ranks=3, longest=True):
             full = _full(groups[group])
@@ -594,10 +587,7 @@ def _budget_row(read: dict[str, tuple[dict[str, Any] | None, str]]) -> dict[str,
 def _embeddings_row(read: dict[str, tuple[dict[str, Any] | None, str]]) -> dict[str, Any]:
     names = ("sweep", "all-linear")
     parts, measured = [], {}
-    for name in names:
-        got = read[name][0]
-        if got is None:
-            continue
+    for name, got in _available(read, names):
         full = _full(got["choices"])
         plain = {(c["targets"], c["rank"]): c for c in got["choices"] if _plain(c) and c["loss"] is not None}
         for c in got["choices"]:
