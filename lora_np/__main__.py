@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import backend, distributed, memory
+from . import backend, distributed, gpu, memory
 from .bert import minilm_dir
 from .checkpoint import check_adapter, load_adapter, save_adapter, write_atomic
 from .data import CORPORA, CharTokenizer
@@ -397,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["sweep", *argv]  # bare `python -m lora_np [options]` is the default experiment
     try:
         args = build_parser().parse_args(argv)
-        if backend.env_error:
-            raise UsageError(backend.env_error)
+        if backend.env_error or gpu.flag_error():
+            raise UsageError(backend.env_error or gpu.flag_error())
         if getattr(args, "backend", None):
             backend.set_backend(args.backend)
         _notes.clear()

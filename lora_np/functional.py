@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from . import backend, engine
+from . import backend, engine, gpu
 from .engine import Tensor
 
 GELU_C = math.sqrt(2.0 / math.pi)
@@ -46,33 +46,41 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 def gelu(x: Tensor) -> Tensor:
     """GELU, tanh approximation as in GPT-2: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))."""
-    xp, xd = backend.xp, x.data
+    out, t = _gelu_forward(x.data)  # t = tanh(u): the only array the backward keeps besides x
+    return Tensor.from_op(out, (x,), "gelu", lambda g: (_gelu_backward(x.data, t, g),))
+
+
+@gpu.fusable
+def _gelu_forward(xd: Any) -> tuple[Any, Any]:
+    """(GELU(x), t = tanh(u)) with u = √(2/π)(x + 0.044715x³): two new arrays, every other step in place."""
     t = xd * xd  # x*x, not x**2: numpy's float power is several times slower
     t *= 0.044715
     t += 1.0
     t *= xd
     t *= GELU_C  # u = √(2/π)(x + 0.044715x³)
-    xp.tanh(t, out=t)  # t = tanh(u): the only array the backward keeps besides x
+    backend.xp.tanh(t, out=t)  # t = tanh(u)
     out = t + 1.0
     out *= xd
     out *= 0.5
+    return out, t
 
-    def backward(g):  # product rule: 0.5(1+t) + 0.5·x·(1-t²)·du/dx,  du/dx = √(2/π)(1 + 3·0.044715·x²)
-        d = xd * xd
-        d *= 3 * 0.044715
-        d += 1.0
-        d *= 0.5 * GELU_C
-        d *= xd  # 0.5·x·du/dx
-        t2 = t * t
-        xp.subtract(1.0, t2, out=t2)  # 1 - t²
-        d *= t2
-        d += 0.5
-        xp.multiply(t, 0.5, out=t2)
-        d += t2  # 0.5(1 + t) + 0.5·x·(1-t²)·du/dx
-        d *= g
-        return (d,)
 
-    return Tensor.from_op(out, (x,), "gelu", backward)
+@gpu.fusable
+def _gelu_backward(xd: Any, t: Any, g: Any) -> Any:
+    """Product rule: 0.5(1+t) + 0.5·x·(1-t²)·du/dx,  du/dx = √(2/π)(1 + 3·0.044715·x²), times g."""
+    d = xd * xd
+    d *= 3 * 0.044715
+    d += 1.0
+    d *= 0.5 * GELU_C
+    d *= xd  # 0.5·x·du/dx
+    t2 = t * t
+    backend.xp.subtract(1.0, t2, out=t2)  # 1 - t²
+    d *= t2
+    d += 0.5
+    backend.xp.multiply(t, 0.5, out=t2)
+    d += t2  # 0.5(1 + t) + 0.5·x·(1-t²)·du/dx
+    d *= g
+    return d
 
 
 # erfc(z) for z >= 0 as t·exp(-z² + P(t)), t = 1/(1 + z/2): Numerical Recipes in C (2nd ed., §6.2, ``erfcc``),
@@ -119,6 +127,7 @@ def softmax(x: Tensor, axis: int = -1) -> Tensor:
     return Tensor.from_op(y, (x,), "softmax", backward)
 
 
+@gpu.fusable
 def _softmax(z: Any, axis: int) -> Any:
     """softmax of an array, in one new buffer: e = exp(z - max), then e /= Σe."""
     e = z - z.max(axis=axis, keepdims=True)
@@ -127,6 +136,7 @@ def _softmax(z: Any, axis: int) -> Any:
     return e
 
 
+@gpu.fusable
 def _softmax_backward(y: Any, g: Any, axis: int) -> Any:
     """The Jacobian diag(y) - y yᵀ applied to g: y ⊙ (g - ⟨g, y⟩), in one new buffer."""
     gy = g * y
@@ -150,9 +160,7 @@ def causal_attention(qkv: Tensor, n_head: int) -> Tensor:
     scale = 1.0 / math.sqrt(hs)
     q, k, v = qkv.data.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs), views
     att = engine.matmul(q, k.swapaxes(-1, -2))  # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
-    att *= scale  # 1/√hs keeps the softmax from saturating (Vaswani et al. §3.2.1)
-    att += _causal_bias(T, att.dtype)  # (B, nh, T, T) + (T, T): -inf above the diagonal, the future
-    att = _softmax(att, axis=-1)  # (B, nh, T, T), rows sum to 1
+    att = _causal_softmax(att, scale)  # (B, nh, T, T), rows sum to 1, zero above the diagonal
     y = engine.matmul(att, v)  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
     y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C), one copy
 
@@ -161,13 +169,29 @@ def causal_attention(qkv: Tensor, n_head: int) -> Tensor:
         gqkv = backend.xp.empty((B, T, 3, n_head, hs), dtype=g.dtype)  # [dq | dk | dv] in qkv's own layout
         dq, dk, dv = gqkv.transpose(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs), views: each product is copied in once
         dv[...] = engine.matmul(att.swapaxes(-1, -2), g)  # dv = attᵀ g: (B, nh, T, T) @ (B, nh, T, hs)
-        gs = _softmax_backward(att, engine.matmul(g, v.swapaxes(-1, -2)), -1)  # through softmax: (B, nh, T, T)
-        gs *= scale  # masked entries have att = 0, so they get no gradient
+        gs = _causal_softmax_backward(att, engine.matmul(g, v.swapaxes(-1, -2)), scale)  # (B, nh, T, T)
         dq[...] = engine.matmul(gs, k)  # dq = ds k: (B, nh, T, T) @ (B, nh, T, hs)
         dk[...] = engine.matmul(gs.swapaxes(-1, -2), q)  # dk = dsᵀ q: (B, nh, T, T) @ (B, nh, T, hs)
         return (gqkv.reshape(B, T, C3),)  # contiguous: a view
 
     return Tensor.from_op(y, (qkv,), "causal_attention", backward)
+
+
+@gpu.fusable
+def _causal_softmax(att: Any, scale: float) -> Any:
+    """softmax(scale · scores + causal mask) over the last axis, the scores (..., T, T) overwritten on the way."""
+    att *= scale  # 1/√hs keeps the softmax from saturating (Vaswani et al. §3.2.1)
+    att += _causal_bias(att.shape[-1], att.dtype)  # (..., T, T) + (T, T): -inf above the diagonal, the future
+    return _softmax(att, axis=-1)
+
+
+@gpu.fusable
+def _causal_softmax_backward(att: Any, g: Any, scale: float) -> Any:
+    """The gradient of the scores before scaling: the softmax's backward, times the scale (masked entries have
+    att = 0, so they get no gradient)."""
+    gs = _softmax_backward(att, g, -1)
+    gs *= scale
+    return gs
 
 
 def _causal_bias(T: int, dtype: Any) -> Any:
@@ -176,6 +200,7 @@ def _causal_bias(T: int, dtype: Any) -> Any:
     return xp.triu(xp.full((T, T), -xp.inf, dtype=dtype), k=1)
 
 
+@gpu.fusable
 def _log_softmax(z: Any, axis: int) -> Any:
     """log softmax of an array: (z - max) - log Σ exp(z - max), stable for any magnitude of z."""
     shifted = z - z.max(axis=axis, keepdims=True)
@@ -215,13 +240,19 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Ten
     nll = -logp[xp.arange(z.shape[0]), safe_t] * valid.reshape(-1)  # (N,)
     n = max(int(valid.sum()), 1)
 
-    def backward(g):  # d(-log softmax_t)/dz = softmax - onehot(t), averaged over the n counted positions
-        dz = xp.exp(logp)
-        dz[xp.arange(z.shape[0]), safe_t] -= 1.0
-        dz *= (valid.reshape(-1, 1) * (g / n)).astype(dz.dtype)
-        return (dz.reshape(logits.shape),)
+    def backward(g):
+        return (_cross_entropy_backward(logp, safe_t, valid, g, n).reshape(logits.shape),)
 
     return Tensor.from_op(nll.sum() / n, (logits,), "cross_entropy", backward)
+
+
+@gpu.fusable
+def _cross_entropy_backward(logp: Any, safe_t: Any, valid: Any, g: Any, n: int) -> Any:
+    """d(-log softmax_t)/dz = softmax - onehot(t), averaged over the n counted positions: (N, V)."""
+    dz = backend.xp.exp(logp)
+    dz[backend.xp.arange(logp.shape[0]), safe_t] -= 1.0
+    dz *= (valid.reshape(-1, 1) * (g / n)).astype(dz.dtype)
+    return dz
 
 
 def soft_cross_entropy(logits: Tensor, probs: Any) -> Tensor:
@@ -256,34 +287,52 @@ def soft_cross_entropy(logits: Tensor, probs: Any) -> Tensor:
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
     """Normalise over the last axis to zero mean and unit variance, then scale by ``weight`` and shift by ``bias``."""
+    w = weight.data if weight is not None else None
+    out, xhat, rstd = _layer_norm_forward(x.data, w, bias.data if bias is not None else None, eps)
+    parents = tuple(p for p in (x, weight, bias) if p is not None)
+    need = tuple(p is not None and p.requires_grad for p in (x, weight, bias))
+
+    def backward(g):
+        grads = _layer_norm_backward(g, xhat, rstd, w, need)
+        return tuple(gr for gr, p in zip(grads, (x, weight, bias)) if p is not None)
+
+    return Tensor.from_op(out, parents, "layer_norm", backward)
+
+
+@gpu.fusable
+def _layer_norm_forward(xd: Any, w: Any, b: Any, eps: float) -> tuple[Any, Any, Any]:
+    """(out, xhat, rstd): xhat = (x - mean)/√(var + eps) (..., C), rstd = 1/√(var + eps) (..., 1)."""
     xp = backend.xp
-    xhat = x.data - x.data.mean(axis=-1, keepdims=True)  # (..., C), centred
+    xhat = xd - xd.mean(axis=-1, keepdims=True)  # (..., C), centred
     # einsum forms Σ xhat² row by row without an (..., C) array of squares (about 4x faster than .var here)
     var = xp.einsum("...c,...c->...", xhat, xhat)[..., None] / xhat.shape[-1]  # (..., 1)
     rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
     xhat *= rstd  # (..., C), normalised in place
-    out = xhat * weight.data if weight is not None else xhat.copy()
-    if bias is not None:
-        out += bias.data
-    parents = tuple(p for p in (x, weight, bias) if p is not None)
+    out = xhat * w if w is not None else xhat.copy()
+    if b is not None:
+        out += b
+    return out, xhat, rstd
 
-    def backward(g):
-        gxhat = g * weight.data if weight is not None else g
-        lead = tuple(range(g.ndim - 1))
-        rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731  (..., C) -> (N, C), a view
-        gw = xp.einsum("nc,nc->c", rows(g), rows(xhat)) if weight is not None and weight.requires_grad else None
-        gb = g.sum(axis=lead) if bias is not None and bias.requires_grad else None
-        gx = None
-        if x.requires_grad:  # the classic layer-norm backward: remove the mean and the xhat-component of gxhat
-            C = g.shape[-1]
-            dot = xp.einsum("...c,...c->...", gxhat, xhat)[..., None] / C  # mean(gxhat ⊙ xhat), (..., 1)
-            gx = xhat * dot
-            xp.subtract(gxhat, gx, out=gx)
-            gx -= gxhat.mean(axis=-1, keepdims=True)
-            gx *= rstd
-        return tuple(gr for gr, p in zip((gx, gw, gb), (x, weight, bias)) if p is not None)
 
-    return Tensor.from_op(out, parents, "layer_norm", backward)
+@gpu.fusable
+def _layer_norm_backward(g: Any, xhat: Any, rstd: Any, w: Any, need: tuple[bool, bool, bool]
+                         ) -> tuple[Any, Any, Any]:
+    """(dx, dweight, dbias), each None where ``need`` (x, weight, bias require a gradient) says so."""
+    xp = backend.xp
+    gxhat = g * w if w is not None else g
+    lead = tuple(range(g.ndim - 1))
+    rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731  (..., C) -> (N, C), a view
+    gw = xp.einsum("nc,nc->c", rows(g), rows(xhat)) if need[1] else None
+    gb = g.sum(axis=lead) if need[2] else None
+    gx = None
+    if need[0]:  # the classic layer-norm backward: remove the mean and the xhat-component of gxhat
+        C = g.shape[-1]
+        dot = xp.einsum("...c,...c->...", gxhat, xhat)[..., None] / C  # mean(gxhat ⊙ xhat), (..., 1)
+        gx = xhat * dot
+        xp.subtract(gxhat, gx, out=gx)
+        gx -= gxhat.mean(axis=-1, keepdims=True)
+        gx *= rstd
+    return gx, gw, gb
 
 
 def dropout(x: Tensor, p: float, training: bool, gen: Any = None) -> Tensor:

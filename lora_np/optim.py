@@ -24,7 +24,7 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import backend
+from . import backend, gpu
 
 if TYPE_CHECKING:
     from .engine import Tensor
@@ -156,34 +156,41 @@ class AdamW(Optimizer):
 
     def _update(self, p: Tensor, g: Any, state: dict[str, Any]) -> None:
         xp = backend.xp
-        beta1, beta2 = self.betas
         if not state:
             state["step"] = 0
             state["m"] = xp.zeros_like(p.data)
             state["v"] = xp.zeros_like(p.data)
         state["step"] += 1
-        t, m, v = state["step"], state["m"], state["v"]
+        _adamw_update(p.data, g, state["m"], state["v"], self.lr, self.weight_decay, self.betas, self.eps,
+                      state["step"])
 
-        p.data *= 1.0 - self.lr * self.weight_decay  # decoupled weight decay, on the pre-update p
 
-        # One scratch array per step (`buf`), reused for each intermediate, so no other temporaries.
-        buf = xp.multiply(g, 1.0 - beta1)
-        m *= beta1
-        m += buf  # m = β1·m + (1−β1)·g
-        xp.multiply(g, g, out=buf)
-        buf *= 1.0 - beta2
-        v *= beta2
-        v += buf  # v = β2·v + (1−β2)·g²
+@gpu.fusable
+def _adamw_update(p: Any, g: Any, m: Any, v: Any, lr: float, weight_decay: float, betas: tuple[float, float],
+                  eps: float, t: int) -> None:
+    """AdamW's step ``t`` for one parameter's array ``p``, its gradient ``g`` and moments ``m``, ``v``, in place."""
+    xp = backend.xp
+    beta1, beta2 = betas
+    p *= 1.0 - lr * weight_decay  # decoupled weight decay, on the pre-update p
 
-        # lr·m̂/(√v̂ + ε) written as (lr / (1−β1^t)) · m / (√v / √(1−β2^t) + ε): the bias corrections become
-        # two scalars instead of two full-size arrays (the same rearrangement PyTorch uses).
-        step_size = self.lr / (1.0 - beta1**t)
-        xp.sqrt(v, out=buf)
-        buf /= math.sqrt(1.0 - beta2**t)
-        buf += self.eps  # buf = √v̂ + ε
-        xp.divide(m, buf, out=buf)
-        buf *= step_size
-        p.data -= buf
+    # One scratch array per step (`buf`), reused for each intermediate, so no other temporaries.
+    buf = xp.multiply(g, 1.0 - beta1)
+    m *= beta1
+    m += buf  # m = β1·m + (1−β1)·g
+    xp.multiply(g, g, out=buf)
+    buf *= 1.0 - beta2
+    v *= beta2
+    v += buf  # v = β2·v + (1−β2)·g²
+
+    # lr·m̂/(√v̂ + ε) written as (lr / (1−β1^t)) · m / (√v / √(1−β2^t) + ε): the bias corrections become
+    # two scalars instead of two full-size arrays (the same rearrangement PyTorch uses).
+    step_size = lr / (1.0 - beta1**t)
+    xp.sqrt(v, out=buf)
+    buf /= math.sqrt(1.0 - beta2**t)
+    buf += eps  # buf = √v̂ + ε
+    xp.divide(m, buf, out=buf)
+    buf *= step_size
+    p -= buf
 
 
 def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> float:

@@ -402,6 +402,7 @@ BAD_INPUT = {
     "corpus is a folder": (["sweep", "--corpus", "folder"], {}, "folder"),
     "cache under a file": (["pretrain"], {"LORA_NP_CACHE": "afile/cache"}, "afile is a file"),
     "unknown backend in env": (["report"], {"LORA_NP_BACKEND": "bogus"}, "LORA_NP_BACKEND='bogus'"),
+    "unknown fused flag in env": (["report"], {"LORA_NP_FUSED": "yes"}, "LORA_NP_FUSED='yes'"),
     "cupy without a GPU": (["finetune", "--backend", "cupy"], {}, "cupy"),
     "unknown option": (["sweep", "--bogus"], {}, "unrecognized arguments: --bogus"),
     "unknown backend flag": (["sweep", "--backend", "tpu"], {}, "invalid choice: 'tpu'"),
