@@ -29,6 +29,7 @@ from lora_np import backend, memory
 from lora_np.lora import LoRAConfig, count_parameters, prepare_finetuning
 from lora_np.memory.measure import _LiveBytes, _PoolBlocks
 from lora_np.model import GPT, GPTConfig
+from lora_np.optim import AdamW
 from lora_np.qlora import quantize_base, quantized_weights
 from lora_np.quantize import QuantConfig, quantize, stored_nbytes
 
@@ -238,7 +239,7 @@ def test_measure_model_and_tables():
     assert mem["measured"]["peak"] == mem["measured"]["total"] > mem["measured"]["traced_peak"]
     text = memory.format_comparison(mem)
     assert "activations" in text and "scratch" in text
-    assert mem["measured"]["allocator"] == "tracemalloc" and text.endswith("measured by tracemalloc (host memory)")
+    assert mem["measured"]["allocator"] == "tracemalloc" and text.endswith("measured: tracemalloc (host memory)")
     assert "MiB" in memory.analytic_ledger(SMALL, None, 2).table()
 
 
@@ -281,7 +282,8 @@ def test_pool_blocks_count_the_bytes_asked_for():
 def test_numpy_measures_with_tracemalloc(tracing):
     """The NumPy path as it was: tracemalloc, started and stopped by measure_step, or left running (its peak reset)
     when the caller already traces; the numbers from the arrays (weights, gradients, optimizer, graph) the same.
-    (Under a caller's tracing, warm-up blocks freed during the step count against it: ~21 KiB fewer activations.)"""
+    (Under a caller's tracing, warm-up blocks freed during the step count against it: ~21 KiB fewer activations
+    here, within the margin.)"""
     if tracing:
         tracemalloc.start()
     try:
@@ -301,7 +303,27 @@ def test_results_written_before_the_allocator_was_recorded_read_as_tracemalloc()
     bench = json.loads((Path(__file__).parents[1] / "benchmarks/results/bench_step.json").read_text())
     for mode, r in bench["modes"].items():
         assert "allocator" not in r["memory"]["measured"]
-        assert memory.format_comparison({"mode": mode, **r["memory"]}).endswith("measured by tracemalloc (host memory)")
+        assert memory.format_comparison({"mode": mode, **r["memory"]}).endswith("measured: tracemalloc (host memory)")
+
+
+@pytest.mark.parametrize("lora", [None, LoRAConfig(targets="all-linear", r=4, dropout=0.1)])
+def test_array_buffers_after_the_forward_pass_are_the_graphs(lora):
+    """What the device pool counts, on the host: NumPy's data buffers alone (tracemalloc's NumPy domain, without
+    Python's objects) alive after the forward pass are the graph's arrays, to a few bytes (0-d arrays: the loss)."""
+    model = prepare_finetuning(GPT(SMALL), lora)
+    opt = AdamW(model.trainable_parameters(), lr=1e-3)
+    x, y = (np.random.default_rng(i).integers(0, SMALL.vocab_size, size=(4, 32)) for i in range(2))
+    memory.measure_step(model, opt, x, y)  # AdamW's state exists, as in a measured step
+    opt.zero_grad()
+    tracemalloc.start()
+    try:
+        _, loss = model(x, y)
+        snapshot = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    buffers = snapshot.filter_traces([tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)])
+    kept = memory.graph_bytes(loss, exclude=(*model.parameters(), x, y))
+    assert 0 <= sum(t.size for t in buffers.traces) - kept.total <= 64
 
 
 @pytest.mark.skipif(not backend.cupy_available(), reason="CuPy with a usable CUDA device is not available")
@@ -311,12 +333,14 @@ def test_measure_step_on_cupy_counts_the_device_pool(lora):
 
     Tolerance, and why: |activations - graph| <= 16 KiB. The pool sees device arrays only (the graph's Python
     objects, which the tracemalloc tests allow 128 KiB for, live on the host), so what it may hold beyond the
-    graph's count is the 0-d scalars graph_bytes leaves out (a few bytes each, a few dozen of them here). 16 KiB
-    is under 1% of SMALL's graph (~1.9 MiB); a gap above it would be an array the graph does not account for."""
+    graph's count is the 0-d arrays graph_bytes leaves out (the loss, lifted numbers: a few bytes each). 16 KiB
+    is under 1% of SMALL's graph (~1.9 MiB) and half its smallest (N, C) activation (32 KiB): a gap above it would
+    be an array the graph does not account for. On the host the same count, NumPy's buffers alone, is the graph's
+    to 4 bytes (``test_array_buffers_after_the_forward_pass_are_the_graphs``)."""
     backend.set_backend("cupy")
     try:
         ledger, m = memory.compare(SMALL, lora, 4)
-        ledger_again, again = memory.compare(SMALL, lora, 4)  # the hook was removed: a second one can be entered
+        _, again = memory.compare(SMALL, lora, 4)  # the first hook was removed: a second one can be entered
     finally:
         backend.set_backend("numpy")
     assert m.allocator == again.allocator == "cupy memory pool"
@@ -324,7 +348,7 @@ def test_measure_step_on_cupy_counts_the_device_pool(lora):
     assert abs(m.activations - m.graph) <= 16 * KIB
     assert m.traced_peak > m.activations
     assert (again.activations, again.graph) == (m.activations, m.graph)  # device bytes: no Python objects' jitter
-    assert "measured by cupy memory pool (device memory)" in memory.format_table(ledger, m)
+    assert memory.format_table(ledger, m).endswith("measured: cupy memory pool (device memory)")
 
 
 def test_gpt3_numbers():

@@ -137,7 +137,7 @@ class _PoolBlocks(_LiveBytes):
 
     It counts the size each array asked for (``size``, = its ``nbytes``), not the pool's block (``mem_size``,
     rounded up to 512 bytes): the asked-for bytes are what tracemalloc and the ledger count, so the columns stay
-    comparable; the pool holds at most 511 bytes more per live array. CuPy tells ``free_postprocess`` only the
+    comparable; the pool holds at most 511 bytes more per block. CuPy tells ``free_postprocess`` only the
     rounded size, so the asked-for one is kept by block address. A block handed out before the hook was entered is
     not in that table and its release is ignored, as tracemalloc ignores frees of blocks it never traced.
 
@@ -184,6 +184,9 @@ def measure_step(model: Module, optimizer: Optimizer, x: Any, y: Any, warmup_ste
     loss, backward, optimizer.step, watched by the backend's allocator (tracemalloc on NumPy: host memory; CuPy's
     memory pool on CuPy: device memory; ``Measured.allocator`` says which). Between the forward pass and backward
     it also counts what the graph keeps, node by node (``graph_bytes``).
+
+    On CuPy, pass the batch already on the device (``backend.to_device``, as ``compare`` and ``measure_model``
+    do): a host batch is copied by every forward pass, and that copy would count among the activations.
 
     Every step updates the weights, as training does. ``tracemalloc`` is started and stopped here unless the
     caller already runs it (then its peak is reset, and what it traced before the step and sees freed during it
@@ -270,7 +273,7 @@ def format_table(ledger: Ledger, measured: Measured) -> str:
         if cat == "activations":
             lines.append(f"{'  scratch':<12} {'':>10} {measured.scratch / MIB:>10.2f}   backward's transient arrays")
     where = "host memory" if measured.allocator == TRACEMALLOC else "device memory"
-    lines.append(f"measured by {measured.allocator} ({where})")
+    lines.append(f"measured: {measured.allocator} ({where})")
     return "\n".join(lines)
 
 
