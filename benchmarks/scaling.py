@@ -5,9 +5,10 @@
 
 Everything else is the bench configuration (4 layers, 4 heads, vocab 96, batch 16, LoRA r = 8 on all six linears).
 Per point: the median of ``--steps`` timed steps after one warm-up step, and the measured peak of one step
-(``memory.measure_step``, tracemalloc). The fitted exponent is the slope of log(value) against log(size) over the
-doubling series: ~2 for a cost that grows like d² (the linear layers' products), ~1 for one that grows like T (the
-tokens of the batch), up to 2 where the T² attention matrices start to dominate.
+(``memory.measure_step``: tracemalloc on NumPy, CuPy's memory pool on CuPy). The fitted exponent is the slope of
+log(value) against log(size) over the doubling series: ~2 for a cost that grows like d² (the linear layers'
+products), ~1 for one that grows like T (the tokens of the batch), up to 2 where the T² attention matrices start to
+dominate.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def point(cfg, B: int, mode: str, steps: int) -> dict[str, float]:
         t0 = time.perf_counter()
         _step(model, opt, x, y)
         times.append(time.perf_counter() - t0)
-    peak = memory.measure_step(model, opt, x, y, warmup_steps=0).peak
+    peak = memory.measure_step(model, opt, backend.to_device(x), backend.to_device(y), warmup_steps=0).peak
     return {"seconds": statistics.median(times), "peak_bytes": peak}
 
 

@@ -1,5 +1,5 @@
 """The memory ledger (lora_np/memory/: ledger.py, graph.py, measure.py, paper.py): analytic bytes against the real
-arrays, the real graph and tracemalloc.
+arrays, the real graph and the allocator (tracemalloc on NumPy; CuPy's memory pool on a GPU, at the end).
 
 Tolerances, and why:
 - weights, gradients, optimizer state: EXACT. The ledger counts the same sizes model.py and lora.py allocate.
@@ -19,13 +19,17 @@ Tolerances, and why:
 from __future__ import annotations
 
 import json
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lora_np import memory
+from lora_np import backend, memory
 from lora_np.lora import LoRAConfig, count_parameters, prepare_finetuning
+from lora_np.memory.measure import _LiveBytes, _PoolBlocks
 from lora_np.model import GPT, GPTConfig
+from lora_np.optim import AdamW
 from lora_np.qlora import quantize_base, quantized_weights
 from lora_np.quantize import QuantConfig, quantize, stored_nbytes
 
@@ -235,7 +239,116 @@ def test_measure_model_and_tables():
     assert mem["measured"]["peak"] == mem["measured"]["total"] > mem["measured"]["traced_peak"]
     text = memory.format_comparison(mem)
     assert "activations" in text and "scratch" in text
+    assert mem["measured"]["allocator"] == "tracemalloc" and text.endswith("measured: tracemalloc (host memory)")
     assert "MiB" in memory.analytic_ledger(SMALL, None, 2).table()
+
+
+# -- the allocator behind the measured column: tracemalloc on NumPy, CuPy's memory pool on CuPy ---------------------
+
+
+def test_live_bytes_keeps_the_live_bytes_and_their_peak():
+    c = _LiveBytes()
+    c.allocated(100)
+    c.allocated(50)
+    c.freed(100)
+    assert (c.live, c.peak) == (50, 150)
+    c.reset_peak()
+    assert (c.live, c.peak) == (50, 50)  # the earlier high is forgotten, the live bytes are not
+    c.allocated(30)
+    c.freed(30)
+    assert (c.live, c.peak) == (50, 80)
+
+
+def test_pool_blocks_count_the_bytes_asked_for():
+    """The CuPy hook's arithmetic, fed the callbacks as CuPy's pool makes them (cupy/cuda/memory.pyx): malloc with
+    the size asked for and the pool's block rounded up to 512 bytes; free with the block's size only."""
+    c = _PoolBlocks()
+    c.malloc_postprocess(device_id=0, size=100, mem_size=512, mem_ptr=0x1000, pmem_id=1)
+    c.malloc_postprocess(device_id=0, size=1000, mem_size=1024, mem_ptr=0x2000, pmem_id=2)
+    c.malloc_postprocess(device_id=0, size=0, mem_size=0, mem_ptr=0, pmem_id=3)  # an empty array: no block
+    assert (c.live, c.peak) == (1100, 1100)  # asked for, not rounded
+    c.free_postprocess(device_id=0, mem_size=512, mem_ptr=0x1000, pmem_id=1)
+    c.free_postprocess(device_id=0, mem_size=2048, mem_ptr=0x9000, pmem_id=9)  # handed out before the hook: ignored
+    assert (c.live, c.peak) == (1000, 1100)
+    c.reset_peak()
+    c.malloc_postprocess(device_id=0, size=8, mem_size=512, mem_ptr=0x1000, pmem_id=4)  # the freed block reused
+    for ptr, pmem_id in ((0x1000, 4), (0x2000, 2)):
+        c.free_postprocess(device_id=0, mem_size=512, mem_ptr=ptr, pmem_id=pmem_id)
+    assert (c.live, c.peak) == (0, 1008)
+    assert c.allocator == "cupy memory pool"
+
+
+@pytest.mark.parametrize("tracing", [False, True])
+def test_numpy_measures_with_tracemalloc(tracing):
+    """The NumPy path as it was: tracemalloc, started and stopped by measure_step, or left running (its peak reset)
+    when the caller already traces; the numbers from the arrays (weights, gradients, optimizer, graph) the same.
+    (Under a caller's tracing, warm-up blocks freed during the step count against it: ~21 KiB fewer activations
+    here, within the margin.)"""
+    if tracing:
+        tracemalloc.start()
+    try:
+        ledger, m = memory.compare(SMALL, LoRAConfig(), 4)
+        assert tracemalloc.is_tracing() == tracing
+    finally:
+        tracemalloc.stop()
+    assert m.allocator == "tracemalloc" and m.to_dict()["allocator"] == "tracemalloc"
+    assert (m.weights, m.gradients, m.optimizer, m.graph) == (ledger.weights, ledger.gradients, ledger.optimizer,
+                                                            ledger.activations)
+    assert abs(m.activations - ledger.activations) <= 128 * KIB
+
+
+def test_results_written_before_the_allocator_was_recorded_read_as_tracemalloc():
+    """A measured dict without "allocator" (every results file written before it existed) was measured by
+    tracemalloc, the only allocator there was then."""
+    bench = json.loads((Path(__file__).parents[1] / "benchmarks/results/bench_step.json").read_text())
+    for mode, r in bench["modes"].items():
+        assert "allocator" not in r["memory"]["measured"]
+        assert memory.format_comparison({"mode": mode, **r["memory"]}).endswith("measured: tracemalloc (host memory)")
+
+
+@pytest.mark.parametrize("lora", [None, LoRAConfig(targets="all-linear", r=4, dropout=0.1)])
+def test_array_buffers_after_the_forward_pass_are_the_graphs(lora):
+    """What the device pool counts, on the host: NumPy's data buffers alone (tracemalloc's NumPy domain, without
+    Python's objects) alive after the forward pass are the graph's arrays, to a few bytes (0-d arrays: the loss)."""
+    model = prepare_finetuning(GPT(SMALL), lora)
+    opt = AdamW(model.trainable_parameters(), lr=1e-3)
+    x, y = (np.random.default_rng(i).integers(0, SMALL.vocab_size, size=(4, 32)) for i in range(2))
+    memory.measure_step(model, opt, x, y)  # AdamW's state exists, as in a measured step
+    opt.zero_grad()
+    tracemalloc.start()
+    try:
+        _, loss = model(x, y)
+        snapshot = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    buffers = snapshot.filter_traces([tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)])
+    kept = memory.graph_bytes(loss, exclude=(*model.parameters(), x, y))
+    assert 0 <= sum(t.size for t in buffers.traces) - kept.total <= 64
+
+
+@pytest.mark.skipif(not backend.cupy_available(), reason="CuPy with a usable CUDA device is not available")
+@pytest.mark.parametrize("lora", [None, LoRAConfig()])
+def test_measure_step_on_cupy_counts_the_device_pool(lora):
+    """On a GPU the measured column comes from CuPy's memory pool, and its activations are the graph's arrays.
+
+    Tolerance, and why: |activations - graph| <= 16 KiB. The pool sees device arrays only (the graph's Python
+    objects, which the tracemalloc tests allow 128 KiB for, live on the host), so what it may hold beyond the
+    graph's count is the 0-d arrays graph_bytes leaves out (the loss, lifted numbers: a few bytes each). 16 KiB
+    is under 1% of SMALL's graph (~1.9 MiB) and half its smallest (N, C) activation (32 KiB): a gap above it would
+    be an array the graph does not account for. On the host the same count, NumPy's buffers alone, is the graph's
+    to 4 bytes (``test_array_buffers_after_the_forward_pass_are_the_graphs``)."""
+    backend.set_backend("cupy")
+    try:
+        ledger, m = memory.compare(SMALL, lora, 4)
+        _, again = memory.compare(SMALL, lora, 4)  # the first hook was removed: a second one can be entered
+    finally:
+        backend.set_backend("numpy")
+    assert m.allocator == again.allocator == "cupy memory pool"
+    assert (m.weights, m.gradients, m.optimizer) == (ledger.weights, ledger.gradients, ledger.optimizer)
+    assert abs(m.activations - m.graph) <= 16 * KIB
+    assert m.traced_peak > m.activations
+    assert (again.activations, again.graph) == (m.activations, m.graph)  # device bytes: no Python objects' jitter
+    assert memory.format_table(ledger, m).endswith("measured: cupy memory pool (device memory)")
 
 
 def test_gpt3_numbers():

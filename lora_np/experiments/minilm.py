@@ -416,12 +416,14 @@ def train_run(model: GenreClassifier, data: Encoded, batches: list[Any], cfg: Mi
 
 
 def measure_memory(model: GenreClassifier, data: Encoded, idx: Any, lr: float) -> dict[str, Any]:
-    """One training step measured with tracemalloc (``memory.measure_step``, after one warm-up step), on a copy
-    of ``model``: weights, gradients, optimizer state, activations and the peak, in bytes."""
+    """One training step measured by the backend's allocator (``memory.measure_step``, after one warm-up step:
+    tracemalloc on NumPy, CuPy's memory pool on CuPy), on a copy of ``model``: weights, gradients, optimizer state,
+    activations and the peak, in bytes, and the allocator's name."""
     model = copy.deepcopy(model)
     opt = AdamW(model.trainable_parameters(), lr=lr, weight_decay=0.0)
-    batch, labels = data.batch(idx)
-    return memory.measure_step(model, opt, batch, labels).to_dict()
+    (ids, mask), labels = data.batch(idx)
+    batch = (backend.to_device(ids), backend.to_device(mask))  # on the device before the step: it exists before it
+    return memory.measure_step(model, opt, batch, backend.to_device(labels)).to_dict()
 
 
 def _step_seconds(history: dict[str, Any]) -> float | None:
@@ -493,14 +495,14 @@ def run_minilm(cfg: MiniLMConfig, progress: bool = True, measure: bool = True,
     """The lab -> its results dict (JSON-ready): the config, the machine, the data, and one row per method with
     its search (validation loss and accuracy of every rate tried), the chosen rate, every seed's validation and
     test scores and test predictions, the mean test accuracy with its seed interval and chapter-bootstrap interval,
-    trainable parameters, the median step time and (``measure``, NumPy backend only) the measured memory of one
-    step; then the paired bootstrap of each method against the probe and against full fine-tuning.
+    trainable parameters, the median step time and (``measure``) the measured memory of one step (host memory
+    on NumPy, device memory on CuPy); then the paired bootstrap of each method against the probe and against full
+    fine-tuning.
 
     ``base``: the pretrained encoder (default ``load_minilm(cfg.max_length)``); it is never changed."""
     start = time.perf_counter()
     base = base if base is not None else load_minilm(cfg.max_length)
     data, info = load_data(cfg, base.tokenizer)
-    measure = measure and backend.get_backend() == "numpy"  # tracemalloc sees host memory only
     results: dict[str, Any] = {
         "experiment": "minilm", "config": asdict(cfg), "machine": machine_info(), "data": info,
         "base": {"model": "all-MiniLM-L6-v2", "total": count_parameters(base).total, "chance": 1 / N_GENRES},

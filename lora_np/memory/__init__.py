@@ -18,8 +18,9 @@ One concern per file:
 
     ledger.py    the prediction: ``analytic_ledger`` (from a config) and ``ledger_of`` (from a set-up model); its
                  docstring derives every term of the activations
-    measure.py   the measurement: ``measure_step`` runs one real step under ``tracemalloc``; ``compare``,
-                 ``measure_model``, ``format_table`` and ``format_comparison`` put it next to the prediction
+    measure.py   the measurement: ``measure_step`` runs one real step watched by the allocator (``tracemalloc``
+                 on NumPy, CuPy's memory pool on CuPy); ``compare``, ``measure_model``, ``format_table`` and
+                 ``format_comparison`` put it next to the prediction
     graph.py     the activations counted from the graph itself: ``graph_bytes`` walks the nodes after a forward
                  pass and adds up the arrays each keeps (``measure_step`` reports it as ``Measured.graph``)
     paper.py     the papers' numbers, recomputed: GPT-3 175B (``gpt3_example``), QLoRA's 65B on one 48 GB GPU
