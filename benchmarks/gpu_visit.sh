@@ -2,12 +2,12 @@
 # The GPU visit (issue 19): everything a short visit to a CUDA machine runs, in stages, one stage per call.
 #
 #   bash benchmarks/gpu_visit.sh tests       # pytest -k cupy: every CuPy-parametrised test of the suite
-#   bash benchmarks/gpu_visit.sh bench       # bench_step.py and torch_step.py at bench and d768, fused and LORA_NP_FUSED=0
+#   bash benchmarks/gpu_visit.sh bench       # bench_step.py, torch_step.py at bench and d768; fused and LORA_NP_FUSED=0
 #   bash benchmarks/gpu_visit.sh commands    # every CLI command at --quick, then every notebook (LORA_NP_QUICK=1)
 #   bash benchmarks/gpu_visit.sh notebooks   # the notebooks alone (if `commands` ran out of time before them)
-#   bash benchmarks/gpu_visit.sh full        # the main job at full size, `python -m lora_np`, stopped at 9 min 20 s
+#   bash benchmarks/gpu_visit.sh full        # the main job at full size, `python -m lora_np`, stopped at 9 min
 #
-# Each stage stops itself before 8 minutes (`full` before 9.5): whatever has not started by its deadline is recorded
+# Each stage stops itself before 8 minutes (`full` after 9): whatever has not started by its deadline is recorded
 # as skipped. It writes at most four files to "${OUT:-runs/gpu_visit}" (the device tool brings back at most eight):
 # STAGE.log (everything printed), summary.md (benchmarks/gpu_visit_summary.py: machine, versions, step times,
 # ratios, exit codes and wall times), env.txt (nvidia-smi, cupy.show_config(), versions) and STAGE.tar.gz (the JSON
@@ -34,7 +34,7 @@ OUT=${OUT:-runs/gpu_visit}
 WORK=${GPU_VISIT_WORK:-/tmp/gpu_visit}
 BACKEND=${GPU_VISIT_BACKEND:-cupy}
 PY=${PYTHON:-python3}
-if [ "$STAGE" = full ]; then BUDGET=${GPU_VISIT_BUDGET:-560}; else BUDGET=${GPU_VISIT_BUDGET:-460}; fi
+if [ "$STAGE" = full ]; then BUDGET=${GPU_VISIT_BUDGET:-540}; else BUDGET=${GPU_VISIT_BUDGET:-460}; fi
 mkdir -p "$OUT" "$WORK/bench" "$WORK/$STAGE"
 OUT=$(cd "$OUT" && pwd)
 WORK=$(cd "$WORK" && pwd)
