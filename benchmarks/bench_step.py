@@ -1,7 +1,8 @@
 """Time one training step of full fine-tuning and of LoRA on the bench configuration (benchmarks/BENCH.md).
 
     python benchmarks/bench_step.py                      # the bench configuration, numpy, 10 timed steps
-    python benchmarks/bench_step.py --quick              # a tiny configuration: a smoke run of a few seconds
+    python benchmarks/bench_step.py --config quick       # a tiny configuration: a smoke run of a few seconds
+    python benchmarks/bench_step.py --config d768 --backend cupy   # GPT-2 small's width: 12 x 768, T 256 (a GPU)
     python benchmarks/bench_step.py --backend cupy --out benchmarks/results/bench_step_cupy.json
 
 A step is zero_grad + forward + loss + backward + AdamW update on fixed random token ids. Per mode it reports the
@@ -28,7 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lora_np import backend, engine, memory
 from lora_np.checkpoint import write_atomic
@@ -41,6 +42,10 @@ BENCH = {"config": GPTConfig(vocab_size=96, block_size=128, n_layer=4, n_head=4,
          "batch_size": 16}
 QUICK = {"config": GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0),
          "batch_size": 4}
+# GPT-2 small's shape (12 layers x 768, T 256; the bench vocabulary): a size where a GPU has work to do per kernel
+D768 = {"config": GPTConfig(vocab_size=96, block_size=256, n_layer=12, n_head=12, n_embd=768, dropout=0.0),
+        "batch_size": 16}
+CONFIGS = {"bench": BENCH, "quick": QUICK, "d768": D768}  # --config of this script and of torch_step.py
 MODES = {"full": None, "lora": LoRAConfig(r=8, alpha=16.0, targets=TARGETS)}  # LoRA on every Linear of the blocks
 ADAMW = {"lr": 1e-3, "weight_decay": 0.01}
 
@@ -186,7 +191,7 @@ def _loadavg() -> list[float] | None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     backend.set_backend(args.backend)
-    setup = QUICK if args.quick else BENCH
+    setup = CONFIGS[args.config]
     cfg, B = setup["config"], setup["batch_size"]
     T = cfg.block_size
     gen = backend.rng(0)
@@ -197,8 +202,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models = {mode: build(cfg, mode) for mode in MODES}
     result: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "quick": args.quick, "config": asdict(cfg), "batch_size": B, "tokens_per_step": B * T,
-        "lora": MODES["lora"].to_dict(), "adamw": ADAMW,
+        "config_name": args.config, "quick": args.config == "quick", "config": asdict(cfg), "batch_size": B,
+        "tokens_per_step": B * T, "lora": MODES["lora"].to_dict(), "adamw": ADAMW,
         "machine": machine(), "modes": {},
     }
 
@@ -268,8 +273,8 @@ def report(result: dict[str, Any]) -> str:
     lines.append("outside matrix products (median step - the instrumented steps' matmul seconds): " + ", ".join(
         f"{mode} {r['outside_matmul_seconds']:.3f} s" for mode, r in result["modes"].items()))
     full, lora = result["modes"]["full"]["flops"], result["modes"]["lora"]["flops"]
-    bench = "" if result["quick"] else " (BENCH.md: {forward}, {full}, {lora} + the A/B products)".format(
-        **BENCH_MD_GFLOP)
+    bench = "" if result["config_name"] != "bench" else (
+        " (BENCH.md: {forward}, {full}, {lora} + the A/B products)".format(**BENCH_MD_GFLOP))
     lines.append(f"GFLOP: forward {full['forward'] / gf:.2f}, full step {full['step'] / gf:.2f}, LoRA step "
                  f"{lora['step'] / gf:.2f}{bench}; both equal the engine's own matmul count")
     lines += ["", "matmul time per step by kind (instrumented steps):",
@@ -290,21 +295,40 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a command-line error is one line on stderr (no usage block), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode before timing (default 3)")
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
+    p.add_argument("--config", choices=tuple(CONFIGS), default="bench",
+                   help="model size: bench (BENCH.md, default), quick (tiny, a smoke run), d768 (12 x 768, T 256)")
+    p.add_argument("--quick", action="store_const", const="quick", dest="config", help="the same as --config quick")
     p.add_argument("--out", default=None, help="JSON results file (default benchmarks/results/bench_step.json, "
-                                               "or bench_step_quick.json with --quick)")
-    p.add_argument("--quick", action="store_true", help="a tiny configuration, for smoke runs")
+                                               "or bench_step_CONFIG.json for another --config)")
     p.add_argument("--threads", type=int, default=None, help="pin BLAS to this many threads (needs threadpoolctl)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    try:
+        backend.set_backend(args.backend)  # a missing CuPy or GPU: one line, before any work
+    except RuntimeError as e:
+        p.error(str(e))
     with limit_blas_threads(args.threads):
         result = run(args)
-    out = Path(args.out or Path(__file__).parent / "results" / f"bench_step{'_quick' if args.quick else ''}.json")
+    name = "" if args.config == "bench" else f"_{args.config}"
+    out = Path(args.out or Path(__file__).parent / "results" / f"bench_step{name}.json")
     write_atomic(out, (json.dumps(result, indent=1) + "\n").encode())
     print(report(result))
     print(f"\nwrote {out}")

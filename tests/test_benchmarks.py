@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,8 +22,9 @@ def run(script: str, *args: str) -> str:
 
 def test_bench_step_quick_writes_every_field(tmp_path):
     path = tmp_path / "bench.json"
-    run("bench_step.py", "--quick", "--steps", "2", "--warmup", "1", "--out", str(path))
+    run("bench_step.py", "--config", "quick", "--steps", "2", "--warmup", "1", "--out", str(path))
     result = json.loads(path.read_text())
+    assert result["config_name"] == "quick" and result["config"]["n_embd"] == 64
     assert {"command", "quick", "config", "batch_size", "tokens_per_step", "lora", "adamw", "machine", "modes",
             "matmul_1024_float32_flops", "lora_over_full_step_time", "load_average"} <= set(result)
     assert "blas_threads" in result["machine"]
@@ -32,6 +36,31 @@ def test_bench_step_quick_writes_every_field(tmp_path):
         assert len(r["times"]) == 2 and r["mfu"] > 0
         assert {"analytic", "measured"} <= set(r["memory"])
     assert set(result["modes"]["lora"]["matmuls"]["by_kind"]) == {"attention", "dense", "rank-r"}
+
+
+def test_bench_step_configs_and_the_quick_alias():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_step
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    parse = bench_step.parser().parse_args
+    assert parse([]).config == "bench" and parse(["--quick"]).config == parse(["--config", "quick"]).config == "quick"
+    d768, B = bench_step.CONFIGS["d768"]["config"], bench_step.CONFIGS["d768"]["batch_size"]
+    assert (d768.n_layer, d768.n_head, d768.n_embd, d768.block_size, d768.vocab_size, B) == (12, 12, 768, 256, 96, 16)
+
+
+BAD_ARGUMENTS = {"unknown config": (["--config", "huge"], "invalid choice: 'huge'"),
+                 "no steps": (["--steps", "0"], "--steps must be >= 1")}
+
+
+@pytest.mark.parametrize("case", BAD_ARGUMENTS)
+def test_bench_step_bad_arguments_are_one_line_and_exit_2(case):
+    args, message = BAD_ARGUMENTS[case]
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), *args], capture_output=True,
+                         text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and message in out.stderr
 
 
 def test_profile_step_quick_prints_the_top_entries():
@@ -81,3 +110,20 @@ def test_allreduce_quick_counts_the_bytes_and_draws(tmp_path):
     assert two["full"]["bytes"] == bench["full"]["bytes"] == 4 * (two["full"]["trainable"] + 1)
     assert two["lora"]["bytes"] == bench["lora"]["8"]["bytes"] == 4 * (two["lora"]["trainable"] + 1)
     assert set(measured["speedup_2_ranks"]) == {"full", "lora"}
+
+
+def test_torch_step_without_pytorch_is_one_line_and_exit_2():
+    """PyTorch is no dependency of lora_np: torch_step.py (the comparison with it) says so in one line."""
+    if importlib.util.find_spec("torch") is not None:
+        pytest.skip("PyTorch is installed here; the missing-PyTorch message cannot be seen")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "torch_step.py"), "--config", "quick"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "PyTorch is not installed" in out.stderr
+
+
+def test_torch_step_takes_bench_steps_configs():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "torch_step.py"), "--config", "huge"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "invalid choice: 'huge'" in out.stderr and "d768" in out.stderr  # the choices are bench_step's
