@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import lora_np.functional as F
+from lora_np import backend as lora_backend
 from lora_np.engine import Tensor, concat
 from lora_np.fused import LinearPart, fused_linear
 from lora_np.lora import LoRALinear, lora_linear
@@ -38,6 +39,7 @@ def build_part(rand, kind, d_out, r, bias, w_trains, dropout, seed):
     if kind == PLAIN:
         return LinearPart(W, b)
     keep = (np.random.default_rng(seed).random((2, 3, D_IN)) > 0.3) / 0.7 if dropout else None
+    keep = None if keep is None else lora_backend.to_device(keep)  # a mask lives where the activations do
     return LinearPart(W, b, rand(D_IN, r), rand(r, d_out), 1.5 - 0.5 * seed, keep)
 
 
@@ -51,7 +53,7 @@ def forward_backward(fn, leaves, g):
         t.grad = None
     y = fn()
     y.backward(g)
-    return y.numpy(), [None if t.grad is None else np.asarray(t.grad).copy() for t in leaves]
+    return y.numpy(), [None if t.grad is None else lora_backend.to_numpy(t.grad).copy() for t in leaves]
 
 
 @pytest.mark.parametrize("spec, x_grad", [pytest.param(spec, x_grad, id=name) for name, spec, x_grad in PATHS])
