@@ -11,13 +11,15 @@ or an assignment, reductions return 0-d arrays, ``.get()`` copies to the host, a
 (the memory hook never fires, so measured device bytes read 0), no NVRTC, NumPy's rounding.
 """
 import sys as _sys
+from collections import Counter as _Counter
 import types as _types
 from pathlib import Path as _Path
 
 import numpy as _np
 from numpy.lib.mixins import NDArrayOperatorsMixin as _Mixin
 
-__version__ = "0.0-fake"
+__version__ = "0.0-strict-stand-in"
+calls: _Counter = _Counter()  # array operations by name ("ufunc:add", "method:sum", "kernel:lora_np_adamw", ...)
 
 
 class ndarray(_Mixin):
@@ -33,6 +35,7 @@ class ndarray(_Mixin):
                         "Please use `.get()` to construct a NumPy array explicitly.")
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        calls[f"ufunc:{ufunc.__name__}" + ("" if method == "__call__" else f".{method}")] += 1
         _strict(inputs)
         if "out" in kwargs:
             _strict(kwargs["out"])
@@ -40,6 +43,7 @@ class ndarray(_Mixin):
         return _wrap(getattr(ufunc, method)(*[_un(i) for i in inputs], **kwargs))
 
     def __array_function__(self, func, types, args, kwargs):
+        calls[f"function:{func.__name__}"] += 1
         _strict((args, kwargs))
         return _wrap(func(*_un(args), **_un(kwargs)))
 
@@ -56,6 +60,7 @@ class ndarray(_Mixin):
         attr = getattr(self._a, name)
         if callable(attr):
             def method(*args, **kwargs):
+                calls[f"method:{name}"] += 1
                 _strict((args, kwargs))
                 return _wrap(attr(*_un(args), **_un(kwargs)))
             return method
@@ -70,10 +75,12 @@ class ndarray(_Mixin):
         return ndarray(self._a.real)
 
     def __getitem__(self, idx):
+        calls["getitem"] += 1
         _strict(idx)
         return _wrap(self._a[_un(idx)])
 
     def __setitem__(self, idx, value):
+        calls["setitem"] += 1
         _strict((idx, value))
         self._a[_un(idx)] = _un(value)
 
@@ -174,6 +181,7 @@ def ascontiguousarray(a, dtype=None):
 
 def _wrap_function(f):
     def g(*args, **kwargs):
+        calls[f"function:{getattr(f, '__name__', 'f')}"] += 1
         _strict((args, kwargs))
         return _wrap(f(*_un(args), **_un(kwargs)))
     g.__name__ = getattr(f, "__name__", "f")
@@ -273,7 +281,7 @@ cuda = _types.SimpleNamespace(runtime=_Runtime, Device=_Device, MemoryHook=Memor
 
 
 def show_config():
-    print("fake cupy on the CPU")
+    print("tests/strict_cupy: a CPU stand-in for CuPy, no GPU")
 
 
 def _emulated(kind):
@@ -288,12 +296,15 @@ def _emulated(kind):
         def __init__(self, *spec):
             if kind == "e":
                 in_p, out_p, body, name = spec[:4]
+                self.name = name
                 self.k = cuda_emulator.compile_kernel(Elementwise(name, in_p, out_p, body))
             else:
                 in_p, out_p, m, r, post, ident, name = spec[:7]
+                self.name = name
                 self.k = cuda_emulator.compile_kernel(Reduction(name, in_p, out_p, m, r, post, ident))
 
         def __call__(self, *args, **kw):
+            calls[f"kernel:{self.name}"] += 1
             _strict(args)
             return _wrap(self.k(*_un(args), **kw))
     return K
