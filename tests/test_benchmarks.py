@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,23 @@ def test_torch_step_takes_bench_steps_configs():
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert "invalid choice: 'huge'" in out.stderr and "d768" in out.stderr  # the choices are bench_step's
+
+
+def test_count_launches_needs_the_cpu_stand_in():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "count_launches.py")], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "tests/strict_cupy" in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="the stand-in builds the kernels with a C++ compiler (g++), which is not installed")
+def test_count_launches_counts_fewer_launches_with_the_fused_kernels(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests" / "strict_cupy"), "LORA_NP_BACKEND": ""}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "count_launches.py"), "--config", "quick",
+                          "--out", str(tmp_path / "counts.json")], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    modes = json.loads((tmp_path / "counts.json").read_text())["modes"]
+    for mode in ("full", "lora"):
+        assert modes[mode]["products"] == modes[f"{mode}_reference"]["products"]  # the same products either way
+        assert modes[f"{mode}_reference"]["kernels"] == 0 < modes[mode]["kernels"]
+        assert modes[mode]["other_launches"] * 2 < modes[f"{mode}_reference"]["other_launches"]

@@ -1,4 +1,4 @@
-"""A strict stand-in for CuPy on the CPU: a development aid for machines without a GPU, never used by the tests.
+"""A strict stand-in for CuPy on the CPU: a development aid for machines without a GPU.
 
     PYTHONPATH=tests/strict_cupy python -m pytest tests -k cupy       # the CuPy variants of the suite
     PYTHONPATH=tests/strict_cupy python -m lora_np finetune --quick --backend cupy
@@ -8,11 +8,13 @@ Its arrays hold NumPy arrays but behave like CuPy's where lora_np can go wrong o
 or an assignment, reductions return 0-d arrays, ``.get()`` copies to the host, and ``type(x).__module__`` is cupy's.
 ``ElementwiseKernel`` and ``ReductionKernel`` build the kernel sources with the host's C++ compiler
 (tests/cuda_emulator.py). It finds host/device mixing; it proves nothing about a GPU: no streams, no memory pool
-(the memory hook never fires, so measured device bytes read 0), no NVRTC, NumPy's rounding.
+(the memory hook never fires, so measured device bytes read 0), no NVRTC, NumPy's rounding. So the test suite's CuPy
+variants never use it (without a GPU they skip); only benchmarks/count_launches.py runs on it, which counts the device
+operations a step asks for (``calls``).
 """
 import sys as _sys
-from collections import Counter as _Counter
 import types as _types
+from collections import Counter as _Counter
 from pathlib import Path as _Path
 
 import numpy as _np
