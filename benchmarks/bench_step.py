@@ -158,7 +158,7 @@ def machine() -> dict[str, Any]:
     return {"nproc": os.cpu_count(), "cpu": cpu, "numpy": numpy.__version__, "blas": blas,
             "python": platform.python_version(), "platform": platform.platform(), "backend": backend.get_backend(),
             "threads_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS") if k in os.environ},
-            "blas_threads": blas_threads()}
+            "blas_threads": blas_threads(), **backend.device_info()}
 
 
 def blas_threads() -> int | None:

@@ -49,6 +49,21 @@ def get_backend() -> str:
     return "numpy" if xp is numpy else "cupy"
 
 
+def device_info() -> dict[str, Any]:
+    """The GPU the CuPy backend runs on: its name and memory, the CuPy, CUDA runtime and driver versions ({} on NumPy).
+
+    Results files record it next to the CPU, so that a number says which device made it.
+    """
+    if xp is numpy:
+        return {}
+    runtime = xp.cuda.runtime
+    props = runtime.getDeviceProperties(xp.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    version = lambda v: f"{v // 1000}.{v % 1000 // 10}"  # noqa: E731  CUDA's 12040 -> "12.4"
+    return {"gpu": name, "gpu_memory_gib": round(props["totalGlobalMem"] / 2**30, 1), "cupy": xp.__version__,
+            "cuda_runtime": version(runtime.runtimeGetVersion()), "cuda_driver": version(runtime.driverGetVersion())}
+
+
 def cupy_available() -> bool:
     """True when CuPy imports and sees at least one GPU (tests use it to skip, not fake, the GPU backend)."""
     try:

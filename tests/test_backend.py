@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -162,3 +163,15 @@ def test_mixing_backends_says_so(backend):
         cpu * gpu
     with pytest.raises(TypeError, match=r"backend 'cupy' given while the active backend is 'numpy'"):
         Tensor(gpu.data)
+
+
+def test_device_info_names_the_gpu_on_cupy_and_nothing_on_numpy(monkeypatch):
+    assert lora_backend.device_info() == {}  # a NumPy run records its CPU only
+    # CuPy's runtime answers as below (getDeviceProperties' name is bytes; versions are 1000·major + 10·minor)
+    runtime = SimpleNamespace(getDeviceProperties=lambda i: {"name": b"NVIDIA H200", "totalGlobalMem": 150 * 2**30},
+                              runtimeGetVersion=lambda: 12090, driverGetVersion=lambda: 13000)
+    fake = SimpleNamespace(cuda=SimpleNamespace(runtime=runtime, Device=lambda: SimpleNamespace(id=0)),
+                           __version__="14.2.0")
+    monkeypatch.setattr(lora_backend, "xp", fake)
+    assert lora_backend.device_info() == {"gpu": "NVIDIA H200", "gpu_memory_gib": 150.0, "cupy": "14.2.0",
+                                          "cuda_runtime": "12.9", "cuda_driver": "13.0"}

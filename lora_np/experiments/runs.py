@@ -493,7 +493,8 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "numpy": backend.np.__version__, "backend": backend.get_backend(), "platform": platform.platform()}
+            "numpy": backend.np.__version__, "backend": backend.get_backend(), "platform": platform.platform(),
+            **backend.device_info()}
 
 
 def run_experiment(cfg: ExperimentConfig, specs: list[RunSpec], name: str, progress: bool = True,

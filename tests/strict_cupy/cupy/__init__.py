@@ -223,6 +223,10 @@ class _Runtime:
         return 1
 
     @staticmethod
+    def getDeviceProperties(i):
+        return {"name": b"tests/strict_cupy (no GPU)", "totalGlobalMem": 0}
+
+    @staticmethod
     def driverGetVersion():
         return 0
 
