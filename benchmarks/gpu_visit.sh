@@ -2,7 +2,8 @@
 # The GPU visit (issue 19): everything a short visit to a CUDA machine runs, in stages, one stage per call.
 #
 #   bash benchmarks/gpu_visit.sh tests       # pytest -k cupy: every CuPy-parametrised test of the suite
-#   bash benchmarks/gpu_visit.sh bench       # bench_step.py, torch_step.py at bench and d768; fused and LORA_NP_FUSED=0
+#   bash benchmarks/gpu_visit.sh bench       # bench_step.py, torch_step.py at bench and d768; fused and LORA_NP_FUSED=0;
+#                                            # profile_step.py --by-op (time by op, device synchronised)
 #   bash benchmarks/gpu_visit.sh commands    # every CLI command at --quick, then every notebook (LORA_NP_QUICK=1)
 #   bash benchmarks/gpu_visit.sh notebooks   # the notebooks alone (if `commands` ran out of time before them)
 #   bash benchmarks/gpu_visit.sh full        # the main job at full size, `python -m lora_np`, stopped at 9 min
@@ -98,6 +99,14 @@ bench)
       timed "torch_step_${config}${suffix}" "$WORK/bench.tsv" 120 "${fused[@]}" \
         "$PY" benchmarks/torch_step.py --config $config --backend "$BACKEND" \
         --out "$WORK/bench/torch_step_${config}${suffix}.json"
+    done
+  done
+  # where the time goes, op by op with the device synchronised (the profile of what remains), fused kernels on
+  for config in ${GPU_VISIT_CONFIGS:-bench d768}; do
+    for mode in full lora; do
+      timed "profile_${config}_${mode}" "$WORK/bench.tsv" 90 \
+        "$PY" benchmarks/profile_step.py --by-op --steps 3 --mode $mode --config $config --backend "$BACKEND" \
+        --out "$WORK/bench/profile_${config}_${mode}.json"
     done
   done
   ;;

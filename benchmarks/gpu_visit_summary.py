@@ -75,6 +75,13 @@ def bench_tables(folder: Path) -> list[str]:
                        f"| {m['lora']['lora_np']['median'] * 1e3:.2f} | {m['lora']['torch']['median'] * 1e3:.2f} "
                        f"| {m['lora']['lora_np_over_torch']:.2f} | {r['lora_over_full']['lora_np']:.3f} "
                        f"| {r['lora_over_full']['torch']:.3f} | {diff:.1e} |")
+    for path in sorted(folder.glob("profile_*.json")):  # profile_step.py --by-op: the six largest shares
+        r = json.loads(path.read_text())
+        rows = [(k, v["forward"] + v["backward"]) for k, v in r["ops"].items()] + list(r["parts"].items())
+        rows.sort(key=lambda kv: -kv[1])
+        out += ["", f"### profile_step.py --by-op: {r['config']}, {r['mode']} (device synchronised per op; "
+                f"{r['step'] * 1e3:.1f} ms a step)", "", "| op | ms a step | share |", "|---|---:|---:|"]
+        out += [f"| {k} | {v * 1e3:.2f} | {v / r['step']:.1%} |" for k, v in rows[:6]]
     return out
 
 

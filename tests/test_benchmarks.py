@@ -148,3 +148,13 @@ def test_count_launches_counts_fewer_launches_with_the_fused_kernels(tmp_path):
         assert modes[mode]["products"] == modes[f"{mode}_reference"]["products"]  # the same products either way
         assert modes[f"{mode}_reference"]["kernels"] == 0 < modes[mode]["kernels"]
         assert modes[mode]["other_launches"] * 2 < modes[f"{mode}_reference"]["other_launches"]
+
+
+def test_profile_step_by_op_accounts_for_the_step(tmp_path):
+    out = run("profile_step.py", "--by-op", "--quick", "--steps", "2", "--mode", "lora",
+              "--out", str(tmp_path / "profile.json"))
+    assert "fused_linear" in out and "optimizer" in out
+    r = json.loads((tmp_path / "profile.json").read_text())
+    assert r["config"] == "quick" and r["mode"] == "lora" and r["ops"]["causal_attention"]["calls"] == 2  # 2 blocks
+    timed = sum(v["forward"] + v["backward"] for v in r["ops"].values()) + sum(r["parts"].values())
+    assert 0.9 * r["step"] < timed <= r["step"] * 1.0001  # every part of the step is charged to something, once
