@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 
 from . import backend, checks
 from . import functional as F
-from .checkpoint import check_hf_weights, read_hf_config, read_hf_weights
+from .checkpoint import check_hf_weights, check_tokenizer_file, read_hf_config, read_hf_weights
 from .engine import Tensor
 from .nn import DROPOUT_SEED_BOUND, Dropout, Embedding, LayerNorm, Linear, Module
 
@@ -282,8 +282,9 @@ class SentenceTokenizer:
     def __init__(self, path: str | os.PathLike, max_length: int = 128) -> None:
         max_length = checks.integer(max_length, "SentenceTokenizer: max_length", low=2, why="([CLS] and [SEP])")
         self.path, self.max_length = Path(path), max_length
+        file = check_tokenizer_file(self.path)  # its size first: the library reads it whole
         try:  # the tokenizers library raises a bare Exception on a broken file: one ValueError naming it instead
-            self.tok = Tokenizer.from_file(str(self.path))
+            self.tok = Tokenizer.from_file(file)
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"{self.path}: not a readable tokenizer file ({str(e).splitlines()[0][:200]})") from None
         self.pad_id = self.tok.token_to_id("[PAD]")

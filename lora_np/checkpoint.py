@@ -173,6 +173,7 @@ def _process_alive(pid: int) -> bool:
 KNOWN_VERSIONS = (1,)  # format versions this code reads
 MAX_HEADER_BYTES = 16 * 2**20  # a safetensors JSON header (names, shapes, offsets) longer than this is refused
 MAX_META_BYTES = 2**20  # lora_np's own metadata: configs and a short history
+MAX_TOKENIZER_BYTES = 64 * 2**20  # GPT-2's tokenizer.json is 1.4 MB, MiniLM's 0.7 MB; the library reads one whole
 MAX_JSON_DEPTH = 32  # nesting of [ and {: deeper is hostile (Python's parser would hit its recursion limit)
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -454,6 +455,15 @@ def read_hf_config(path: str | os.PathLike, from_hf: Callable[..., Any], **overr
         return from_hf(hf, **overrides)
     except ValueError as e:
         raise ValueError(f"{path}: {str(e).removeprefix('config.json: ')}") from None
+
+
+def check_tokenizer_file(path: str | os.PathLike) -> str:
+    """``path`` as a string for the ``tokenizers`` library, once its size is that of a tokenizer file: the library
+    reads the whole file into memory, so a folder's 10 GB ``tokenizer.json`` is a ValueError naming it instead."""
+    size = Path(path).stat().st_size
+    if size > MAX_TOKENIZER_BYTES:
+        raise ValueError(f"{path} is {size:,} bytes, more than the {MAX_TOKENIZER_BYTES:,} a tokenizer file may hold")
+    return str(path)
 
 
 def read_hf_weights(path: str | os.PathLike) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 import tokenizers
 
 from . import backend
-from .checkpoint import check_hf_weights, read_hf_config, read_hf_weights
+from .checkpoint import check_hf_weights, check_tokenizer_file, read_hf_config, read_hf_weights
 from .model import GPT, GPTConfig
 
 # In block i: HF "h.{i}." + name -> ours "blocks.{i}." + name. A tuple of three names splits the HF tensor into
@@ -182,6 +182,9 @@ class GPT2Tokenizer:
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
+        for name in ("tokenizer.json", "vocab.json", "merges.txt"):  # sizes first: the library reads them whole
+            if (self.folder / name).is_file():
+                check_tokenizer_file(self.folder / name)
         try:  # the tokenizers library raises a bare Exception on a broken file: one ValueError naming it instead
             if (self.folder / "tokenizer.json").is_file():
                 self.tok = tokenizers.Tokenizer.from_file(str(self.folder / "tokenizer.json"))

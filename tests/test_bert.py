@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import re
 
 import numpy as np
@@ -290,6 +291,13 @@ def _replace(name, data):
     return make
 
 
+def _sparse(name, size):  # a file of `size` bytes that takes no disk: its size is what is checked
+    def make(folder, src):
+        write_folder(src, folder)
+        os.truncate(folder / name, size)
+    return make
+
+
 def _null(key):  # hf_config drops a key given as None: write the null itself
     def make(folder, src):
         write_folder(src, folder, config={**hf_config(src.config), key: None})
@@ -325,6 +333,7 @@ FOLDER_ERRORS = {
     "weights claiming 2**40 bytes": (_replace("model.safetensors", (2**40).to_bytes(8, "little") + b"{}"),
                                      "model.safetensors", "is not a valid safetensors file"),
     "tokenizer broken": (_replace("tokenizer.json", b"{"), "tokenizer.json", "not a readable tokenizer file"),
+    "tokenizer of 65 MiB": (_sparse("tokenizer.json", 65 * 2**20), "tokenizer.json", "more than the 67,108,864"),
 }
 
 

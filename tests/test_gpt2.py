@@ -4,6 +4,7 @@ test writes a tiny checkpoint itself in exactly Hugging Face's GPT-2 layout (nam
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -331,3 +332,13 @@ def test_broken_tokenizer_files_are_a_value_error_naming_the_folder(tmp_path, fi
         (tmp_path / name).write_text(text)
     with pytest.raises(ValueError, match=re.escape(str(tmp_path))):
         load_gpt2_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "vocab.json", "merges.txt"])
+def test_a_tokenizer_file_too_large_to_be_one_is_refused_naming_it(tmp_path, name):
+    for other in ("vocab.json", "merges.txt"):
+        (tmp_path / other).write_text("{}" if other == "vocab.json" else "")
+    (tmp_path / name).touch()
+    os.truncate(tmp_path / name, 65 * 2**20)  # sparse: its size, not its bytes, is what is checked
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name} is 68,157,440 bytes, more than the 67,108,864")):
+        GPT2Tokenizer(tmp_path)
