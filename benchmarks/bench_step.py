@@ -328,11 +328,16 @@ def main(argv: list[str] | None = None) -> int:
     with limit_blas_threads(args.threads):
         result = run(args)
     name = "" if args.config == "bench" else f"_{args.config}"
-    out = Path(args.out or Path(__file__).parent / "results" / f"bench_step{name}.json")
-    write_atomic(out, (json.dumps(result, indent=1) + "\n").encode())
-    print(report(result))
-    print(f"\nwrote {out}")
+    write_result(result, Path(args.out or Path(__file__).parent / "results" / f"bench_step{name}.json"),
+                 report(result))
     return 0
+
+
+def write_result(result: dict[str, Any], out: Path, text: str) -> None:
+    """Write ``result`` to ``out`` as JSON (atomically), then print ``text`` and the file's name."""
+    write_atomic(out, (json.dumps(result, indent=1) + "\n").encode())
+    print(text)
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ synchronised before and after each step; the median, min and max go to the table
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -35,10 +34,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))  # bench_step.py beside this file: the configs, the step, AdamW
-from bench_step import ADAMW, CONFIGS, MODES, OneLineParser, build  # noqa: E402
+from bench_step import ADAMW, CONFIGS, MODES, OneLineParser, build, write_result  # noqa: E402
 
 from lora_np import backend  # noqa: E402
-from lora_np.checkpoint import write_atomic  # noqa: E402
 from lora_np.model import GPTConfig  # noqa: E402
 
 LOSS_STEPS = 2  # steps whose losses are compared: the first (forward) and the second (gradients and AdamW too)
@@ -292,10 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     result = run(args, torch)
-    out = Path(args.out or Path(__file__).parent / "results" / f"torch_step_{args.config}.json")
-    write_atomic(out, (json.dumps(result, indent=1) + "\n").encode())
-    print(report(result))
-    print(f"\nwrote {out}")
+    write_result(result, Path(args.out or Path(__file__).parent / "results" / f"torch_step_{args.config}.json"),
+                 report(result))
     return 0
 
 

@@ -229,21 +229,28 @@ CAUSAL_SCALE = Elementwise(  # the scores (..., T, T) in place: scaled on and be
     "long long col = i % cols, row = (i / cols) % cols; z = col > row ? masked : z * scale;")
 
 
-def softmax(z: Any, axis: int) -> Any:
-    """functional._softmax over the last axis: three launches (max, Σ exp, divide) instead of five."""
+def _over_rows(z: Any, axis: int, finish: Elementwise) -> Any:
+    """``finish(z, max, Σ exp(z - max))`` of each row of the last axis: three launches; other axes: NotImplemented."""
     if axis not in (-1, z.ndim - 1):
         return NotImplemented
     m = row_max(z)  # (..., 1)
     s = _kernel(ROW_SUM_EXP)(z, m, axis=-1, keepdims=True)  # (..., 1)
-    return _kernel(SOFTMAX)(z, m, s)
+    return _kernel(finish)(z, m, s)
+
+
+def softmax(z: Any, axis: int) -> Any:
+    """functional._softmax: three launches (max, Σ exp, divide) instead of five."""
+    return _over_rows(z, axis, SOFTMAX)
+
+
+def log_softmax(z: Any, axis: int) -> Any:
+    """functional._log_softmax: three launches instead of six."""
+    return _over_rows(z, axis, LOG_SOFTMAX)
 
 
 def softmax_backward(y: Any, g: Any, axis: int) -> Any:
     """functional._softmax_backward: y ⊙ (g - ⟨g, y⟩) in two launches."""
-    if axis not in (-1, y.ndim - 1):
-        return NotImplemented
-    dot = _kernel(SUM_OF_PRODUCTS)(g, y, axis=-1, keepdims=True)  # (..., 1)
-    return _kernel(SOFTMAX_BACKWARD)(y, g, dot, 1.0)
+    return causal_softmax_backward(y, g, 1.0) if axis in (-1, y.ndim - 1) else NotImplemented
 
 
 def causal_softmax(att: Any, scale: float) -> Any:
@@ -254,18 +261,9 @@ def causal_softmax(att: Any, scale: float) -> Any:
 
 
 def causal_softmax_backward(att: Any, g: Any, scale: float) -> Any:
-    """functional._causal_softmax_backward: the softmax's backward times ``scale``, two launches."""
+    """functional._causal_softmax_backward: y ⊙ (g - ⟨g, y⟩) · scale, y the attention weights, in two launches."""
     dot = _kernel(SUM_OF_PRODUCTS)(g, att, axis=-1, keepdims=True)  # (..., 1)
     return _kernel(SOFTMAX_BACKWARD)(att, g, dot, scale)
-
-
-def log_softmax(z: Any, axis: int) -> Any:
-    """functional._log_softmax over the last axis: three launches instead of six."""
-    if axis not in (-1, z.ndim - 1):
-        return NotImplemented
-    m = row_max(z)  # (..., 1)
-    s = _kernel(ROW_SUM_EXP)(z, m, axis=-1, keepdims=True)  # (..., 1)
-    return _kernel(LOG_SOFTMAX)(z, m, s)
 
 
 # ---------------------------------------------------------------------------------------------------- cross-entropy
