@@ -13,7 +13,6 @@ dominate.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_step import BENCH, _step, build  # noqa: E402
+from bench_step import BENCH, OneLineParser, _step, _sync, build  # noqa: E402
 
 from lora_np import backend, memory  # noqa: E402
 from lora_np.checkpoint import write_atomic  # noqa: E402
@@ -35,14 +34,16 @@ SERIES = {"n_embd": [128, 256, 512, 1024], "block_size": [64, 128, 256, 512]}
 def point(cfg, B: int, mode: str, steps: int) -> dict[str, float]:
     model, opt = build(cfg, mode)
     gen = backend.rng(0)
-    x, y = (gen.integers(0, cfg.vocab_size, size=(B, cfg.block_size)) for _ in range(2))
+    x, y = (backend.to_device(gen.integers(0, cfg.vocab_size, size=(B, cfg.block_size))) for _ in range(2))
     _step(model, opt, x, y)
     times = []
     for _ in range(steps):
+        _sync()  # on a GPU the clock must wait for the work: kernels run after their launch returns
         t0 = time.perf_counter()
         _step(model, opt, x, y)
+        _sync()
         times.append(time.perf_counter() - t0)
-    peak = memory.measure_step(model, opt, backend.to_device(x), backend.to_device(y), warmup_steps=0).peak
+    peak = memory.measure_step(model, opt, x, y, warmup_steps=0).peak
     return {"seconds": statistics.median(times), "peak_bytes": peak}
 
 
@@ -54,10 +55,15 @@ def slope(sizes: list[int], values: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "scaling.json"))
     args = p.parse_args(argv)
+    try:
+        backend.set_backend(args.backend)  # a missing CuPy or GPU: one line, before any work
+    except RuntimeError as e:
+        p.error(str(e))
     base, B = BENCH["config"], BENCH["batch_size"]
     result = {"batch_size": B, "steps": args.steps, "series": {}}
     for knob, sizes in SERIES.items():
