@@ -25,7 +25,7 @@ class Kernels:
     """Where the fused kernels run in a test, and how to switch them on and off there."""
 
     def __init__(self, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.name, self.mp = name, monkeypatch
+        self.name = name
         monkeypatch.setattr(gpu, "_built", {})  # kernels built in this test only
         if name == "emulated":
             monkeypatch.setattr(gpu, "compile_kernel", cuda_emulator.compile_kernel)
@@ -39,9 +39,6 @@ class Kernels:
             else:
                 mp.setenv(gpu.FLAG, "1" if on else "0")
             yield
-
-    def to_device(self, a: Any) -> Any:
-        return backend.to_device(a)
 
     @contextlib.contextmanager
     def on_host(self) -> Iterator[None]:
@@ -128,7 +125,7 @@ def test_kernel_matches_its_reference(kernels: Kernels, case: str) -> None:
         args = make(np.random.default_rng(0))
         expected = _as_tuple(reference.__wrapped__(*[a.copy() if isinstance(a, np.ndarray) else a for a in args]))
     kernel = getattr(gpu, case.split()[0])
-    got = _as_tuple(kernel(*[kernels.to_device(a) if isinstance(a, np.ndarray) else a for a in args]))
+    got = _as_tuple(kernel(*[backend.to_device(a) if isinstance(a, np.ndarray) else a for a in args]))
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         if e is None:
@@ -141,12 +138,12 @@ def test_kernel_matches_its_reference(kernels: Kernels, case: str) -> None:
 def test_adamw_kernel_matches_its_reference(kernels: Kernels) -> None:
     gen = np.random.default_rng(1)
     p, m, v = _rand(gen, 7, 5), np.zeros((7, 5), np.float32), np.zeros((7, 5), np.float32)
-    dev = [kernels.to_device(a) for a in (p, m, v)]
+    dev = [backend.to_device(a) for a in (p, m, v)]
     for t in range(1, 6):  # five steps: the bias corrections change with t
         g = _rand(gen, 7, 5)
         with kernels.on_host():
             optim._adamw_update.__wrapped__(p, g, m, v, 3e-2, 0.1, (0.9, 0.999), 1e-8, t)
-        assert gpu.adamw_update(*dev[:1], kernels.to_device(g), *dev[1:], 3e-2, 0.1, (0.9, 0.999), 1e-8, t) is None
+        assert gpu.adamw_update(*dev[:1], backend.to_device(g), *dev[1:], 3e-2, 0.1, (0.9, 0.999), 1e-8, t) is None
     for d, h in zip(dev, (p, m, v)):  # updated in place, like the reference
         np.testing.assert_allclose(backend.to_numpy(d), h, rtol=1e-5, atol=1e-7)
 

@@ -190,30 +190,25 @@ def _wrap_function(f):
     return g
 
 
+def _wrapped(attr):
+    """NumPy's functions and ufuncs as the stand-in's (strict on their arguments, wrapping their results)."""
+    return _wrap_function(attr) if callable(attr) and not isinstance(attr, type) else attr
+
+
 class _Namespace(_types.ModuleType):
     def __init__(self, name, target):
         super().__init__(name)
         self._target = target
 
     def __getattr__(self, name):
-        attr = getattr(self._target, name)
-        if isinstance(attr, _np.ufunc):
-            return _wrap_function(attr)
-        if callable(attr) and not isinstance(attr, type):
-            return _wrap_function(attr)
-        return attr
+        return _wrapped(getattr(self._target, name))
 
 
-linalg = _Namespace("cupy.linalg", _np.linalg)
-random = _Namespace("cupy.random", _np.random)
-fft = _Namespace("cupy.fft", _np.fft)
+linalg = _Namespace("cupy.linalg", _np.linalg)  # optim.clip_grad_norm's xp.linalg.norm
 
 
 def __getattr__(name):
-    attr = getattr(_np, name)
-    if callable(attr) and not isinstance(attr, type) or isinstance(attr, _np.ufunc):
-        return _wrap_function(attr)
-    return attr
+    return _wrapped(getattr(_np, name))
 
 
 # --- cuda ---------------------------------------------------------------------------------------------
@@ -253,37 +248,8 @@ class MemoryHook:
         return False
 
 
-class _Pool:
-    def used_bytes(self):
-        return 0
-
-    def total_bytes(self):
-        return 0
-
-    def free_all_blocks(self):
-        pass
-
-
-_pool = _Pool()
-
-
-def get_default_memory_pool():
-    return _pool
-
-
-def get_default_pinned_memory_pool():
-    return _pool
-
-
-class _Event:
-    def record(self, *a): pass
-    def synchronize(self): pass
-
-
 cuda = _types.SimpleNamespace(runtime=_Runtime, Device=_Device, MemoryHook=MemoryHook,
-                              get_current_stream=lambda: _types.SimpleNamespace(synchronize=lambda: None),
-                              Event=_Event, get_elapsed_time=lambda a, b: 0.0,
-                              memory_hooks=_types.SimpleNamespace(), MemoryPool=_Pool)
+                              get_current_stream=lambda: _types.SimpleNamespace(synchronize=lambda: None))
 
 
 def show_config():
