@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))  # bench_step.py beside this file: the configs, the step, AdamW
-from bench_step import ADAMW, CONFIGS, MODES, OneLineParser, build, write_result  # noqa: E402
+from bench_step import ADAMW, CONFIGS, MODES, OneLineParser, _sync, build, write_result  # noqa: E402
 
 from lora_np import backend  # noqa: E402
 from lora_np.model import GPTConfig  # noqa: E402
@@ -146,7 +146,7 @@ def copy_weights(torch: Any, lora_np_model: Any, torch_model: Any) -> None:
 
 
 def run(args: Any, torch: Any) -> dict[str, Any]:
-    backend.set_backend(args.backend)
+    """Both steps, on lora_np's backend (``main`` has set it) and on CUDA when PyTorch sees a GPU."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False  # full float32 products on both sides
     torch.backends.cudnn.allow_tf32 = False
@@ -158,9 +158,9 @@ def run(args: Any, torch: Any) -> dict[str, Any]:
              "torch": (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))}
 
     def sync(impl: str) -> None:
-        if impl == "lora_np" and backend.get_backend() == "cupy":
-            backend.xp.cuda.Device().synchronize()
-        elif impl == "torch" and device.type == "cuda":
+        if impl == "lora_np":
+            _sync()  # bench_step's: CuPy's stream, nothing on NumPy
+        elif device.type == "cuda":
             torch.cuda.synchronize()
 
     steps: dict[str, dict[str, Any]] = {}  # mode -> impl -> a function doing one step and returning its loss

@@ -397,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["sweep", *argv]  # bare `python -m lora_np [options]` is the default experiment
     try:
         args = build_parser().parse_args(argv)
-        if backend.env_error or gpu.flag_error():
-            raise UsageError(backend.env_error or gpu.flag_error())
+        if error := backend.env_error or gpu.flag_error():
+            raise UsageError(error)
         if getattr(args, "backend", None):
             backend.set_backend(args.backend)
         _notes.clear()

@@ -33,14 +33,11 @@ FLAG = "LORA_NP_FUSED"  # "0" runs the reference NumPy-style code on CuPy too (b
 
 def fused_enabled() -> bool:
     """True when the ops should run the kernels here: the backend is CuPy and ``LORA_NP_FUSED`` is "1" or unset."""
-    return backend.get_backend() == "cupy" and _flag() == "1"
-
-
-def _flag() -> str:
-    flag = os.environ.get(FLAG, "1")
-    if flag not in ("0", "1"):
-        raise ValueError(flag_error())
-    return flag
+    if backend.get_backend() != "cupy":
+        return False
+    if error := flag_error():
+        raise ValueError(error)
+    return os.environ.get(FLAG, "1") == "1"
 
 
 def flag_error() -> str:
