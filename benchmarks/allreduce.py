@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_step import BENCH, MODES, QUICK, _loadavg, build, machine  # noqa: E402
+from bench_step import BENCH, MODES, QUICK, OneLineParser, _loadavg, build, machine, out_file  # noqa: E402
 
 from lora_np import backend, distributed  # noqa: E402
 from lora_np.checkpoint import write_atomic  # noqa: E402
@@ -261,15 +261,16 @@ def draw(result: dict[str, Any]) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the tiny configuration, for smoke runs")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per mode and rank count (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--reps", type=int, default=20, help="timed all-reduces per buffer size (default 20)")
     p.add_argument("--no-measure", action="store_true", help="the bytes table alone: no mpiexec")
-    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/allreduce.json, or "
-                                               "allreduce_quick.json with --quick)")
-    p.add_argument("--figure", default=None, help="PNG file (default figures/allreduce_bytes.png; none with --quick)")
+    p.add_argument("--out", type=out_file, default=None,
+                   help="JSON file (default benchmarks/results/allreduce.json, or allreduce_quick.json with --quick)")
+    p.add_argument("--figure", type=out_file, default=None,
+                   help="PNG file (default figures/allreduce_bytes.png; none with --quick)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -286,9 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         result["measured"] = measure(args)
     out = Path(args.out or Path(__file__).parent / "results" / f"allreduce{'_quick' if args.quick else ''}.json")
     write_atomic(out, (json.dumps(result, indent=1) + "\n").encode())
-    figure = args.figure or (None if args.quick else str(ROOT / "figures" / "allreduce_bytes.png"))
+    figure = args.figure or (None if args.quick else ROOT / "figures" / "allreduce_bytes.png")
     if figure:
-        write_atomic(Path(figure), draw(result))
+        write_atomic(figure, draw(result))
     print(report(result))
     print(f"\nwrote {out}" + (f" and {figure}" if figure else ""))
     return 0

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lora_np import backend, engine, memory
+from lora_np.__main__ import UsageError, check_writable_file
 from lora_np.checkpoint import write_atomic
 from lora_np.lora import TARGETS, LoRAConfig, prepare_finetuning
 from lora_np.model import GPT, GPTConfig
@@ -302,6 +303,16 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def out_file(text: str) -> Path:
+    """The type of every benchmark's ``--out``: a file that may be written (not a folder, not read-only, in a
+    writable folder), checked as the arguments are read, before any work, by the command line's own check."""
+    try:
+        check_writable_file(Path(text), "the file")
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return Path(text)
+
+
 def parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode (default 10)")
@@ -310,8 +321,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", choices=tuple(CONFIGS), default="bench",
                    help="model size: bench (BENCH.md, default), quick (tiny, a smoke run), d768 (12 x 768, T 256)")
     p.add_argument("--quick", action="store_const", const="quick", dest="config", help="the same as --config quick")
-    p.add_argument("--out", default=None, help="JSON results file (default benchmarks/results/bench_step.json, "
-                                               "or bench_step_CONFIG.json for another --config)")
+    p.add_argument("--out", type=out_file, default=None,
+                   help="JSON results file (default benchmarks/results/bench_step.json, or bench_step_CONFIG.json for "
+                        "another --config)")
     p.add_argument("--threads", type=int, default=None, help="pin BLAS to this many threads (needs threadpoolctl)")
     return p
 

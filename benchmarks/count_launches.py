@@ -14,7 +14,6 @@ One step = zero_grad + forward + loss + backward + AdamW, measured after one war
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_step import CONFIGS, build  # noqa: E402
+from bench_step import CONFIGS, OneLineParser, build, out_file  # noqa: E402
 
 from lora_np import backend  # noqa: E402
 from lora_np.checkpoint import write_atomic  # noqa: E402
@@ -68,9 +67,9 @@ def summarize(calls: Counter[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="bench")
-    p.add_argument("--out", type=Path, help="write the counts as JSON here")
+    p.add_argument("--out", type=out_file, help="write the counts as JSON here")
     args = p.parse_args(argv)
     try:
         import cupy

@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))  # bench_step.py next to this file holds the configurations
 
-from bench_step import CONFIGS, OneLineParser, _step, _sync, build  # noqa: E402
+from bench_step import CONFIGS, OneLineParser, _step, _sync, build, out_file  # noqa: E402
 
 from lora_np import backend  # noqa: E402
 from lora_np.checkpoint import write_atomic  # noqa: E402
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_const", const="quick", dest="config", help="the same as --config quick")
     p.add_argument("--by-op", action="store_true", help="time each op with the device synchronised, not cProfile")
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
-    p.add_argument("--out", type=Path, help="--by-op: write the profile as JSON here")
+    p.add_argument("--out", type=out_file, help="--by-op: write the profile as JSON here")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_step import BENCH, OneLineParser, _step, _sync, build  # noqa: E402
+from bench_step import BENCH, OneLineParser, _step, _sync, build, out_file  # noqa: E402
 
 from lora_np import backend, memory  # noqa: E402
 from lora_np.checkpoint import write_atomic  # noqa: E402
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "scaling.json"))
+    p.add_argument("--out", type=out_file, default=str(Path(__file__).parent / "results" / "scaling.json"))
     args = p.parse_args(argv)
     try:
         backend.set_backend(args.backend)  # a missing CuPy or GPU: one line, before any work

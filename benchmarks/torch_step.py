@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))  # bench_step.py beside this file: the configs, the step, AdamW
-from bench_step import ADAMW, CONFIGS, MODES, OneLineParser, _sync, build, write_result  # noqa: E402
+from bench_step import ADAMW, CONFIGS, MODES, OneLineParser, _sync, build, out_file, write_result  # noqa: E402
 
 from lora_np import backend  # noqa: E402
 from lora_np.model import GPTConfig  # noqa: E402
@@ -267,8 +267,8 @@ def parser() -> OneLineParser:
     p.add_argument("--warmup", type=int, default=3, help=f"untimed steps first, at least {LOSS_STEPS} (default 3)")
     p.add_argument("--sdpa", action="store_true", help="PyTorch attention by F.scaled_dot_product_attention")
     p.add_argument("--threads", type=int, default=None, help="PyTorch's CPU threads (torch.set_num_threads)")
-    p.add_argument("--out", default=None, help="JSON results file (default benchmarks/results/torch_step_CONFIG"
-                                               ".json)")
+    p.add_argument("--out", type=out_file, default=None,
+                   help="JSON results file (default benchmarks/results/torch_step_CONFIG.json)")
     return p
 
 

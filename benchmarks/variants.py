@@ -13,11 +13,14 @@ initialisation seed) is the yardstick for differences that a seed alone makes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))  # bench_step.py beside this file: the benchmarks' argument checks
+
+from bench_step import OneLineParser, out_file  # noqa: E402
 
 from lora_np.checkpoint import write_atomic
 from lora_np.experiments.runs import ExperimentConfig
@@ -60,10 +63,10 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the quick configuration (ExperimentConfig.quick)")
     p.add_argument("--r", type=int, default=8, help="the rank of every method (default 8)")
-    p.add_argument("--out", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--out", type=out_file, default=None, help="also write the results as JSON to this file")
     args = p.parse_args(argv)
     cfg = ExperimentConfig.quick() if args.quick else ExperimentConfig()
     results = run_variants(cfg, r=args.r, progress=False)
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.finetune.batch_size} x {cfg.model.block_size} tokens, targets {','.join(cfg.lora.targets)}, "
           f"alpha {cfg.lora.alpha:g}; {results['seconds']:.0f} s)")
     if args.out:
-        write_atomic(Path(args.out), (json.dumps(results, indent=1) + "\n").encode())
+        write_atomic(args.out, (json.dumps(results, indent=1) + "\n").encode())
         print(f"wrote {args.out}")
     return 0
 

@@ -64,6 +64,17 @@ def test_bench_step_bad_arguments_are_one_line_and_exit_2(case):
     assert out.stderr.count("\n") == 1 and message in out.stderr
 
 
+@pytest.mark.parametrize("script", ["bench_step.py", "torch_step.py", "profile_step.py", "scaling.py",
+                                    "count_launches.py", "allreduce.py", "variants.py"])
+def test_an_out_that_is_a_folder_is_one_line_and_exit_2_before_any_work(script, tmp_path):
+    args = ["--by-op"] if script == "profile_step.py" else []
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and f"argument --out: the file {tmp_path} is a folder" in out.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written there
+
+
 def test_profile_step_quick_prints_the_top_entries():
     out = run("profile_step.py", "--quick", "--steps", "1", "--top", "5")
     assert "per step under the profiler" in out and "matmul" in out
